@@ -1,0 +1,3 @@
+from hyprstream_tui.cli import main
+
+raise SystemExit(main())

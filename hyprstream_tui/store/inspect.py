@@ -1,0 +1,121 @@
+"""Checks on model files before they enter the store, without torch: safetensors headers, config.json,
+pickle files and remote code. Everything here reads at most a header, so a hostile file costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hyprstream_tui.errors import InvalidInput, UnsafeContent
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_HEADER = 100 << 20  # the safetensors reference implementation's own limit
+MAX_CONFIG = 16 << 20
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """Parse and validate a safetensors header; raise InvalidInput on anything malformed."""
+    bad = f"{path.name} is not a valid safetensors file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise InvalidInput(f"{bad} (truncated before its header): re-download or re-export it.")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER or length > size - 8:
+                raise InvalidInput(f"{bad} (header length {length} exceeds the file): the file is truncated or corrupt.")
+            raw = fh.read(length)
+    except OSError as exc:
+        raise InvalidInput(f"Cannot read {path.name}: {exc.strerror}.") from exc
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput(f"{bad} (its header is not JSON): the file is corrupt.") from None
+    if not isinstance(header, dict):
+        raise InvalidInput(f"{bad} (its header is not a JSON object).")
+    return _check_tensors(header, size - 8 - length, bad)
+
+
+def _check_tensors(header: dict[str, Any], data_len: int, bad: str) -> list[TensorInfo]:
+    tensors: list[TensorInfo] = []
+    spans: list[tuple[int, int]] = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise InvalidInput(f"{bad} (__metadata__ must map strings to strings).")
+            continue
+        if not isinstance(meta, dict):
+            raise InvalidInput(f"{bad} (entry {name!r} is not an object).")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise InvalidInput(f"{bad} (tensor {name!r} has unknown dtype {dtype!r}).")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise InvalidInput(f"{bad} (tensor {name!r} has an invalid shape).")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise InvalidInput(f"{bad} (tensor {name!r} has invalid data offsets).")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise InvalidInput(f"{bad} (tensor {name!r} points outside the file): the file is truncated or corrupt.")
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise InvalidInput(f"{bad} (tensor {name!r} size does not match its shape and dtype).")
+        spans.append((begin, end))
+        tensors.append(TensorInfo(name, dtype, tuple(shape)))
+    spans.sort()
+    for (_, prev_end), (begin, _) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise InvalidInput(f"{bad} (two tensors overlap).")
+    return tensors
+
+
+def parameter_count(tensors: list[TensorInfo]) -> int:
+    return sum(math.prod(t.shape) for t in tensors)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read a model's config.json; refuse remote code (`auto_map`)."""
+    if not path.is_file():
+        raise InvalidInput(f"No config.json in {path.parent}: point at a Hugging Face model folder (config.json + *.safetensors).")
+    if path.stat().st_size > MAX_CONFIG:
+        raise InvalidInput(f"{path} is too large to be a model config.")
+    try:
+        config = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput(f"{path} is not valid JSON: fix or re-download it.") from None
+    if not isinstance(config, dict):
+        raise InvalidInput(f"{path} must hold a JSON object.")
+    if "auto_map" in config:
+        raise UnsafeContent(
+            f"{path.name} asks for remote code (auto_map): hyprstream never runs model code from a repository; "
+            "use a model supported by transformers itself."
+        )
+    return config
+
+
+def is_pickle(relpath: str) -> bool:
+    return relpath.lower().endswith(PICKLE_SUFFIXES)
+
+
+def architecture(config: dict[str, Any]) -> str:
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    return str(config.get("model_type", "unknown"))
