@@ -1,0 +1,81 @@
+"""Fixtures shared by every test folder: a fresh HYPRSTREAM_HOME, a real store, a tiny real model,
+and a runner for the real `hyprstream` command in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_src(tmp_path_factory) -> Path:
+    """A tiny real Qwen2 model folder (safetensors + config + tokenizer), built once."""
+    from hyprstream_tui.engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("src") / "tiny", arch="qwen2", seed=0)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "home"
+    monkeypatch.setenv("HYPRSTREAM_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def store(home):
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    return Store(Paths.from_env(home))
+
+
+@pytest.fixture
+def tiny_store(store, tiny_model_src):
+    """A store holding the tiny model as `tiny`."""
+    store.import_model(tiny_model_src, name="tiny")
+    return store
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(home):
+    """Run `python -m hyprstream_tui ARGS` against the test's home; returns (code, stdout, stderr)."""
+
+    def run(*args: str, input: str | None = None, timeout: float = 120, env: dict | None = None) -> Result:
+        full_env = {**os.environ, "HYPRSTREAM_HOME": str(home), "COLUMNS": "200", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "hyprstream_tui", *map(str, args)], capture_output=True, text=True,
+                              input=input, timeout=timeout, env=full_env, cwd=REPO_ROOT)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Plain git (and git-lfs) as a reader of our repositories."""
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=check)
+
+
+def assert_one_line_error(result: Result, *needles: str) -> None:
+    assert result.returncode != 0, result
+    err = result.stderr.strip()
+    assert err.startswith("error: "), err
+    assert "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle.lower() in err.lower(), err
