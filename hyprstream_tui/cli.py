@@ -111,8 +111,11 @@ class ByteProgress:
         self.progress.__exit__(*exc)
 
     def __call__(self, event: Any) -> None:
-        name = getattr(event, "file", None) or getattr(event, "relpath", "")
-        self.progress.update(self.task, completed=event.done, total=event.total or None, description=name[-40:])
+        if hasattr(event, "bytes_total"):  # hub download: whole-pull bytes, file i of n
+            name = f"{event.relpath[-30:]} ({event.index}/{event.count})"
+            self.progress.update(self.task, completed=event.bytes_done, total=event.bytes_total or None, description=name)
+            return
+        self.progress.update(self.task, completed=event.done, total=event.total or None, description=event.file[-40:])
 
 
 # ---- models -------------------------------------------------------------------------------------

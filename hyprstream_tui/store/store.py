@@ -93,7 +93,9 @@ class Store:
         snap = hub.fetch(repo_id, revision=revision, token=token, allow_pickle=allow_pickle, progress=progress, cancel=cancel)
         files = [md.SourceFile(f.relpath, f.path, f.sha256) for f in snap.files]
         files, _skipped = md.check_files(files, allow_pickle=allow_pickle)
-        trailers = {"source": f"hf://{snap.repo_id}", "revision": snap.commit}
+        trailers = {"source": f"hf://{snap.repo_id}", "revision": snap.commit, "requested": snap.revision}
+        if snap.skipped:
+            trailers["skipped"] = ",".join(snap.skipped)
         self._import(name, files, summary=f"Pull {snap.repo_id}@{snap.revision}", trailers=trailers, link=True)
         return self.summary(name)
 
