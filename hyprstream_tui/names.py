@@ -94,7 +94,7 @@ def repo_relpath(value: object) -> PurePosixPath:
     for part in parts:
         if part in ("", ".", "..") or not _FILE_PART_RE.fullmatch(part) or part.endswith(" "):
             raise InvalidInput(f"The file name {_show(value)} is not a plain relative file name inside the model.")
-    if parts[0].lower() == ".git" or parts[0].startswith(".git") and parts[0] != ".gitattributes":
+    if any(part.lower() == ".git" for part in parts):
         raise InvalidInput(f"The file name {_show(value)} would write inside git's own folder.")
     return PurePosixPath(value)
 
