@@ -71,14 +71,17 @@ class Store:
 
     # ---- models -----------------------------------------------------------------------------
     def import_model(self, src: Path | str, *, name: str | None = None, link: bool = False, allow_pickle: bool = False,
-                     progress: Callable[[Progress], None] | None = None) -> ModelSummary:
+                     progress: Callable[[Progress], None] | None = None, summary: str | None = None,
+                     trailers: Mapping[str, Any] | None = None) -> ModelSummary:
+        """`summary` and `trailers` (which may replace `source`) describe where the files came
+        from when they are not a user's folder, e.g. a merge records its base and adapter commits."""
         src = Path(src).expanduser()
         name = names.model_name(name if name is not None else src.resolve().name)
         files, skipped = md.check_files(md.scan_folder(src), allow_pickle=allow_pickle)
-        trailers = {"source": f"local:{src.resolve()}"}
+        all_trailers = {"source": f"local:{src.resolve()}", **{k: str(v) for k, v in (trailers or {}).items()}}
         if skipped:
-            trailers["skipped"] = ",".join(skipped)
-        self._import(name, files, summary=f"Import {name}", trailers=trailers, link=link, progress=progress)
+            all_trailers["skipped"] = ",".join(skipped)
+        self._import(name, files, summary=summary or f"Import {name}", trailers=all_trailers, link=link, progress=progress)
         return self.summary(name)
 
     def pull_model(self, repo_id: str, *, name: str | None = None, revision: str = "main", allow_pickle: bool = False,

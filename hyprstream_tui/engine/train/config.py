@@ -1,0 +1,127 @@
+"""Training configuration: a frozen, keyword-only dataclass validated on construction.
+
+`steps` (or `epochs`) is the length of one *run*: one warm-up + cosine-decay schedule. A run that
+was stopped is resumed by the next start (same schedule, same data order); a finished run is
+followed by a new one that continues the step count, the adapter weights and the optimizer moments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from hyprstream_tui.errors import InvalidInput
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Values that shape a run's schedule or data order: a resumed run keeps the ones it started with.
+RUN_KEYS = ("learning_rate", "batch_size", "total_steps", "warmup_steps", "min_lr_ratio", "weight_decay",
+            "grad_clip", "max_seq_len", "seed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train. Either `steps` or `epochs` (default: 3 epochs) sets the length of a run."""
+
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    steps: int | None = None
+    epochs: float | None = None
+    checkpoint_every: int = 50
+    max_seq_len: int = 512
+    warmup_steps: int | None = None  # default: 10% of the run, at most 100
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 switches clipping off
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: the checkpoint's own dtype
+    tag_best: bool = False
+    new_run: bool = False  # start a new schedule even if the last run was stopped part-way
+
+    def __post_init__(self) -> None:
+        _positive_number(self.learning_rate, "--learning-rate")
+        if self.learning_rate > 1:
+            raise InvalidInput(f"--learning-rate {self.learning_rate} is far too large: LoRA uses about 1e-4 to 3e-2.")
+        _positive_int(self.batch_size, "--batch-size")
+        _positive_int(self.checkpoint_every, "--checkpoint-every")
+        _positive_int(self.max_seq_len, "--max-seq-len")
+        if self.max_seq_len < 8:
+            raise InvalidInput(f"--max-seq-len must be at least 8 tokens, got {self.max_seq_len}.")
+        if self.steps is not None and self.epochs is not None:
+            raise InvalidInput("Give --steps or --epochs, not both.")
+        if self.steps is not None:
+            _positive_int(self.steps, "--steps")
+        if self.epochs is not None:
+            _positive_number(self.epochs, "--epochs")
+        if self.warmup_steps is not None:
+            _int(self.warmup_steps, "--warmup-steps")
+            if self.warmup_steps < 0:
+                raise InvalidInput(f"--warmup-steps must be 0 or more, got {self.warmup_steps}.")
+        _number(self.min_lr_ratio, "--min-lr-ratio")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise InvalidInput(f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}.")
+        _number(self.weight_decay, "--weight-decay")
+        if self.weight_decay < 0:
+            raise InvalidInput(f"--weight-decay must be 0 or more, got {self.weight_decay}.")
+        _number(self.grad_clip, "--grad-clip")
+        if self.grad_clip < 0:
+            raise InvalidInput(f"--grad-clip must be 0 (off) or more, got {self.grad_clip}.")
+        _int(self.seed, "--seed")
+        if not 0 <= self.seed < 2**63:
+            raise InvalidInput(f"--seed must be between 0 and 2**63-1, got {self.seed}.")
+        if self.dtype not in DTYPES:
+            raise InvalidInput(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if not isinstance(self.device, str) or not self.device.split(":")[0] in ("cpu", "cuda", "mps"):
+            raise InvalidInput(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}.")
+
+    def run_steps(self, steps_per_epoch: int) -> int:
+        """The length of a new run, given how many steps one pass over the samples takes."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil((self.epochs if self.epochs is not None else 3.0) * steps_per_epoch))
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return min(100, total_steps // 10)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def lr_at(step_in_run: int, *, learning_rate: float, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate for the `step_in_run`-th step (0-based) of a run: linear warm-up from
+    lr/warmup to lr, then cosine decay to lr * min_lr_ratio at the run's last step."""
+    if warmup_steps > 0 and step_in_run < warmup_steps:
+        return learning_rate * (step_in_run + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step_in_run - warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return learning_rate * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+def _number(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"{what} must be a number, got {value!r}.")
+
+
+def _positive_number(value: object, what: str) -> None:
+    _number(value, what)
+    if value <= 0:  # type: ignore[operator]
+        raise InvalidInput(f"{what} must be greater than 0, got {value}.")
+
+
+def _int(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{what} must be a whole number, got {value!r}.")
+
+
+def _positive_int(value: object, what: str) -> None:
+    _int(value, what)
+    if value <= 0:  # type: ignore[operator]
+        raise InvalidInput(f"{what} must be at least 1, got {value}.")

@@ -1,0 +1,270 @@
+"""Training as a job: one writer per adapter (the train lock), events to a callback, a cancel token.
+
+    job = TrainJob(store, "tiny", "my-adapter", TrainConfig(steps=100), on_event=print, cancel=event)
+    result = job.run()            # in a worker thread for a UI; returns TrainFinished
+
+The train lock doubles as the heartbeat: its JSON content (pid, step, loss, tokens/s, ETA, last
+checkpoint) is what `train_status` reads from another process. Stopping, whether by the cancel
+token, `request_stop` (a stop file next to the lock) or Ctrl-C in the CLI, finishes the step in
+progress, commits a checkpoint and returns.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Collection, Union
+
+from hyprstream_tui.engine.train.config import TrainConfig
+from hyprstream_tui.engine.train.samples import read_rows, samples_lock
+from hyprstream_tui.errors import Conflict, HyprError, InvalidInput
+from hyprstream_tui.store.locks import FileLock, is_locked, read_info
+
+
+# ---- events ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainStarted:
+    model: str
+    adapter: str
+    step: int  # steps already done (resumed from the branch tip)
+    target: int  # the step this run ends at
+    resumed: bool
+    samples: int
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    step: int
+    target: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    epoch: int
+    elapsed: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class CheckpointCommitted:
+    step: int
+    commit: str
+    loss: float | None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainFinished:
+    step: int
+    commit: str  # the branch tip: the last checkpoint
+    stopped: bool  # True when stopped before the run's last step
+
+
+@dataclass(frozen=True)
+class TrainFailed:
+    message: str
+    step: int | None
+
+
+TrainEvent = Union[TrainStarted, TrainStep, CheckpointCommitted, TrainFinished, TrainFailed]
+
+
+# ---- status across processes -------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainStatus:
+    model: str
+    adapter: str
+    running: bool
+    pid: int | None = None
+    state: str = "idle"  # idle, loading, training, checkpointing
+    step: int | None = None
+    target: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    last_checkpoint: str | None = None
+    last_checkpoint_step: int | None = None
+    updated: float | None = None
+
+
+def stop_path(lock_path: Path) -> Path:
+    return lock_path.with_suffix(".stop")
+
+
+def train_status(store, model: str, ref: str) -> TrainStatus:
+    adapter = store.resolve_adapter(model, ref)
+    lock_path = store.train_lock_path(model, adapter.uuid)
+    if is_locked(lock_path):
+        info: dict[str, Any] = {}
+        for _ in range(20):  # the holder rewrites the file in place: retry a torn read
+            info = read_info(lock_path)
+            if info.get("pid"):
+                break
+            time.sleep(0.01)
+        keys = ("pid", "state", "step", "target", "loss", "lr", "tokens_per_s", "eta_s", "last_checkpoint",
+                "last_checkpoint_step", "updated")
+        values = {k: info.get(k) for k in keys}
+        values["state"] = values["state"] or "loading"
+        return TrainStatus(model=model, adapter=adapter.name, running=True, **values)
+    last = next((c for c in store.log(model, adapter.uuid) if c.kind == "checkpoint"), None)
+    if last is None:
+        return TrainStatus(model=model, adapter=adapter.name, running=False)
+    loss = last.metrics.get("loss")
+    return TrainStatus(model=model, adapter=adapter.name, running=False, step=last.step,
+                       loss=loss if isinstance(loss, (int, float)) else None, last_checkpoint=last.sha,
+                       last_checkpoint_step=last.step, updated=float(last.time))
+
+
+def request_stop(store, model: str, ref: str, *, wait: float = 0.0) -> bool:
+    """Ask the process training `ref` to finish its step, commit and exit. With `wait`, wait up to
+    that many seconds for it to let go of the adapter; returns True once it has."""
+    from hyprstream_tui.store.atomic import write_text
+
+    adapter = store.resolve_adapter(model, ref)
+    lock_path = store.train_lock_path(model, adapter.uuid)
+    if not is_locked(lock_path):
+        raise Conflict(f"Adapter {adapter.name!r} of {model!r} is not training.")
+    write_text(stop_path(lock_path), f"{os.getpid()}\n")
+    deadline = time.monotonic() + wait
+    while is_locked(lock_path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# ---- the job -----------------------------------------------------------------------------------
+class TrainJob:
+    """Train one adapter until its run ends or the job is cancelled. Not reusable."""
+
+    HEARTBEAT_S = 0.25
+
+    def __init__(self, store, model: str, adapter: str, config: TrainConfig, *,
+                 on_event: Callable[[TrainEvent], None] | None = None, cancel: threading.Event | None = None,
+                 explicit: Collection[str] = ()) -> None:
+        self.store = store
+        self.model = model
+        self.ref = adapter
+        self.config = config
+        self.on_event = on_event or (lambda _event: None)
+        self.cancel = cancel or threading.Event()
+        self.explicit = explicit
+        self._lock: FileLock | None = None
+        self._beat = 0.0
+
+    def start(self) -> threading.Thread:
+        """Run in a daemon thread (errors are delivered as TrainFailed)."""
+        thread = threading.Thread(target=self._run_quietly, name=f"train-{self.ref}", daemon=True)
+        thread.start()
+        return thread
+
+    def _run_quietly(self) -> None:
+        try:
+            self.run()
+        except BaseException:  # noqa: BLE001 - reported through TrainFailed already
+            pass
+
+    def run(self) -> TrainFinished:
+        adapter = self.store.worktree_info(self.model, self.ref)
+        if not read_rows(self.store, self.model, adapter.tip):
+            raise InvalidInput(f"Adapter {adapter.name!r} has no samples yet: add some with "
+                               f"`hyprstream lora train sample {adapter.name} --input ... --output ...`.")
+        self._lock = self._acquire(adapter)
+        self._stop_file = stop_path(self._lock.path)
+        step = None
+        try:
+            self._stop_file.unlink(missing_ok=True)
+            return self._train(adapter)
+        except BaseException as exc:
+            step = getattr(getattr(self, "trainer", None), "state", None)
+            message = exc.message if isinstance(exc, HyprError) else f"{type(exc).__name__}: {exc}"
+            self.on_event(TrainFailed(message=message, step=step.step if step else None))
+            raise
+        finally:
+            self._stop_file.unlink(missing_ok=True)
+            self._lock.release()
+
+    def _acquire(self, adapter) -> FileLock:
+        path = self.store.train_lock_path(self.model, adapter.uuid)
+        try:
+            lock = FileLock(path, f"Adapter {adapter.name!r}").acquire(wait=0)
+        except Conflict:
+            pid = read_info(path).get("pid", "another process")
+            raise Conflict(f"Adapter {adapter.name!r} of {self.model!r} is training already (pid {pid}): follow it "
+                           f"with `hyprstream lora train status {adapter.name}` or stop it with "
+                           f"`hyprstream lora train stop {adapter.name}`.") from None
+        lock.update(state="loading", model=self.model, adapter=adapter.name, uuid=adapter.uuid,
+                    last_checkpoint=adapter.tip, updated=time.time())
+        return lock
+
+    def cancelled(self) -> bool:
+        return self.cancel.is_set() or self._stop_file.exists()
+
+    def _train(self, adapter) -> TrainFinished:
+        from hyprstream_tui.engine.train.loop import Trainer
+
+        with samples_lock(self.store, self.model, adapter.uuid).acquire(wait=60):
+            worktree = self.store.reset_worktree(self.model, adapter.uuid)
+        self.trainer = trainer = Trainer(base_dir=self.store.model_dir(self.model), worktree=worktree,
+                                         config=self.config, explicit=self.explicit)
+        trainer.setup()
+        self.adapter = adapter
+        self.tip, committed_step = adapter.tip, trainer.state.step
+        self.best = self._best_loss() if self.config.tag_best else None
+        self.on_event(TrainStarted(model=self.model, adapter=adapter.name, step=trainer.state.step,
+                                   target=trainer.target_step, resumed=trainer.resumed, samples=len(trainer._rows)))
+        ema = None
+        while not trainer.done and not self.cancelled():
+            r = trainer.step()
+            ema = r.seconds if ema is None else 0.9 * ema + 0.1 * r.seconds
+            event = TrainStep(step=r.step, target=trainer.target_step, loss=r.loss, lr=r.lr,
+                              tokens_per_s=r.tokens / max(r.seconds, 1e-9), epoch=r.epoch,
+                              elapsed=trainer.state.elapsed, eta_s=(trainer.target_step - r.step) * ema)
+            self.on_event(event)
+            self._heartbeat(event)
+            if r.step % self.config.checkpoint_every == 0 or trainer.done:
+                self._checkpoint(trainer)
+                committed_step = r.step
+        if trainer.state.step != committed_step:
+            self._checkpoint(trainer)
+        result = TrainFinished(step=trainer.state.step, commit=self.tip, stopped=not trainer.done)
+        self.on_event(result)
+        return result
+
+    def _heartbeat(self, event: TrainStep, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._beat >= self.HEARTBEAT_S:
+            self._beat = now
+            self._lock.update(state="training", step=event.step, target=event.target, loss=event.loss, lr=event.lr,
+                              tokens_per_s=round(event.tokens_per_s, 1), eta_s=round(event.eta_s, 1),
+                              updated=time.time())
+
+    def _checkpoint(self, trainer) -> None:
+        self._lock.update(state="checkpointing", step=trainer.state.step, updated=time.time())
+        metrics = trainer.save()
+        info = self.store.commit_checkpoint(self.model, self.adapter.uuid, step=trainer.state.step, metrics=metrics)
+        self.tip = info.sha
+        tags: tuple[str, ...] = ()
+        loss = metrics.get("loss")
+        if self.config.tag_best and loss is not None and (self.best is None or loss < self.best):
+            self.best = loss
+            tags = (self.store.tag(self.model, self.adapter.uuid, "best", commit=info.sha, force=True),)
+        self._lock.update(state="training", last_checkpoint=info.sha, last_checkpoint_step=trainer.state.step,
+                          updated=time.time())
+        self.on_event(CheckpointCommitted(step=trainer.state.step, commit=info.sha, loss=loss, tags=tags))
+
+    def _best_loss(self) -> float | None:
+        losses = [c.metrics["loss"] for c in self.store.log(self.model, self.adapter.uuid)
+                  if c.kind == "checkpoint" and isinstance(c.metrics.get("loss"), (int, float))]
+        return min(losses) if losses else None
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"

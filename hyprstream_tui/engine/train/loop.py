@@ -1,0 +1,244 @@
+"""The LoRA training loop: setup -> step()* -> save(), on one adapter worktree.
+
+`Trainer` knows nothing about git, locks or events (see job.py): it loads the base model and the
+adapter from the worktree, plans the run (resume an unfinished one or start a new schedule), and
+runs one optimizer step per call with AdamW, warm-up + cosine decay and gradient clipping. Data
+order is a pure function of the seed and the epoch; rows appended to the samples file while it
+runs join at the next epoch boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Collection
+
+from hyprstream_tui.engine.train import checkpoint as ckpt
+from hyprstream_tui.engine.train.config import RUN_KEYS, TrainConfig, lr_at
+from hyprstream_tui.engine.train.data import SAMPLES_PATH, Encoded, collate, encode, epoch_order, parse_jsonl
+from hyprstream_tui.errors import HyprError, InvalidInput
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int  # global step count after this step
+    loss: float
+    lr: float
+    tokens: int  # tokens processed (padding excluded)
+    samples: int
+    seconds: float
+    epoch: int
+
+
+def load_tokenizer(base_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(base_dir))
+
+
+def load_base_model(base_dir: Path, *, dtype: str = "auto", device: str = "cpu"):
+    """The base model from its folder: safetensors only, no remote code."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # rich draws our own; tqdm bars would garble it
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype, use_safetensors=True,
+                                                 trust_remote_code=False)
+    return model.to(device)
+
+
+def lora_config(adapter_dir: Path, *, trainable: bool):
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = not trainable
+    return config
+
+
+def peft_model(base, adapter_dir: Path, *, seed: int, trainable: bool):
+    """`base` wrapped with the adapter described in `adapter_dir` (weights loaded if present;
+    otherwise PEFT's initialisation, seeded)."""
+    import torch
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT warns that the config names the base by its store name rather than a path, and
+        # about a transformers deprecation it calls itself: neither is the user's to act on.
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        torch.manual_seed(seed)
+        model = get_peft_model(base, lora_config(adapter_dir, trainable=trainable))
+    weights = adapter_dir / Path(ckpt.ADAPTER_FILE).name
+    if weights.is_file():
+        result = set_peft_model_state_dict(model, load_file(str(weights)))
+        if getattr(result, "unexpected_keys", None):
+            raise InvalidInput(f"{weights} does not match the adapter's configuration: roll back to an earlier commit.")
+    return model
+
+
+class Trainer:
+    """One adapter being trained in its worktree."""
+
+    def __init__(self, *, base_dir: Path, worktree: Path, config: TrainConfig, explicit: Collection[str] = ()) -> None:
+        self.base_dir = Path(base_dir)
+        self.worktree = Path(worktree)
+        self.config = config
+        self.explicit = frozenset(explicit)  # options the user gave (checked against a resumed run)
+        self._encoded: dict[str, Encoded] = {}
+        self._rows: list[Encoded] = []
+        self._since_checkpoint: list[float] = []
+        self._max_len = config.max_seq_len
+        self.resumed = False
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        saved = ckpt.load(self.worktree)
+        self.tokenizer = load_tokenizer(self.base_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id or 0
+        self.state = self._plan(saved)
+        hp = self.state.hparams
+        base = load_base_model(self.base_dir, dtype=self.config.dtype, device=self.config.device)
+        self.model = peft_model(base, self.worktree / "adapter", seed=hp["seed"], trainable=True)
+        self.model.train()
+        named = sorted((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.optimizer = torch.optim.AdamW(self.params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
+        if saved is not None and saved.param_names == self.param_names and saved.optimizer:
+            current = self.optimizer.state_dict()
+            self.optimizer.load_state_dict({"state": saved.optimizer, "param_groups": current["param_groups"]})
+        if saved is not None and saved.rng is not None:
+            torch.set_rng_state(saved.rng)
+        else:
+            torch.manual_seed(hp["seed"])
+        self.metric_lines = ckpt.read_metric_lines(self.worktree)
+        self._reload_rows()
+
+    def _plan(self, saved: ckpt.Saved | None) -> ckpt.RunState:
+        """Resume the saved run if it is unfinished, else start a new one from the saved step."""
+        given = {k: getattr(self.config, k) for k in RUN_KEYS if k != "total_steps"}
+        if saved is not None and saved.state.unfinished and not self.config.new_run:
+            state = saved.state
+            wanted = dict(given, total_steps=self.config.steps)
+            clash = [k for k in self.explicit & set(wanted) if wanted[k] is not None and wanted[k] != state.hparams.get(k)]
+            if clash:
+                left = state.run_total - state.run_done
+                raise InvalidInput(
+                    f"This adapter has an unfinished run ({left} of {state.run_total} steps left) with other "
+                    f"{', '.join(sorted(clash))}: leave those options out to resume it, or pass --new-run.")
+            self.resumed = True
+            if state.hparams["max_seq_len"] != self._max_len:
+                self._max_len, self._encoded = state.hparams["max_seq_len"], {}
+            return state
+        state = saved.state if saved is not None else ckpt.RunState()
+        steps_per_epoch = math.ceil(max(1, self._count_usable()) / self.config.batch_size)
+        total = self.config.run_steps(steps_per_epoch)
+        state.run_start, state.run_total = state.step, total
+        state.hparams = dict(given, total_steps=total, warmup_steps=self.config.warmup_for(total))
+        return state
+
+    def _count_usable(self) -> int:
+        return len(self._read_rows())
+
+    # ---- data --------------------------------------------------------------------------------
+    def _read_rows(self) -> list[Encoded]:
+        """The samples file as encoded rows that have at least one answer token."""
+        path = self.worktree / SAMPLES_PATH
+        data = path.read_bytes() if path.is_file() else b""
+        out = []
+        for row in parse_jsonl(data, SAMPLES_PATH):
+            key = json.dumps(row, sort_keys=True)
+            if key not in self._encoded:
+                self._encoded[key] = encode(self.tokenizer, row, self._max_len)
+            if self._encoded[key].answer_tokens:
+                out.append(self._encoded[key])
+        return out
+
+    def _reload_rows(self) -> None:
+        self._rows = self._read_rows()
+        if not self._rows:
+            raise InvalidInput("The adapter has no samples to learn from: add some with `hyprstream lora train sample`"
+                               " (or raise --max-seq-len if every answer is cut off).")
+
+    def _next_batch(self) -> list[Encoded]:
+        s, size = self.state, self.state.hparams["batch_size"]
+        if s.epoch < 0 or s.epoch_pos >= s.epoch_size or s.epoch_size > len(self._rows):
+            self._reload_rows()  # epoch boundary: pick up rows added meanwhile
+            s.epoch, s.epoch_size, s.epoch_pos = s.epoch + 1, len(self._rows), 0
+        order = epoch_order(s.epoch_size, seed=s.hparams["seed"], epoch=s.epoch)
+        picked = order[s.epoch_pos: s.epoch_pos + size]
+        s.epoch_pos += len(picked)
+        return [self._rows[i] for i in picked]
+
+    # ---- one step ------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return not self.state.unfinished
+
+    @property
+    def target_step(self) -> int:
+        return self.state.run_start + self.state.run_total
+
+    def current_lr(self) -> float:
+        hp = self.state.hparams
+        return lr_at(self.state.run_done, learning_rate=hp["learning_rate"], total_steps=hp["total_steps"],
+                     warmup_steps=hp["warmup_steps"], min_lr_ratio=hp["min_lr_ratio"])
+
+    def step(self) -> StepResult:
+        import torch
+
+        started = time.perf_counter()
+        batch = self._next_batch()
+        tensors = {k: v.to(self.config.device) for k, v in collate(batch, self.pad_id).items()}
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.model(**tensors).loss
+        if not torch.isfinite(loss):
+            raise HyprError(f"The loss became {loss.item()} at step {self.state.step + 1}: lower --learning-rate "
+                            "and start again (the last checkpoint is kept).")
+        loss.backward()
+        if self.state.hparams["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.state.hparams["grad_clip"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        return self._record(loss.item(), lr, int(tensors["attention_mask"].sum()), len(batch), seconds)
+
+    def _record(self, loss: float, lr: float, tokens: int, samples: int, seconds: float) -> StepResult:
+        s = self.state
+        s.step += 1
+        s.samples_seen += samples
+        s.tokens_seen += tokens
+        s.elapsed += seconds
+        self._since_checkpoint.append(loss)
+        self.metric_lines.append(json.dumps({"step": s.step, "loss": round(loss, 6), "lr": lr,
+                                             "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+                                             "time": round(time.time(), 3)}))
+        return StepResult(step=s.step, loss=loss, lr=lr, tokens=tokens, samples=samples, seconds=seconds, epoch=s.epoch)
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def save(self) -> dict[str, Any]:
+        """Write the checkpoint files into the worktree; returns the metrics for the commit."""
+        ckpt.save(self.worktree, model=self.model, optimizer=self.optimizer, param_names=self.param_names,
+                  state=self.state, metric_lines=self.metric_lines)
+        losses, self._since_checkpoint = self._since_checkpoint, []
+        s = self.state
+        metrics: dict[str, Any] = {}
+        if losses:
+            metrics["loss"] = sum(losses) / len(losses)
+        metrics.update(lr=self.current_lr() if s.unfinished else self._last_lr(), samples=s.samples_seen,
+                       tokens=s.tokens_seen, epoch=s.epoch, elapsed=round(s.elapsed, 2))
+        return metrics
+
+    def _last_lr(self) -> float:
+        return json.loads(self.metric_lines[-1])["lr"] if self.metric_lines else 0.0
