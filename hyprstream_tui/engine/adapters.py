@@ -1,0 +1,101 @@
+"""LoRA adapters on a loaded base model: load once, switch in about a millisecond.
+
+Loads with transformers' PEFT integration (`load_adapter`, which injects LoRA layers into the
+model in place) and switches with PEFT's tuner layers directly (transformers' own `set_adapter`
+wants a newer PEFT), so the model object stays the same and the base weights are never reloaded. Callers hold the
+model's lock: the active adapter is state shared by every generation on that model.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import TYPE_CHECKING
+
+from hyprstream_tui.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.loader import AdapterSource, LoadedModel
+
+MAX_ADAPTERS = 8  # adapters kept attached to one base model; the least recently used goes
+
+
+def switch(lm: "LoadedModel", adapter: "AdapterSource | None") -> None:
+    """Make `adapter` (or the base model, for None) the one that answers."""
+    if adapter is None:
+        if lm.active is not None:
+            _activate(lm.model, None)
+            lm.active = None
+        return
+    if adapter.key not in lm.adapters:
+        _attach(lm, adapter)
+    else:  # most recently used last
+        lm.adapters[adapter.key] = lm.adapters.pop(adapter.key)
+    if lm.active != adapter.key:
+        _activate(lm.model, adapter.key)
+        lm.active = adapter.key
+
+
+def _tuner_layers(model) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _activate(model, key: str | None) -> None:
+    """Route every LoRA layer through adapter `key`, or around all adapters for None."""
+    for layer in _tuner_layers(model):
+        if key is None:
+            layer.enable_adapters(False)
+        else:
+            layer.enable_adapters(True)
+            layer.set_adapter(key)
+            layer.requires_grad_(False)
+
+
+def _detach(model, key: str) -> None:
+    for layer in _tuner_layers(model):
+        layer.delete_adapter(key)
+    getattr(model, "peft_config", {}).pop(key, None)
+
+
+def _attach(lm: "LoadedModel", adapter: "AdapterSource") -> None:
+    from hyprstream_tui.engine.loader import check_weights
+
+    if lm.options.quantize:
+        raise InvalidInput(
+            "Adapters do not combine with --quantize int8 yet: drop --quantize to use an adapter."
+        )
+    if not check_weights(adapter.path, allow_pickle=False, what="adapter"):  # pragma: no cover
+        raise InvalidInput("Adapters load from safetensors only.")
+    _check_config(adapter)
+    while len(lm.adapters) >= MAX_ADAPTERS:
+        oldest = next(iter(lm.adapters))
+        if oldest == lm.active:
+            _activate(lm.model, None)
+            lm.active = None
+        _detach(lm.model, oldest)
+        del lm.adapters[oldest]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm.model.load_adapter(str(adapter.path), adapter_name=adapter.key)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise InvalidInput(
+            f"The adapter {adapter.name!r} does not fit this model: {str(exc).splitlines()[0]}"
+        ) from None
+    lm.adapters[adapter.key] = adapter
+    lm.model.eval().requires_grad_(False)
+    _activate(lm.model, lm.active)  # loading made the new adapter active: restore
+
+
+def _check_config(adapter: "AdapterSource") -> None:
+    path = adapter.path / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise InvalidInput(
+            f"The adapter {adapter.name!r} has no readable adapter_config.json in {str(adapter.path)!r}."
+        ) from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InvalidInput(f"The adapter {adapter.name!r} is {config.get('peft_type')}, not LoRA.")

@@ -1,0 +1,302 @@
+"""`Engine`: the one facade the CLI, TUI and server use for generation.
+
+It resolves `MODEL[:ADAPTER[@REV]]`, keeps the most recently used models loaded (LRU), runs each
+request in a worker thread and reports through events (see `events.py`). Each loaded model has a
+lock: generations on one model take turns (the adapter in use is part of the model's state),
+generations on different models run side by side.
+
+Importing this module does not import torch; the first request does.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from hyprstream_tui.engine.events import (
+    ContextTrimmed,
+    Event,
+    EventCallback,
+    GenerationDone,
+    GenerationError,
+    ModelLoaded,
+    Provenance,
+    Timings,
+    TokenDelta,
+)
+from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource
+from hyprstream_tui.engine.params import SamplingParams, check_budget, check_prompt
+from hyprstream_tui.engine.sources import ModelSpec, parse_spec, resolve_source
+from hyprstream_tui.errors import HyprError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """One generation: a raw prompt, or chat messages rendered with the chat template."""
+
+    spec: ModelSpec
+    params: SamplingParams
+    prompt: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    request_id: str = ""
+
+
+class GenerationJob:
+    """A running request: cancel it, wait for it, or take its result (which raises its error)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.cancel_token = threading.Event()
+        self._finished = threading.Event()
+        self.done: GenerationDone | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def cancel(self) -> None:
+        self.cancel_token.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._finished.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> GenerationDone:
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"Request {self.request_id} is still running.")
+        if self.error is not None:
+            raise self.error
+        assert self.done is not None
+        return self.done
+
+
+class Engine:
+    """Loads models by name and generates in worker threads. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        store: Any = None,
+        max_models: int = 2,
+        options: LoadOptions = LoadOptions(),
+        threads: int | None = None,
+    ) -> None:
+        self.store = store
+        self.max_models = max(1, max_models)
+        self.options = options
+        self.threads = threads
+        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._models_lock = threading.Lock()
+        self._loading: dict[tuple, threading.Lock] = {}
+
+    # ---- models --------------------------------------------------------------------------
+    def resolve(self, spec: str | ModelSpec) -> ModelSource:
+        """Folders and commits for `spec` (NotFound for unknown models and adapters)."""
+        return resolve_source(spec, self.store)
+
+    def load(self, spec: str | ModelSpec, options: LoadOptions | None = None) -> LoadedModel:
+        """The loaded base model for `spec`, loading it if needed (blocks)."""
+        model, _ = self._get_model(self.resolve(spec), options or self.options)
+        return model
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._models_lock:
+            return list(self._models.values())
+
+    def unload(self, name: str | None = None) -> None:
+        """Forget loaded models (all, or those named `name`); running requests keep theirs."""
+        with self._models_lock:
+            for key in [k for k, m in self._models.items() if name in (None, m.source.name)]:
+                del self._models[key]
+
+    def _get_model(self, source: ModelSource, options: LoadOptions) -> tuple[LoadedModel, bool]:
+        key = (str(source.path), source.commit, options)
+        with self._models_lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key], False
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one thread loads, the others wait for it
+            with self._models_lock:
+                if key in self._models:
+                    return self._models[key], False
+            from hyprstream_tui.engine.loader import load_model, set_threads
+
+            set_threads(self.threads)
+            base = ModelSource(name=source.name, path=source.path, commit=source.commit)
+            model = load_model(base, options)
+            with self._models_lock:
+                self._models[key] = model
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+                self._loading.pop(key, None)
+            return model, True
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        spec: str | ModelSpec,
+        prompt: str,
+        params: SamplingParams = SamplingParams(),
+        *,
+        on_event: EventCallback | None = None,
+        request_id: str | None = None,
+    ) -> GenerationJob:
+        """Continue `prompt` (raw text, no chat template) in a worker thread."""
+        request = Request(
+            spec=_spec(spec), params=params, prompt=check_prompt(prompt),
+            request_id=request_id or _new_id(),
+        )
+        return self.submit(request, on_event)
+
+    def chat(
+        self,
+        spec: str | ModelSpec,
+        messages: Sequence[Mapping[str, str]],
+        params: SamplingParams = SamplingParams(),
+        *,
+        on_event: EventCallback | None = None,
+        request_id: str | None = None,
+    ) -> GenerationJob:
+        """Answer the conversation `messages` (the last one from the user) in a worker thread."""
+        from hyprstream_tui.engine.chat import check_messages
+
+        request = Request(
+            spec=_spec(spec), params=params, messages=tuple(check_messages(messages)),
+            request_id=request_id or _new_id(),
+        )
+        return self.submit(request, on_event)
+
+    def submit(self, request: Request, on_event: EventCallback | None = None) -> GenerationJob:
+        job = GenerationJob(request.request_id)
+        job.thread = threading.Thread(
+            target=self._run, args=(request, job, on_event or _ignore),
+            name=f"hyprstream-gen-{request.request_id}", daemon=True,
+        )
+        job.thread.start()
+        return job
+
+    def stream(
+        self, spec: str | ModelSpec, *, prompt: str | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        params: SamplingParams = SamplingParams(),
+    ) -> Iterator[Event]:
+        """The events of one request as an iterator (for the CLI and the HTTP server).
+
+        Closing the iterator early (a client that went away) cancels the request.
+        """
+        import queue
+
+        events: queue.Queue = queue.Queue()
+        if messages is not None:
+            job = self.chat(spec, messages, params, on_event=events.put)
+        else:
+            job = self.generate(spec, prompt or "", params, on_event=events.put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if isinstance(event, (GenerationDone, GenerationError)):
+                    return
+        finally:
+            job.cancel()
+
+    def _run(self, request: Request, job: GenerationJob, emit: EventCallback) -> None:
+        try:
+            job.done = self._generate(request, job.cancel_token, emit)
+            emit(job.done)
+        except HyprError as exc:
+            job.error = exc
+            emit(GenerationError(request_id=request.request_id, message=exc.message,
+                                 kind=type(exc).__name__, exit_code=exc.exit_code))
+        except Exception as exc:  # a bug: report it, and keep the traceback on the job
+            job.error = exc
+            emit(GenerationError(request_id=request.request_id, kind="bug",
+                                 message=f"Internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            job._finished.set()
+
+    def _generate(self, request: Request, cancel: threading.Event, emit: EventCallback) -> GenerationDone:
+        source = self.resolve(request.spec)
+        started = time.perf_counter()
+        lm, fresh = self._get_model(source, self.options)
+        load_s = time.perf_counter() - started if fresh else 0.0
+        if fresh:
+            emit(ModelLoaded(request_id=request.request_id, model=source.name,
+                             model_commit=source.commit, seconds=load_s, dtype=lm.dtype,
+                             device=lm.device, quantize=lm.options.quantize))
+        with lm.lock:
+            lm.use_adapter(source.adapter)
+            prompt_ids, dropped = self._prompt_ids(lm, request, emit)
+            return self._decode(lm, source, request, prompt_ids, dropped, load_s, cancel, emit)
+
+    def _prompt_ids(self, lm: LoadedModel, request: Request, emit: EventCallback) -> tuple[list[int], int]:
+        max_tokens = request.params.max_tokens
+        if request.messages is None:
+            ids = list(lm.tokenizer.encode(request.prompt))
+            check_budget(prompt_tokens=len(ids), max_tokens=max_tokens, window=lm.window)
+            return ids, 0
+        from hyprstream_tui.engine.chat import fit_conversation
+
+        check_budget(prompt_tokens=1, max_tokens=max_tokens, window=lm.window)
+        fitted = fit_conversation(lm.tokenizer, request.messages, budget=lm.window - max_tokens)
+        if fitted.dropped_messages:
+            emit(ContextTrimmed(request_id=request.request_id,
+                                dropped_messages=fitted.dropped_messages,
+                                dropped_tokens=fitted.dropped_tokens,
+                                prompt_tokens=len(fitted.ids), window=lm.window))
+        return fitted.ids, fitted.dropped_messages
+
+    def _decode(self, lm, source, request, prompt_ids, dropped, load_s, cancel, emit) -> GenerationDone:
+        import torch
+
+        from hyprstream_tui.engine.generate import GenerationStats, stream_text
+
+        params = request.params
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        generator = torch.Generator().manual_seed(seed)
+        stats = GenerationStats()
+        pieces: list[str] = []
+        for text in stream_text(lm.model, lm.tokenizer, prompt_ids, params, eos_ids=lm.eos_ids,
+                                generator=generator, cancel=cancel, stats=stats):
+            pieces.append(text)
+            emit(TokenDelta(request_id=request.request_id, text=text, tokens=len(stats.token_ids)))
+        adapter = source.adapter
+        return GenerationDone(
+            request_id=request.request_id,
+            text="".join(pieces),
+            finish_reason=stats.finish_reason,  # type: ignore[arg-type]
+            stop=stats.stop,
+            dropped_messages=dropped,
+            provenance=Provenance(
+                model=source.name, model_commit=source.commit,
+                adapter=adapter.name if adapter else None,
+                adapter_commit=adapter.commit if adapter else None,
+                params=params.as_dict(), seed=seed, dtype=lm.dtype, device=lm.device,
+                quantize=lm.options.quantize,
+            ),
+            timings=Timings(load_s=load_s, prefill_s=stats.prefill_s, decode_s=stats.decode_s,
+                            prompt_tokens=stats.prompt_tokens,
+                            completion_tokens=len(stats.token_ids)),
+        )
+
+
+def _spec(spec: str | ModelSpec) -> ModelSpec:
+    return parse_spec(spec) if isinstance(spec, str) else spec
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _ignore(event: Event) -> None:
+    pass
+
+
+__all__ = ["Engine", "GenerationJob", "Request"]

@@ -1,0 +1,227 @@
+"""Loading models and adapters safely: safetensors only, no remote code, a sensible dtype.
+
+A `ModelSource` says where the weights are (a store model or a plain folder) and which commit
+they come from; `load_model` turns it into a `LoadedModel` (model + tokenizer + facts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hyprstream_tui.errors import InvalidInput, NotFound, UnsafeContent
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+QUANTIZE = (None, "int8")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadOptions:
+    """How to load: dtype/device "auto" pick what runs fastest here; quantize None or "int8"."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    quantize: str | None = None
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidInput(f"Unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}.")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise InvalidInput(f"Unknown device {self.device!r}: use auto, cpu, cuda or cuda:N.")
+        if self.quantize not in QUANTIZE:
+            raise InvalidInput(f"Unknown quantization {self.quantize!r}: use int8 or leave it out.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterSource:
+    name: str
+    path: Path  # a folder with adapter_config.json + adapter_model.safetensors
+    commit: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The PEFT adapter name: unique per name and commit, safe as a module attribute."""
+        tag = (self.commit or str(abs(hash(str(self.path)))))[:12]
+        return "a_" + "".join(c if c.isalnum() else "_" for c in f"{self.name}_{tag}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    name: str
+    path: Path  # the model folder: config.json, tokenizer files, *.safetensors
+    commit: str | None = None
+    adapter: AdapterSource | None = None
+
+
+@dataclass(kw_only=True, eq=False)
+class LoadedModel:
+    """A model in memory. Hold `lock` while generating or switching adapters."""
+
+    source: ModelSource
+    options: LoadOptions
+    model: Any
+    tokenizer: Any
+    dtype: str
+    device: str
+    window: int
+    eos_ids: frozenset[int]
+    load_s: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    adapters: dict[str, AdapterSource] = field(default_factory=dict)  # PEFT key -> source
+    active: str | None = None  # PEFT key of the adapter in use, None for the base model
+
+    def use_adapter(self, adapter: AdapterSource | None) -> None:
+        """Switch to `adapter` (loading it once) or back to the base model. Call under `lock`."""
+        from hyprstream_tui.engine import adapters
+
+        adapters.switch(self, adapter)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 wins."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInput("CUDA was asked for but no GPU is available: use --device cpu.")
+    return device
+
+
+def pick_dtype(dtype: str, device: str, quantize: str | None) -> str:
+    import torch
+
+    if quantize == "int8":
+        return "float32"  # int8 kernels take fp32 activations; the weights are int8 anyway
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def check_weights(folder: Path, *, allow_pickle: bool, what: str = "model") -> bool:
+    """Whether to read safetensors (True) or pickle (False); refuse pickle unless allowed."""
+    if not folder.is_dir():
+        raise NotFound(f"The {what} folder {str(folder)!r} does not exist.")
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return True
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if not pickles:
+        raise NotFound(f"The {what} folder {str(folder)!r} holds no weights (*.safetensors).")
+    if not allow_pickle:
+        raise UnsafeContent(
+            f"The {what} in {str(folder)!r} has only pickle weights ({pickles[0]}), which can run "
+            "code when loaded: convert it to safetensors, or pass --allow-pickle if you trust it."
+        )
+    return False
+
+
+def _quiet_transformers() -> None:
+    """No progress bars or warnings on stderr: the TUI owns the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidInput(f"Cannot load the tokenizer in {str(path)!r}: {exc}") from None
+
+
+def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> LoadedModel:
+    """Read the weights, tokenizer and facts of `source` (its adapter is attached later)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    started = time.perf_counter()
+    _quiet_transformers()
+    use_safetensors = check_weights(source.path, allow_pickle=options.allow_pickle)
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device, options.quantize)
+    if options.quantize and device != "cpu":
+        raise InvalidInput("--quantize int8 runs on the CPU only: drop --quantize or use --device cpu.")
+    try:
+        config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.path),
+                config=config,
+                dtype=getattr(torch, "bfloat16" if options.quantize else dtype),
+                use_safetensors=use_safetensors,
+                trust_remote_code=False,
+                local_files_only=True,
+            )
+    except ValueError as exc:
+        raise InvalidInput(f"Cannot load {source.name!r}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise NotFound(f"Cannot read {source.name!r}: {str(exc).splitlines()[0]}") from None
+    model.eval().requires_grad_(False)
+    if options.quantize == "int8":
+        from hyprstream_tui.engine.quantize import quantize_int8
+
+        quantize_int8(model)
+    model.to(device)
+    tokenizer = load_tokenizer(source.path)
+    return LoadedModel(
+        source=source,
+        options=options,
+        model=model,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        device=device,
+        window=context_window(config, tokenizer),
+        eos_ids=eos_token_ids(model, tokenizer),
+        load_s=time.perf_counter() - started,
+    )
+
+
+def context_window(config: Any, tokenizer: Any) -> int:
+    window = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
+    return int(window)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a reply: generation_config's eos ids plus the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def set_threads(n: int | None) -> None:
+    """Use `n` CPU threads for torch (default: the cores this process may use)."""
+    import torch
+
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))

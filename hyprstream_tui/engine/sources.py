@@ -1,0 +1,86 @@
+"""`MODEL[:ADAPTER[@REV]]`: parsing, and resolving it to folders and commits.
+
+MODEL is a store name, or a folder path (anything with a '/' or starting with '.' or '~').
+ADAPTER is an adapter name, uuid or tag in the store, or an adapter folder path. REV is a tag
+label or commit of that adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hyprstream_tui.engine.loader import AdapterSource, ModelSource
+from hyprstream_tui.errors import InvalidInput, NotFound
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    model: str
+    adapter: str | None = None
+    rev: str | None = None
+
+    def __str__(self) -> str:
+        text = self.model
+        if self.adapter:
+            text += f":{self.adapter}"
+        if self.rev:
+            text += f"@{self.rev}"
+        return text
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Split `model[:adapter[@rev]]`; one place, so every interface reads it the same way."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidInput("No model given: name one as MODEL[:ADAPTER[@REV]].")
+    model, sep, rest = spec.strip().partition(":")
+    adapter, at, rev = rest.partition("@") if not is_path(rest) else (rest, "", "")
+    if not model or (sep and not adapter) or (at and not rev):
+        raise InvalidInput(f"Cannot read {spec!r}: write it as MODEL[:ADAPTER[@REV]].")
+    return ModelSpec(model=model, adapter=adapter or None, rev=rev or None)
+
+
+def is_path(text: str) -> bool:
+    return "/" in text or text.startswith((".", "~"))
+
+
+def resolve_source(spec: str | ModelSpec, store: Any = None) -> ModelSource:
+    """Folders and commits for `spec`; unknown models and adapters raise NotFound."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if is_path(spec.model):
+        path = _folder(spec.model, "model")
+        model = ModelSource(name=path.name, path=path, commit=None)
+    else:
+        store = store if store is not None else _default_store()
+        model = ModelSource(
+            name=spec.model, path=store.model_dir(spec.model), commit=store.head(spec.model)
+        )
+    if spec.adapter is None:
+        return model
+    if is_path(spec.adapter):
+        path = _folder(spec.adapter, "adapter")
+        adapter = AdapterSource(name=path.name, path=path, commit=None)
+    elif store is None:
+        raise InvalidInput(
+            f"The model {spec.model!r} is a folder: give its adapter as a folder path too."
+        )
+    else:
+        info = store.resolve_adapter(spec.model, spec.adapter, spec.rev)
+        path = store.snapshot(spec.model, info.tip, subdir="adapter")
+        adapter = AdapterSource(name=info.name, path=path, commit=info.tip)
+    return ModelSource(name=model.name, path=model.path, commit=model.commit, adapter=adapter)
+
+
+def _folder(text: str, what: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if not path.is_dir():
+        raise NotFound(f"No {what} folder at {str(path)!r}.")
+    return path
+
+
+def _default_store() -> Any:
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    return Store(Paths.from_env())
