@@ -94,6 +94,8 @@ class Engine:
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._models_lock = threading.Lock()
         self._loading: dict[tuple, threading.Lock] = {}
+        self._jobs: set[GenerationJob] = set()
+        self._jobs_lock = threading.Lock()
 
     # ---- models --------------------------------------------------------------------------
     def resolve(self, spec: str | ModelSpec) -> ModelSource:
@@ -114,6 +116,16 @@ class Engine:
         with self._models_lock:
             for key in [k for k, m in self._models.items() if name in (None, m.source.name)]:
                 del self._models[key]
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Cancel running requests, wait for them (up to `timeout` s each), unload every model."""
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+        for job in jobs:
+            job.wait(timeout)
+        self.unload()
 
     def _get_model(self, source: ModelSource, options: LoadOptions) -> tuple[LoadedModel, bool]:
         key = (str(source.path), source.commit, options)
@@ -175,6 +187,8 @@ class Engine:
 
     def submit(self, request: Request, on_event: EventCallback | None = None) -> GenerationJob:
         job = GenerationJob(request.request_id)
+        with self._jobs_lock:
+            self._jobs.add(job)
         job.thread = threading.Thread(
             target=self._run, args=(request, job, on_event or _ignore),
             name=f"hyprstream-gen-{request.request_id}", daemon=True,
@@ -220,6 +234,8 @@ class Engine:
             emit(GenerationError(request_id=request.request_id, kind="bug",
                                  message=f"Internal error: {type(exc).__name__}: {exc}"))
         finally:
+            with self._jobs_lock:
+                self._jobs.discard(job)
             job._finished.set()
 
     def _generate(self, request: Request, cancel: threading.Event, emit: EventCallback) -> GenerationDone:

@@ -1,8 +1,8 @@
 """`MODEL[:ADAPTER[@REV]]`: parsing, and resolving it to folders and commits.
 
 MODEL is a store name, or a folder path (anything with a '/' or starting with '.' or '~').
-ADAPTER is an adapter name, uuid or tag in the store, or an adapter folder path. REV is a tag
-label or commit of that adapter.
+ADAPTER is an adapter name, uuid, tag (`name/label`) or commit in the store, or an adapter folder
+path (starting with '/', '.' or '~'). REV is a tag label, commit or `step:N` of that adapter.
 """
 
 from __future__ import annotations
@@ -35,14 +35,20 @@ def parse_spec(spec: str) -> ModelSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInput("No model given: name one as MODEL[:ADAPTER[@REV]].")
     model, sep, rest = spec.strip().partition(":")
-    adapter, at, rev = rest.partition("@") if not is_path(rest) else (rest, "", "")
+    adapter, at, rev = rest.partition("@") if not is_adapter_path(rest) else (rest, "", "")
     if not model or (sep and not adapter) or (at and not rev):
         raise InvalidInput(f"Cannot read {spec!r}: write it as MODEL[:ADAPTER[@REV]].")
     return ModelSpec(model=model, adapter=adapter or None, rev=rev or None)
 
 
 def is_path(text: str) -> bool:
+    """A model given as a folder (store names never contain '/')."""
     return "/" in text or text.startswith((".", "~"))
+
+
+def is_adapter_path(text: str) -> bool:
+    """An adapter given as a folder; `poet/v1` is a tag, not a path."""
+    return text.startswith(("/", ".", "~"))
 
 
 def resolve_source(spec: str | ModelSpec, store: Any = None) -> ModelSource:
@@ -58,7 +64,7 @@ def resolve_source(spec: str | ModelSpec, store: Any = None) -> ModelSource:
         )
     if spec.adapter is None:
         return model
-    if is_path(spec.adapter):
+    if is_adapter_path(spec.adapter):
         path = _folder(spec.adapter, "adapter")
         adapter = AdapterSource(name=path.name, path=path, commit=None)
     elif store is None:

@@ -68,13 +68,14 @@ def test_budget_against_window():
         ("qwen:poet", ModelSpec(model="qwen", adapter="poet")),
         ("qwen:poet@v1", ModelSpec(model="qwen", adapter="poet", rev="v1")),
         ("qwen:poet@abc1234", ModelSpec(model="qwen", adapter="poet", rev="abc1234")),
+        ("qwen:poet/v1", ModelSpec(model="qwen", adapter="poet/v1")),
         ("/tmp/m", ModelSpec(model="/tmp/m")),
         ("/tmp/m:/tmp/a@b", ModelSpec(model="/tmp/m", adapter="/tmp/a@b")),
     ],
 )
 def test_parse_spec(text, spec):
     assert parse_spec(text) == spec
-    if "/" not in text:
+    if not text.startswith("/"):
         assert str(parse_spec(text)) == text
 
 
