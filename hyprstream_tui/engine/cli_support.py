@@ -1,0 +1,235 @@
+"""What `hyprstream infer` and `hyprstream chat` do, as plain functions the CLI wires up.
+
+`add_infer_commands(sub)` registers both verbs on the CLI's subparsers; `run_infer` / `run_chat`
+take plain values and a `write` callback, so they are testable without a terminal. Ctrl-C while
+a reply streams cancels it within one decode step. Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from hyprstream_tui.engine.engine import Engine, GenerationJob
+from hyprstream_tui.engine.events import ContextTrimmed, Event, GenerationDone, TokenDelta
+from hyprstream_tui.engine.loader import LoadOptions
+from hyprstream_tui.engine.params import SamplingParams
+from hyprstream_tui.errors import Cancelled, InvalidInput
+
+Write = Callable[[str], Any]
+CHAT_HELP = "Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves."
+
+
+def make_engine(*, home: str | None = None, dtype: str = "auto", device: str = "auto",
+                quantize: str | None = None, allow_pickle: bool = False,
+                threads: int | None = None) -> Engine:
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    options = LoadOptions(dtype=dtype, device=device, quantize=quantize, allow_pickle=allow_pickle)
+    return Engine(store=Store(Paths.from_env(home)), options=options, threads=threads, max_models=1)
+
+
+def wait_streaming(job: GenerationJob, events: "Any", on_event: Callable[[Event], None]) -> GenerationDone:
+    """Hand `job`'s queued events to `on_event` until it ends; Ctrl-C cancels it and raises
+    Cancelled once the engine has stopped (within one decode step)."""
+    import queue
+
+    interrupted = False
+    while True:
+        try:
+            event = events.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        except KeyboardInterrupt:
+            job.cancel()
+            interrupted = True
+            continue
+        on_event(event)
+        if job.finished and events.empty():
+            break
+    done = job.result()
+    if interrupted:
+        raise Cancelled("Stopped: the reply so far is shown above.")
+    return done
+
+
+def run_infer(
+    engine: Engine, spec: str, prompt: str, params: SamplingParams, *,
+    system: str | None = None, raw: bool = False, as_json: bool = False,
+    write: Write | None = None, read_stdin: Callable[[], str] | None = None,
+) -> GenerationDone:
+    """Answer one prompt (`-` reads stdin): streamed to `write`, or one JSON object with --json.
+
+    With a chat template and not `raw`, the prompt is a user message (after `system`);
+    otherwise it is continued as plain text.
+    """
+    import queue
+    import time
+
+    write = write or _stdout_write
+    if prompt == "-":
+        prompt = (read_stdin or sys.stdin.read)()
+    events: queue.Queue = queue.Queue()
+    started = time.perf_counter()
+    lm = engine.load(spec)  # here, to know whether it has a chat template
+    load_s = time.perf_counter() - started
+    if raw or not getattr(lm.tokenizer, "chat_template", None):
+        if system:
+            raise InvalidInput("--system needs a model with a chat template: drop it or --raw.")
+        job = engine.generate(spec, prompt, params, on_event=events.put)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else [])
+        job = engine.chat(spec, messages + [{"role": "user", "content": prompt}], params,
+                          on_event=events.put)
+
+    def show(event: Event) -> None:
+        if isinstance(event, TokenDelta) and not as_json:
+            write(event.text)
+            _flush(write)
+
+    try:
+        done = wait_streaming(job, events, show)
+    finally:
+        if not as_json:
+            write("\n")
+    if as_json:
+        data = {"model": spec, **done.as_dict()}
+        data["timings"]["load_s"] = round(load_s, 4)
+        write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    return done
+
+
+def run_chat(
+    engine: Engine, spec: str, params: SamplingParams, *, system: str | None = None,
+    read_line: Callable[[str], str] = input, write: Write | None = None,
+) -> list[dict[str, str]]:
+    """A plain line-by-line chat; returns the conversation when the user leaves."""
+    import queue
+
+    write = write or _stdout_write
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    write(f"Chatting with {spec}. {CHAT_HELP}\n")
+    while True:
+        try:
+            line = read_line("you> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return messages
+        if line.strip() in ("/exit", "/quit"):
+            return messages
+        if line.strip() == "/reset":
+            messages = list(base)
+            write("(conversation forgotten)\n")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        events: queue.Queue = queue.Queue()
+        job = engine.chat(spec, messages, params, on_event=events.put)
+        pieces: list[str] = []
+
+        def show(event: Event) -> None:
+            if isinstance(event, ContextTrimmed):
+                write(f"(left out the {event.dropped_messages} oldest messages to fit the "
+                      f"{event.window}-token window)\n")
+            elif isinstance(event, TokenDelta):
+                if not pieces:
+                    write("assistant> ")
+                pieces.append(event.text)
+                write(event.text)
+                _flush(write)
+
+        try:
+            wait_streaming(job, events, show)
+            write("\n")
+        except Cancelled:
+            write(" [stopped]\n")
+        except InvalidInput as exc:  # e.g. a message longer than the window: say so, go on
+            messages.pop()
+            write(f"error: {exc.message}\n")
+            continue
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def _stdout_write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _flush(write: Write) -> None:
+    owner = getattr(write, "__self__", None)
+    if owner is not None and hasattr(owner, "flush"):
+        owner.flush()
+
+
+# ---- argparse wiring ------------------------------------------------------------------------
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k best (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the best")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights (CPU)")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickle weights you trust")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+
+
+def add_infer_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="generate a reply to one prompt, streamed")
+    p.add_argument("model", metavar="MODEL[:ADAPTER[@REV]]")
+    p.add_argument("--prompt", required=True, help="the prompt; - reads stdin")
+    p.add_argument("--raw", action="store_true", help="continue the text, no chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object with text and timings")
+    add_sampling_arguments(p)
+    p.set_defaults(func=cmd_infer)
+    p = sub.add_parser("chat", help="a plain line-by-line chat in the terminal")
+    p.add_argument("model", metavar="MODEL[:ADAPTER[@REV]]")
+    add_sampling_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def _engine_from_args(args: argparse.Namespace) -> Engine:
+    return make_engine(home=getattr(args, "home", None), dtype=args.dtype, device=args.device,
+                       quantize=args.quantize, allow_pickle=args.allow_pickle, threads=args.threads)
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    params = params_from_args(args)
+    engine = _engine_from_args(args)
+    try:
+        run_infer(engine, args.model, args.prompt, params, system=args.system, raw=args.raw,
+                  as_json=args.json)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = params_from_args(args)
+    engine = _engine_from_args(args)
+    try:
+        run_chat(engine, args.model, params, system=args.system)
+    finally:
+        engine.close()
+    return 0
+
+
+__all__: Sequence[str] = ["add_infer_commands", "run_infer", "run_chat", "make_engine"]
