@@ -197,8 +197,10 @@ class TrainJob:
             raise Conflict(f"Adapter {adapter.name!r} of {self.model!r} is training already (pid {pid}): follow it "
                            f"with `hyprstream lora train status {adapter.name}` or stop it with "
                            f"`hyprstream lora train stop {adapter.name}`.") from None
-        lock.update(state="loading", model=self.model, adapter=adapter.name, uuid=adapter.uuid,
-                    last_checkpoint=adapter.tip, updated=time.time())
+        # The file may still hold the status of a killed holder: every field is rewritten.
+        lock.update(state="loading", model=self.model, adapter=adapter.name, uuid=adapter.uuid, step=None, target=None,
+                    loss=None, lr=None, tokens_per_s=None, eta_s=None, last_checkpoint=adapter.tip,
+                    last_checkpoint_step=None, updated=time.time())
         return lock
 
     def cancelled(self) -> bool:
