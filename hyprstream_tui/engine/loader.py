@@ -108,8 +108,8 @@ def pick_device(device: str) -> str:
 def pick_dtype(dtype: str, device: str, quantize: str | None) -> str:
     import torch
 
-    if quantize == "int8":
-        return "float32"  # int8 kernels take fp32 activations; the weights are int8 anyway
+    if quantize == "int8":  # fbgemm's fp32 path unless bf16/fp16 activations are asked for
+        return dtype if dtype in ("bfloat16", "float16") else "float32"
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
@@ -185,7 +185,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     if options.quantize == "int8":
         from hyprstream_tui.engine.quantize import quantize_int8
 
-        quantize_int8(model)
+        quantize_int8(model, dtype=dtype)
     model.to(device)
     tokenizer = load_tokenizer(source.path)
     return LoadedModel(

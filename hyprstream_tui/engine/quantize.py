@@ -1,9 +1,13 @@
-"""`--quantize int8`: int8 weights, one scale per output channel, on PyTorch's fbgemm kernels.
+"""`--quantize int8`: int8 weights, one scale per output channel (symmetric, zero point 0).
 
-Every `nn.Linear` (the output layer included) becomes a dynamically quantized linear whose weight
-is int8 with a per-row scale (symmetric, zero point 0); activations stay fp32 and are quantized
-per call by the kernel. Norms and attention run in fp32. The token embedding stays bf16 (a row
-lookup reads almost nothing), which keeps a tied 150k-row table from doubling in fp32.
+Every `nn.Linear` (the output layer included) is replaced, with one of PyTorch's own kernels:
+- fp32 activations (the default): fbgemm's dynamically quantized linear
+  (`torch.ao.nn.quantized.dynamic.Linear`), which also quantizes each activation row on the fly;
+  the fastest int8 path on CPUs without native bf16;
+- bf16 activations (`--dtype bfloat16`): weight-only int8 through `aten._weight_int8pack_mm`
+  (gpt-fast's int8 path), activations stay bf16.
+Norms and attention run in the activation dtype. The token embedding stays bf16 (a lookup reads
+one row), which keeps a tied 150k-row table from doubling in fp32.
 
 Imports torch at module level: only `loader.load_model` imports this module, lazily.
 """
@@ -17,16 +21,18 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 
 class Bf16Embedding(torch.nn.Module):
-    """An embedding table kept in bf16 whose rows come out fp32."""
+    """An embedding table kept in bf16 whose rows come out in the activation dtype."""
 
-    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
         self.padding_idx = padding_idx
+        self.dtype = dtype
         self.num_embeddings, self.embedding_dim = weight.shape
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, S] -> [B, S, D] fp32
-        return torch.nn.functional.embedding(ids, self.weight).float()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, S] -> [B, S, D]
+        return torch.nn.functional.embedding(ids, self.weight).to(self.dtype)
 
 
 def int8_linear(linear: torch.nn.Linear) -> DynamicLinear:
@@ -45,29 +51,57 @@ def int8_linear(linear: torch.nn.Linear) -> DynamicLinear:
     return qlinear
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Quantize `model` in place (CPU) and return it."""
+class Int8WeightOnlyLinear(torch.nn.Module):
+    """y = x @ (int8 weight * per-row scale)^T + bias, with x in bf16 (or fp16)."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()  # [out, in]
+        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [out]
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        qweight = (weight / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+        self.register_buffer("weight_int8", qweight)  # [out, in]
+        self.register_buffer("scales", scales.to(dtype))  # [out]
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        flat = x.reshape(-1, self.in_features)  # [N, in]
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)  # [N, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_int8(model: torch.nn.Module, *, dtype: str = "float32") -> torch.nn.Module:
+    """Quantize `model` in place (CPU) with activations in `dtype`, and return it."""
+    act = getattr(torch, dtype)
     embed = model.get_input_embeddings()
-    embedding = Bf16Embedding(embed.weight.detach(), padding_idx=embed.padding_idx)
+    embedding = Bf16Embedding(embed.weight.detach(), padding_idx=embed.padding_idx, dtype=act)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(module, name, int8_linear(child))
+                replacement = (
+                    int8_linear(child) if act == torch.float32 else Int8WeightOnlyLinear(child, act)
+                )
+                setattr(module, name, replacement)
                 del child
     model.set_input_embeddings(embedding)
     del embed
-    # Norms, biases and the like to fp32, one tensor at a time; the embedding stays bf16.
+    # Norms, biases and the like to the activation dtype, one at a time; the embedding stays bf16.
     for module in model.modules():
         if isinstance(module, Bf16Embedding):
             continue
         for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_floating_point() and param.dtype != torch.float32:
-                setattr(module, name, torch.nn.Parameter(param.detach().float(), requires_grad=False))
+            if param.is_floating_point() and param.dtype != act:
+                setattr(module, name, torch.nn.Parameter(param.detach().to(act), requires_grad=False))
+        if isinstance(module, Int8WeightOnlyLinear):
+            continue
         for name, buf in list(module.named_buffers(recurse=False)):
-            if buf.is_floating_point() and buf.dtype != torch.float32:
+            if buf.is_floating_point() and buf.dtype != act and "inv_freq" not in name:
                 persistent = name not in module._non_persistent_buffers_set
-                module.register_buffer(name, buf.float(), persistent=persistent)
-    model.config.dtype = torch.float32
+                module.register_buffer(name, buf.to(act), persistent=persistent)
+    model.config.dtype = act
     return model
 
 
@@ -78,6 +112,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if isinstance(module, DynamicLinear):
             w, b = module._weight_bias()
             total += w.numel() + (0 if b is None else b.numel() * 4)
-    for p in model.parameters():
-        total += p.numel() * p.element_size()
+    for tensor in (*model.parameters(), *model.buffers()):
+        total += tensor.numel() * tensor.element_size()
     return total

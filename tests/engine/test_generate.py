@@ -109,14 +109,26 @@ def test_eos_ends_generation(loaded):
     assert first not in out and stats.finish_reason == "eos"
 
 
-def test_int8_quantization_stays_close(tiny_models):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_quantization_stays_close(tiny_models, dtype):
     source = ModelSource(name="qwen2", path=tiny_models["qwen2"])
     full = load_model(source, LoadOptions(dtype="float32"))
-    q8 = load_model(source, LoadOptions(quantize="int8"))
+    q8 = load_model(source, LoadOptions(quantize="int8", dtype=dtype))
     ids = torch.tensor([full.tokenizer.encode(PROMPT + " The quick brown fox jumps.")])
     with torch.inference_mode():
         a, b = full.model(ids).logits[0], q8.model(ids).logits[0]
     rel = float((a - b).abs().max() / a.abs().max())
     agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
     assert rel < 0.25 and agree > 0.7, (rel, agree)
-    assert q8.dtype == "float32" and q8.options.quantize == "int8"
+    assert q8.dtype == dtype and q8.options.quantize == "int8"
+    linears = [m for m in q8.model.modules() if type(m) is torch.nn.Linear]
+    assert linears == []  # every linear layer, the output layer included, is int8
+    assert _ours(q8, full.tokenizer.encode(PROMPT))  # and it generates
+
+
+def test_int8_refuses_adapters_with_a_clear_error(tiny_models, tiny_adapters):
+    from hyprstream_tui.errors import InvalidInput
+
+    q8 = load_model(ModelSource(name="qwen2", path=tiny_models["qwen2"]), LoadOptions(quantize="int8"))
+    with pytest.raises(InvalidInput, match="quantize"):
+        q8.use_adapter(AdapterSource(name="lora", path=tiny_adapters["qwen2"]))
