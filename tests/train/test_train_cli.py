@@ -7,6 +7,7 @@ and nothing changed."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from hyprstream_tui.engine.train.job import train_status
@@ -55,7 +56,8 @@ def test_train_end_to_end_through_the_cli(cli, store, tiny_model_src, tmp_path):
         time.sleep(0.05)
     status = json.loads(cli("lora", "train", "status", "qa", "--json").stdout)
     assert status["running"] and status["pid"] and status["target"] == STEPS and status["loss"] > 0
-    assert "training, pid" in cli("lora", "train", "status", "qa").stdout
+    assert re.search(rf"qa \(tiny\): (training|checkpointing), pid \d+, step \d+/{STEPS}, loss [\d.]+ ",
+                     cli("lora", "train", "status", "qa").stdout)
     stopped = cli("lora", "train", "stop", "qa")
     assert stopped.returncode == 0 and "Stopped qa" in stopped.stdout, stopped.stderr
     status = json.loads(cli("lora", "train", "status", "qa", "--json").stdout)

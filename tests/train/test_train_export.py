@@ -57,6 +57,11 @@ def test_export_refuses_bad_outputs_and_changes_nothing(trained, tmp_path):
     for path, error, needle in cases:
         with pytest.raises(error, match=needle):
             export_adapter(trained, "tiny", "qa", path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(Conflict, match="holds no adapter"):
+        export_adapter(trained, "tiny", "qa", tmp_path / "mine", fmt="peft", force=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert (tmp_path / "taken.safetensors").read_bytes() == b"keep"
     assert not (tmp_path / "qa.bin").exists()
     trained.create_adapter("tiny", "untrained")

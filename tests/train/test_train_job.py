@@ -119,10 +119,16 @@ def test_changing_the_schedule_of_an_unfinished_run_is_refused(qa_store):
     tip = qa_store.head("tiny", "adapter/" + _uuid(qa_store))
     with pytest.raises(InvalidInput, match="unfinished run .*learning_rate.*--new-run"):
         TrainJob(qa_store, "tiny", "qa", TrainConfig(steps=10, learning_rate=2e-2), explicit={"learning_rate"}).run()
+    with pytest.raises(InvalidInput, match="unfinished run .*steps"):
+        TrainJob(qa_store, "tiny", "qa", TrainConfig(steps=20), explicit={"steps"}).run()
     assert qa_store.head("tiny", "adapter/" + _uuid(qa_store)) == tip
     events = []
+    cancel.clear()
+    TrainJob(qa_store, "tiny", "qa", TrainConfig(steps=10, learning_rate=1e-2, checkpoint_every=7),
+             explicit={"steps", "learning_rate", "checkpoint_every"}, on_event=cancel_after, cancel=cancel).run()
+    assert qa_store.log("tiny", "qa")[0].summary == "Checkpoint at step 2"  # resumed: same options
     TrainJob(qa_store, "tiny", "qa", TrainConfig(steps=4, learning_rate=2e-2, new_run=True), on_event=events.append).run()
-    assert (events[0].step, events[0].target) == (1, 5)
+    assert (events[0].step, events[0].target, events[0].resumed) == (2, 6, False)
 
 
 def test_cancel_finishes_the_step_and_commits(qa_store):

@@ -35,7 +35,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 switches clipping off
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "auto"  # auto: the checkpoint's own dtype
+    dtype: str = "auto"  # auto: the checkpoint's own (fp32 for bf16/fp16 weights on a CPU without bf16)
     tag_best: bool = False
     new_run: bool = False  # start a new schedule even if the last run was stopped part-way
 

@@ -96,7 +96,13 @@ class Encoded:
 
 
 def _render(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    """The model's chat template; a model without one gets the plain transcript that inference
+    (engine/chat.py) uses for it too."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    eos = tokenizer.eos_token or ""
+    text = "".join(f"{m['role']}: {m['content']}{eos if m['role'] == 'assistant' else ''}\n" for m in messages)
+    return text + ("assistant:" if generation_prompt else "")
 
 
 def answer_spans(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:

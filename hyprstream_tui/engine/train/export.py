@@ -77,6 +77,8 @@ def _check_output(store, output: Path, *, force: bool, is_dir: bool) -> Path:
         raise Conflict(f"{output} exists already: choose another --output or pass --force.")
     if output.exists() and (output.is_dir() != is_dir):
         raise Conflict(f"{output} exists and is a {'folder' if output.is_dir() else 'file'}: choose another --output.")
+    if is_dir and output.is_dir() and any(output.iterdir()) and not (output / CONFIG).is_file():
+        raise Conflict(f"{output} is a folder that holds no adapter: --force replaces only an earlier export.")
     return output
 
 

@@ -175,14 +175,13 @@ class TrainJob:
                                f"`hyprstream lora train sample {adapter.name} --input ... --output ...`.")
         self._lock = self._acquire(adapter)
         self._stop_file = stop_path(self._lock.path)
-        step = None
         try:
             self._stop_file.unlink(missing_ok=True)
             return self._train(adapter)
         except BaseException as exc:
-            step = getattr(getattr(self, "trainer", None), "state", None)
+            state = getattr(getattr(self, "trainer", None), "state", None)
             message = exc.message if isinstance(exc, HyprError) else f"{type(exc).__name__}: {exc}"
-            self.on_event(TrainFailed(message=message, step=step.step if step else None))
+            self.on_event(TrainFailed(message=message, step=state.step if state else None))
             raise
         finally:
             self._stop_file.unlink(missing_ok=True)
@@ -190,6 +189,8 @@ class TrainJob:
 
     def _acquire(self, adapter) -> FileLock:
         path = self.store.train_lock_path(self.model, adapter.uuid)
+        tip = self.store.log(self.model, adapter.uuid, 1)[0]
+        last, last_step = (tip.sha, tip.step) if tip.kind == "checkpoint" else (None, None)
         try:
             lock = FileLock(path, f"Adapter {adapter.name!r}").acquire(wait=0)
         except Conflict:
@@ -199,8 +200,8 @@ class TrainJob:
                            f"`hyprstream lora train stop {adapter.name}`.") from None
         # The file may still hold the status of a killed holder: every field is rewritten.
         lock.update(state="loading", model=self.model, adapter=adapter.name, uuid=adapter.uuid, step=None, target=None,
-                    loss=None, lr=None, tokens_per_s=None, eta_s=None, last_checkpoint=adapter.tip,
-                    last_checkpoint_step=None, updated=time.time())
+                    loss=None, lr=None, tokens_per_s=None, eta_s=None, last_checkpoint=last,
+                    last_checkpoint_step=last_step, updated=time.time())
         return lock
 
     def cancelled(self) -> bool:

@@ -41,15 +41,22 @@ def load_tokenizer(base_dir: Path):
 
 
 def load_base_model(base_dir: Path, *, dtype: str = "auto", device: str = "cpu"):
-    """The base model from its folder: safetensors only, no remote code."""
+    """The base model from its folder: safetensors only, no remote code. dtype "auto" keeps the
+    checkpoint's, except that bf16/fp16 weights train in fp32 on a CPU without native bf16
+    arithmetic (there PyTorch falls back to a scalar bf16 matmul, about 100x slower)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from hyprstream_tui.engine.loader import cpu_has_bf16
 
     hf_logging.disable_progress_bar()  # rich draws our own; tqdm bars would garble it
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype, use_safetensors=True,
                                                  trust_remote_code=False)
+    half = model.dtype in (torch.bfloat16, torch.float16)
+    if dtype == "auto" and half and device == "cpu" and not cpu_has_bf16():
+        model = model.float()
     return model.to(device)
 
 
@@ -128,26 +135,34 @@ class Trainer:
         given = {k: getattr(self.config, k) for k in RUN_KEYS if k != "total_steps"}
         if saved is not None and saved.state.unfinished and not self.config.new_run:
             state = saved.state
-            wanted = dict(given, total_steps=self.config.steps)
-            clash = [k for k in self.explicit & set(wanted) if wanted[k] is not None and wanted[k] != state.hparams.get(k)]
-            if clash:
-                left = state.run_total - state.run_done
-                raise InvalidInput(
-                    f"This adapter has an unfinished run ({left} of {state.run_total} steps left) with other "
-                    f"{', '.join(sorted(clash))}: leave those options out to resume it, or pass --new-run.")
+            self._check_resumable(state)
             self.resumed = True
             if state.hparams["max_seq_len"] != self._max_len:
                 self._max_len, self._encoded = state.hparams["max_seq_len"], {}
             return state
         state = saved.state if saved is not None else ckpt.RunState()
-        steps_per_epoch = math.ceil(max(1, self._count_usable()) / self.config.batch_size)
-        total = self.config.run_steps(steps_per_epoch)
+        total = self._new_run_steps()
         state.run_start, state.run_total = state.step, total
         state.hparams = dict(given, total_steps=total, warmup_steps=self.config.warmup_for(total))
+        if state.epoch >= 0:
+            state.epoch_pos = state.epoch_size  # a new run starts with a new epoch
         return state
 
-    def _count_usable(self) -> int:
-        return len(self._read_rows())
+    def _new_run_steps(self) -> int:
+        return self.config.run_steps(math.ceil(max(1, len(self._read_rows())) / self.config.batch_size))
+
+    def _check_resumable(self, state: ckpt.RunState) -> None:
+        """Options the user gave must agree with the run being resumed (its schedule and data
+        order are fixed); otherwise say how to resume it or start a new one."""
+        wanted = {k: getattr(self.config, k) for k in self.explicit if k in RUN_KEYS}
+        clash = [k for k, v in wanted.items() if v != state.hparams.get(k)]
+        if self.explicit & {"steps", "epochs"} and self._new_run_steps() != state.run_total:
+            clash.append("steps" if "steps" in self.explicit else "epochs")
+        if clash:
+            left = state.run_total - state.run_done
+            raise InvalidInput(
+                f"This adapter has an unfinished run ({left} of {state.run_total} steps left) with other "
+                f"{', '.join(sorted(clash))}: leave those options out to resume it, or pass --new-run.")
 
     # ---- data --------------------------------------------------------------------------------
     def _read_rows(self) -> list[Encoded]:
