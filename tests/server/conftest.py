@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 LONG_PROMPT = "Once upon a time"  # with temperature 1 and seed 1 the tiny model runs 400+ tokens
 
 
