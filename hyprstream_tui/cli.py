@@ -424,8 +424,8 @@ def cmd_train_sample(args: argparse.Namespace) -> int:
     from hyprstream_tui.engine.train.samples import add_samples, rows_from_file
     from hyprstream_tui.errors import InvalidInput
 
-    if args.file is not None and (args.input is not None or args.output is not None):
-        raise InvalidInput("Give --file, or --input with --output, not both.")
+    if args.file is not None and (args.input is not None or args.output is not None or args.system is not None):
+        raise InvalidInput("Give --file, or --input with --output (and --system), not both.")
     if args.file is None and (args.input is None or args.output is None):
         raise InvalidInput("Give --input TEXT and --output TEXT (or --file F.jsonl).")
     if args.file is not None:

@@ -102,6 +102,7 @@ class Trainer:
         self._rows: list[Encoded] = []
         self._since_checkpoint: list[float] = []
         self._max_len = config.max_seq_len
+        self._order: tuple[tuple[int, int, int] | None, list[int]] = (None, [])  # (seed, epoch, size), order
         self.resumed = False
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -189,8 +190,10 @@ class Trainer:
         if s.epoch < 0 or s.epoch_pos >= s.epoch_size or s.epoch_size > len(self._rows):
             self._reload_rows()  # epoch boundary: pick up rows added meanwhile
             s.epoch, s.epoch_size, s.epoch_pos = s.epoch + 1, len(self._rows), 0
-        order = epoch_order(s.epoch_size, seed=s.hparams["seed"], epoch=s.epoch)
-        picked = order[s.epoch_pos: s.epoch_pos + size]
+        key = (s.hparams["seed"], s.epoch, s.epoch_size)
+        if self._order[0] != key:
+            self._order = (key, epoch_order(s.epoch_size, seed=key[0], epoch=key[1]))
+        picked = self._order[1][s.epoch_pos: s.epoch_pos + size]
         s.epoch_pos += len(picked)
         return [self._rows[i] for i in picked]
 
