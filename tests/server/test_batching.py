@@ -182,3 +182,38 @@ def test_paths_are_refused_unless_allowed(engine_f32, models):
     with pytest.raises(InvalidInput, match="local store only"):
         batcher.submit("tiny:./adapter", prompt="Hi", params=GREEDY)
     assert batcher.in_flight == 0
+
+
+def test_batch_cache_pads_left_and_trims_when_the_longest_row_leaves():
+    import torch
+    from transformers import DynamicCache
+
+    from hyprstream_tui.engine.batch_cache import BatchCache, batchable
+
+    def one_row(length: int, value: float):
+        cache = DynamicCache()
+        for layer in range(2):
+            kv = torch.full((1, 2, length, 4), value)
+            cache.update(kv, kv.clone(), layer)
+        return cache
+
+    kv = BatchCache()
+    kv.add(one_row(3, 1.0), 3)
+    kv.add(one_row(7, 2.0), 7)
+    kv.add(one_row(5, 3.0), 5)
+    assert batchable(kv.cache) and kv.rows == 3 and kv.length == 7
+    assert kv.mask.tolist() == [[0, 0, 0, 0, 1, 1, 1], [1] * 7, [0, 0, 1, 1, 1, 1, 1]]
+    keys = kv.cache.layers[1].keys  # [3, 2, 7, 4]
+    assert keys[0, :, :4].abs().sum() == 0 and (keys[0, :, 4:] == 1).all()
+    assert (keys[2, :, 2:] == 3).all()
+    assert kv.step_mask().shape == (3, 8)
+    for layer in range(2):  # what the step's forward does: one new key/value per row
+        new = torch.full((3, 2, 1, 4), 9.0)
+        kv.cache.update(new, new.clone(), layer)
+    kv.keep([0, 2])  # the 7-token row leaves: two columns were padding for both others
+    assert kv.mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert kv.cache.layers[0].keys.shape == (2, 2, 6, 4)
+    assert (kv.cache.layers[0].values[1, :, :5] == 3).all()
+    assert (kv.cache.layers[0].values[:, :, 5] == 9).all()
+    kv.keep([])
+    assert kv.rows == 0 and kv.cache is None
