@@ -71,11 +71,12 @@ def _refuse_unsupported(body: Any) -> None:
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens",
-                 "seed", "stop"):
-        if message.startswith(name) or f"{name} " in message.split(":")[0]:
-            return name
-    return "stop" if "stop string" in message else None
+    """The field a SamplingParams message is about: it starts with the field's name, or is
+    about stop strings ("At most 16 stop strings", "Each stop string ...")."""
+    first = message.split()[0] if message else ""
+    if first in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed"):
+        return first
+    return "stop" if "stop" in message else None
 
 
 def completion_prompt(body: CompletionRequest) -> str:
