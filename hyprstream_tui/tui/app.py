@@ -1,0 +1,123 @@
+"""The hyprstream workstation: four modes (Models, Chat, Training, History) switched by F-keys,
+every action also in the command palette (ctrl+p), and one place that turns worker failures into
+an error dialog. Torch and pygit2 load in a background worker after the first frame is painted."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+from typing import Iterable
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.worker import Worker, WorkerState
+
+from hyprstream_tui.errors import Cancelled, HyprError
+from hyprstream_tui.tui.backend import Backend
+from hyprstream_tui.tui.messages import Target, TargetChanged
+from hyprstream_tui.tui.screens.chat import ChatScreen
+from hyprstream_tui.tui.screens.dialogs import ErrorDialog
+from hyprstream_tui.tui.screens.history import HistoryScreen
+from hyprstream_tui.tui.screens.models import ModelsScreen
+from hyprstream_tui.tui.screens.training import TrainingScreen
+
+log = logging.getLogger(__name__)
+
+MODE_KEYS = (("models", "f1", "Models"), ("chat", "f2", "Chat"), ("training", "f3", "Training"),
+             ("history", "f4", "History"))
+
+
+class HyprApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "hyprstream"
+    MODES = {"models": ModelsScreen, "chat": ChatScreen, "training": TrainingScreen, "history": HistoryScreen}
+    DEFAULT_MODE = "models"
+    BINDINGS = [Binding(key, f"switch_mode('{mode}')", title, priority=True) for mode, key, title in MODE_KEYS] + [
+        Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
+    ]
+
+    def __init__(self, *, home: str | Path | None = None, remote: str | None = None,
+                 backend: Backend | None = None, warm_up: bool = True) -> None:
+        super().__init__()
+        self.backend = backend or Backend(home=home, remote=remote)
+        self.demo_offered = False
+        self.pending: dict[str, Target] = {}  # mode -> what it should show when it resumes
+        self.errors: list[str] = []  # every error shown, newest last (tests and the log read it)
+        self._warm_up = warm_up
+
+    def on_mount(self) -> None:
+        if self._warm_up:
+            # After the first paint: the event loop is free again, so this costs the user nothing.
+            self.call_after_refresh(lambda: self.run_worker(self.backend.warm_up, thread=True, exclusive=True,
+                                                            exit_on_error=False, group="warm-up"))
+
+    def on_unmount(self) -> None:
+        self.backend.close()
+
+    # ---- navigation ----------------------------------------------------------------------------
+    def open_chat(self, model: str, adapter: str | None = None, commit: str | None = None, *,
+                  compare: str | None = None) -> None:
+        self._open("chat", Target(model, adapter, commit, compare))
+
+    def open_training(self, model: str, adapter: str | None = None) -> None:
+        self._open("training", Target(model, adapter))
+
+    def open_history(self, model: str, adapter: str | None = None) -> None:
+        self._open("history", Target(model, adapter))
+
+    def _open(self, mode: str, target: Target) -> None:
+        self.pending[mode] = target
+        if self.current_mode == mode:
+            self.screen.post_message(TargetChanged())
+        else:
+            self.switch_mode(mode)
+
+    def take_target(self, mode: str) -> Target | None:
+        return self.pending.pop(mode, None)
+
+    # ---- command palette -----------------------------------------------------------------------
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for mode, key, title in MODE_KEYS:
+            yield SystemCommand(f"Go to {title}", f"switch to the {title} screen ({key})",
+                                lambda mode=mode: self.switch_mode(mode))
+        base = self._base_screen(screen)
+        if base is not None and hasattr(base, "palette_commands"):
+            yield from base.palette_commands()
+
+    def _base_screen(self, screen: Screen) -> Screen | None:
+        try:
+            return self.screen_stack[0] if not hasattr(screen, "palette_commands") else screen
+        except IndexError:
+            return None
+
+    # ---- the one failure handler ---------------------------------------------------------------
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        self.on_worker_state(event)
+
+    def on_worker_state(self, event: Worker.StateChanged) -> None:
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        if isinstance(error, Cancelled):
+            self.notify(error.message, title="Stopped")
+            return
+        if isinstance(error, HyprError):
+            self.show_error(error.message)
+            return
+        log.error("worker %s failed:\n%s", event.worker.name,
+                  "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        self.show_error(f"Unexpected {type(error).__name__}: {error}. This is a bug; the app keeps running.",
+                        title="Internal error")
+
+    def show_error(self, message: str, *, title: str = "Error") -> None:
+        self.errors.append(message)
+        self.push_screen(ErrorDialog(message, title=title))
+
+
+def run_app(*, home: str | Path | None = None, remote: str | None = None) -> int:
+    app = HyprApp(home=home, remote=remote)
+    app.run()
+    return int(app.return_code or 0)

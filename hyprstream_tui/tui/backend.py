@@ -1,0 +1,230 @@
+"""The TUI's one doorway to the store and the engine.
+
+Every method blocks and is meant to run inside a thread worker; none touches the UI. The store,
+the engine and the conversations database are created on first use, so importing this module (and
+painting the first frame) never pays for pygit2 or torch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from hyprstream_tui.errors import HyprError, InvalidInput
+from hyprstream_tui.settings import Paths
+
+if TYPE_CHECKING:
+    from hyprstream_tui.store.store import Store
+    from hyprstream_tui.store.types import AdapterInfo, CommitInfo, ModelInfo, ModelSummary
+    from hyprstream_tui.tui.conversations import ConversationStore
+
+
+class Backend:
+    def __init__(self, *, home: str | Path | None = None, remote: str | None = None, paths: Paths | None = None) -> None:
+        self.paths = paths or Paths.from_env(home)
+        self.remote = remote
+        self._lock = threading.RLock()
+        self._store: Store | None = None
+        self._conversations: ConversationStore | None = None
+        self._engine: Any = None
+        self._heavy_lock = threading.Lock()
+        self._heavy_done = False
+
+    # ---- lazily created services ---------------------------------------------------------------
+    @property
+    def store(self) -> "Store":
+        with self._lock:
+            if self._store is None:
+                from hyprstream_tui.store import Store
+
+                self._store = Store(self.paths)
+            return self._store
+
+    @property
+    def conversations(self) -> "ConversationStore":
+        with self._lock:
+            if self._conversations is None:
+                from hyprstream_tui.tui.conversations import ConversationStore
+
+                self._conversations = ConversationStore(self.paths.conversations_db)
+            return self._conversations
+
+    def heavy(self) -> None:
+        """Import torch, transformers and peft once, before any thread uses them: their lazy modules
+        are not safe to import from two threads at once ("cannot import name ...")."""
+        with self._heavy_lock:
+            if not self._heavy_done:
+                from hyprstream_tui.tui.engine_link import preload
+
+                preload()
+                self._heavy_done = True
+
+    @property
+    def engine(self) -> Any:
+        self.heavy()
+        with self._lock:
+            if self._engine is None:
+                from hyprstream_tui.tui.engine_link import make_engine
+
+                self._engine = make_engine(self.store, remote=self.remote)
+            return self._engine
+
+    def warm_up(self) -> None:
+        """Import the heavy libraries in the background once the first frame is on screen."""
+        self.store  # noqa: B018 - pygit2
+        self.heavy()
+
+    def close(self) -> None:
+        with self._lock:
+            engine, self._engine = self._engine, None
+            conversations, self._conversations = self._conversations, None
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
+        if conversations is not None:
+            conversations.close()
+
+    # ---- models --------------------------------------------------------------------------------
+    def list_models(self) -> list["ModelSummary"]:
+        return self.store.list_models()
+
+    def model_info(self, name: str) -> "ModelInfo":
+        return self.store.model_info(name)
+
+    def import_model(self, src: str, *, name: str | None, progress: Callable[[Any], None] | None = None) -> "ModelSummary":
+        path = Path(src).expanduser()
+        if not path.is_dir():
+            raise InvalidInput(f"No folder {src!r}: give the path of a model folder (config.json + *.safetensors).")
+        return self.store.import_model(path, name=name or None, progress=progress)
+
+    def pull_model(self, repo_id: str, *, name: str | None, revision: str, progress: Callable[[Any], None],
+                   cancel: threading.Event) -> "ModelSummary":
+        return self.store.pull_model(repo_id, name=name or None, revision=revision or "main", progress=progress,
+                                     cancel=cancel)
+
+    def remove_model(self, name: str) -> None:
+        if self._engine is not None and hasattr(self._engine, "unload"):
+            self._engine.unload(name)
+        self.store.remove_model(name)
+
+    def build_demo(self) -> "ModelSummary":
+        """Build the tiny demo model (no network) and import it into the store."""
+        from hyprstream_tui.engine.tiny import DEMO_NAME, build_demo_model
+
+        self.heavy()
+        tmp = self.paths.cache / f"demo-{uuid.uuid4().hex[:8]}"
+        try:
+            build_demo_model(tmp)
+            return self.store.import_model(tmp, name=DEMO_NAME)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- chat ----------------------------------------------------------------------------------
+    def chat(self, specs: Sequence[str], messages: Sequence[dict[str, str]], params: Any, *,
+             request_ids: Sequence[str], on_event: Callable[[Any], None], cancel: threading.Event) -> list[Any]:
+        """Answer `messages` once per spec (compare mode: two), streaming events; returns GenerationDone each."""
+        from hyprstream_tui.tui.engine_link import run_chats
+
+        return run_chats(self.engine, specs, messages, params, request_ids=request_ids, on_event=on_event,
+                         cancel=cancel)
+
+    @staticmethod
+    def reply_meta(done: Any, *, side: str = "a") -> dict[str, Any]:
+        from hyprstream_tui.tui.engine_link import reply_meta
+
+        return reply_meta(done, side=side)
+
+    def context_window(self, model: str) -> int:
+        """The model's context window from its config (before it is loaded)."""
+        import json
+
+        try:
+            config = json.loads(self.store.read_file(model, "main", "config.json"))
+        except (ValueError, HyprError):
+            return 0
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        return int(text.get("max_position_embeddings") or 0)
+
+    def export_conversation(self, conversation_id: int, kind: str) -> Path:
+        from hyprstream_tui.store.atomic import write_text
+
+        store = self.conversations
+        conv = store.get(conversation_id)
+        text = store.export_markdown(conversation_id) if kind == "markdown" else store.export_jsonl(conversation_id)
+        slug = "".join(c if c.isalnum() else "-" for c in conv.title.lower())[:40].strip("-") or "chat"
+        path = self.paths.home / "exports" / f"{conversation_id}-{slug}.{'md' if kind == 'markdown' else 'jsonl'}"
+        write_text(path, text)
+        return path
+
+    # ---- adapters and history ------------------------------------------------------------------
+    def list_adapters(self, model: str) -> list["AdapterInfo"]:
+        return self.store.list_adapters(model)
+
+    def create_adapter(self, model: str, name: str, *, rank: int, alpha: float) -> "AdapterInfo":
+        return self.store.create_adapter(model, name, rank=rank, alpha=alpha)
+
+    def log(self, model: str, adapter: str, limit: int | None = None) -> list["CommitInfo"]:
+        return self.store.log(model, adapter, limit)
+
+    def tag(self, model: str, adapter: str, label: str, commit: str) -> str:
+        return self.store.tag(model, adapter, label, commit=commit)
+
+    def rollback(self, model: str, adapter: str, target: str) -> "CommitInfo":
+        return self.store.rollback(model, adapter, target)
+
+    def is_training(self, model: str, adapter_uuid: str) -> bool:
+        from hyprstream_tui.store.locks import is_locked
+
+        return is_locked(self.store.train_lock_path(model, adapter_uuid))
+
+    def read_text(self, model: str, commit: str, path: str) -> str | None:
+        from hyprstream_tui.errors import NotFound
+
+        try:
+            return self.store.read_file(model, commit, path).decode("utf-8", "replace")
+        except NotFound:
+            return None
+
+    def read_bytes(self, model: str, commit: str, path: str) -> bytes | None:
+        from hyprstream_tui.errors import NotFound
+
+        try:
+            return self.store.read_file(model, commit, path)
+        except NotFound:
+            return None
+
+    def samples(self, model: str, commit: str) -> list[dict[str, Any]]:
+        from hyprstream_tui.engine.train.samples import read_rows
+
+        return read_rows(self.store, model, commit)
+
+    def add_samples(self, model: str, adapter: str, rows: Sequence[dict[str, Any]]) -> int:
+        from hyprstream_tui.engine.train.samples import add_samples
+
+        _commit, total = add_samples(self.store, model, adapter, rows)
+        return total
+
+    def train(self, model: str, adapter: str, config: Any, *, on_event: Callable[[Any], None],
+              cancel: threading.Event) -> Any:
+        """Run a training job to its end (or until `cancel`); returns TrainFinished."""
+        from hyprstream_tui.engine.train.job import TrainJob
+
+        self.heavy()
+        return TrainJob(self.store, model, adapter, config, on_event=on_event, cancel=cancel).run()
+
+    def train_status(self, model: str, adapter: str) -> Any:
+        from hyprstream_tui.engine.train.job import train_status
+
+        return train_status(self.store, model, adapter)
+
+    def request_stop(self, model: str, adapter: str) -> None:
+        from hyprstream_tui.engine.train.job import request_stop
+
+        request_stop(self.store, model, adapter)
+
+    def samples_from_file(self, path: str) -> list[dict[str, Any]]:
+        from hyprstream_tui.engine.train.samples import rows_from_file
+
+        return rows_from_file(Path(path).expanduser())

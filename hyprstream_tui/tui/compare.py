@@ -1,0 +1,69 @@
+"""Comparing two adapter commits without torch: their loss curves (metrics/steps.jsonl) and how
+far each LoRA layer's weight change moved (||B2 A2 - B1 A1|| per module, numpy)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+_LAYER_RE = re.compile(r"(.*?)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+def loss_curve(steps_jsonl: str | None) -> list[tuple[int, float]]:
+    out = []
+    for line in (steps_jsonl or "").splitlines():
+        try:
+            row = json.loads(line)
+            out.append((int(row["step"]), float(row["loss"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    module: str  # e.g. layers.0.self_attn.q_proj
+    norm_a: float  # ||delta W|| at the first commit
+    norm_b: float
+    change: float  # ||delta W_b - delta W_a||
+
+
+def _deltas(data: bytes | None) -> dict:
+    if not data:
+        return {}
+    from safetensors.numpy import load
+
+    tensors = load(data)
+    pairs: dict[str, dict[str, object]] = {}
+    for key, value in tensors.items():
+        match = _LAYER_RE.match(key)
+        if match:
+            pairs.setdefault(match.group(1), {})[match.group(2)] = value.astype("float32")
+    return {name: p["B"] @ p["A"] for name, p in pairs.items() if "A" in p and "B" in p}
+
+
+def _short(module: str) -> str:
+    for prefix in ("base_model.model.model.", "base_model.model."):
+        if module.startswith(prefix):
+            return module[len(prefix):]
+    return module
+
+
+def layer_changes(weights_a: bytes | None, weights_b: bytes | None, *, scale: float = 1.0) -> list[LayerChange]:
+    import numpy as np
+
+    a, b = _deltas(weights_a), _deltas(weights_b)
+    out = []
+    for name in sorted(set(a) | set(b), key=_natural):
+        da, db = a.get(name), b.get(name)
+        shape = (da if da is not None else db).shape
+        da = da if da is not None else np.zeros(shape, "float32")
+        db = db if db is not None else np.zeros(shape, "float32")
+        out.append(LayerChange(_short(name), float(np.linalg.norm(da)) * scale, float(np.linalg.norm(db)) * scale,
+                               float(np.linalg.norm(db - da)) * scale))
+    return out
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

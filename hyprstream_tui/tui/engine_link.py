@@ -1,0 +1,176 @@
+"""How the TUI reaches the engine: the in-process `Engine`, or a hyprstream/OpenAI server given with
+`--remote URL`. Both answer `chat(spec, messages, params, on_event=, request_id=)` with a job that
+can be cancelled and waited on, and report through the engine's own event dataclasses.
+
+Only blocking code runs here (inside the TUI's thread workers); nothing imports torch at module
+level.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urljoin
+
+from hyprstream_tui.engine.events import GenerationDone, Provenance, Timings, TokenDelta
+from hyprstream_tui.errors import HubError, HyprError
+
+
+def is_token(event: object) -> bool:
+    return isinstance(event, TokenDelta)
+
+
+def preload() -> None:
+    """Import what the first chat or training run needs, once, after the first paint: their lazy
+    modules are not safe to import from two threads at once. (importlib keeps the TUI's own source
+    free of direct torch/transformers/peft imports.)"""
+    import importlib
+
+    transformers = importlib.import_module("transformers")
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig", "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
+    peft = importlib.import_module("peft")
+    for name in ("LoraConfig", "PeftModel", "get_peft_model", "set_peft_model_state_dict", "get_peft_model_state_dict"):
+        getattr(peft, name)
+    importlib.import_module("hyprstream_tui.engine.engine")
+
+
+def make_engine(store: Any, *, remote: str | None = None) -> Any:
+    if remote:
+        return RemoteEngine(remote)
+    from hyprstream_tui.engine.engine import Engine
+
+    return Engine(store=store)
+
+
+def run_chats(engine: Any, specs: Sequence[str], messages: Sequence[Mapping[str, str]], params: Any, *,
+              request_ids: Sequence[str], on_event: Callable[[Any], None],
+              cancel: threading.Event) -> list[GenerationDone]:
+    """Start one generation per spec, pass `cancel` on to them, and wait for all."""
+    jobs = [engine.chat(spec, messages, params, on_event=on_event, request_id=rid)
+            for spec, rid in zip(specs, request_ids)]
+    try:
+        while not all(job.finished for job in jobs):
+            if cancel.wait(0.05):
+                for job in jobs:
+                    job.cancel()
+                for job in jobs:
+                    job.wait()
+    finally:
+        for job in jobs:
+            if not job.finished:
+                job.cancel()
+    return [job.result() for job in jobs]
+
+
+def reply_meta(done: GenerationDone, *, side: str = "a") -> dict[str, Any]:
+    """What a saved reply keeps: provenance, usage, speed, how it ended."""
+    return {
+        "provenance": asdict(done.provenance),
+        "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+        "tok_s": round(done.timings.decode_tok_s, 2),
+        "finish_reason": done.finish_reason,
+        "dropped_messages": done.dropped_messages,
+        "side": side,
+    }
+
+
+# ---- a remote server speaking the OpenAI chat API (hyprstream serve, vLLM, ...) ---------------------
+class RemoteJob:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.cancel_token = threading.Event()
+        self._finished = threading.Event()
+        self.done: GenerationDone | None = None
+        self.error: BaseException | None = None
+
+    def cancel(self) -> None:
+        self.cancel_token.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._finished.wait(timeout)
+
+    def result(self) -> GenerationDone:
+        self._finished.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.done is not None
+        return self.done
+
+
+class RemoteEngine:
+    """`/v1/chat/completions` with SSE streaming; `model:adapter` names pass through unchanged."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/") + "/"
+        self.api_key = api_key
+        self.timeout = timeout
+
+    def chat(self, spec: str, messages: Sequence[Mapping[str, str]], params: Any, *,
+             on_event: Callable[[Any], None], request_id: str) -> RemoteJob:
+        job = RemoteJob(request_id)
+        thread = threading.Thread(target=self._run, args=(job, spec, list(messages), params, on_event), daemon=True)
+        thread.start()
+        return job
+
+    def _run(self, job: RemoteJob, spec: str, messages: list, params: Any, on_event: Callable[[Any], None]) -> None:
+        try:
+            job.done = self._stream(job, spec, messages, params, on_event)
+            on_event(job.done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting worker
+            job.error = exc if isinstance(exc, HyprError) else HubError(f"The server at {self.url} failed: {exc}.")
+        finally:
+            job._finished.set()
+
+    def _stream(self, job: RemoteJob, spec: str, messages: list, params: Any, on_event) -> GenerationDone:
+        import urllib.error
+        import urllib.request
+
+        body = {"model": spec, "messages": messages, "stream": True, "temperature": params.temperature,
+                "top_p": params.top_p, "max_tokens": params.max_tokens}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(urljoin(self.url, "v1/chat/completions"), json.dumps(body).encode(), headers)
+        started, pieces, finish = time.perf_counter(), [], "stop"
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            raise HubError(f"The server at {self.url} refused the request ({exc.code}): {_error_text(exc)}") from None
+        except OSError as exc:
+            raise HubError(f"Cannot reach the server at {self.url} ({exc}): check --remote.") from None
+        with response:
+            for raw in response:
+                if job.cancel_token.is_set():
+                    finish = "cancelled"
+                    break
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                choice = (json.loads(line[5:]).get("choices") or [{}])[0]
+                text = (choice.get("delta") or {}).get("content") or ""
+                if text:
+                    pieces.append(text)
+                    on_event(TokenDelta(request_id=job.request_id, text=text, tokens=len(pieces)))
+                finish = choice.get("finish_reason") or finish
+        model, _, adapter = spec.partition(":")
+        return GenerationDone(request_id=job.request_id, text="".join(pieces), finish_reason=finish,
+                              provenance=Provenance(model=model, model_commit=None, adapter=adapter or None,
+                                                    params=params.as_dict(), seed=params.seed or 0, device=self.url),
+                              timings=Timings(decode_s=time.perf_counter() - started, completion_tokens=len(pieces)))
+
+
+def _error_text(exc) -> str:
+    try:
+        return json.loads(exc.read())["error"]["message"]
+    except Exception:  # noqa: BLE001 - any unreadable body
+        return exc.reason

@@ -1,0 +1,415 @@
+"""Chat: streaming replies rendered as Markdown, stop, regenerate, edit and resend; a model and
+adapter (or commit) picker; the parameters panel; a context meter; compare mode (the same prompt
+answered by two targets side by side); saved conversations; provenance on demand; and one key to
+send a reply to an adapter's training set."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Header, Input, Label, Select
+from textual.worker import Worker, WorkerState
+
+from hyprstream_tui.errors import InvalidInput
+from hyprstream_tui.tui.batch import UI_HZ
+from hyprstream_tui.tui.messages import TargetChanged
+from hyprstream_tui.tui.screens.base import HyprScreen
+from hyprstream_tui.tui.screens.conversations import ConversationsDialog
+from hyprstream_tui.tui.screens.dialogs import Field, FormDialog
+from hyprstream_tui.tui.widgets.chat_log import ChatLog
+from hyprstream_tui.tui.widgets.context_meter import ContextMeter
+from hyprstream_tui.tui.widgets.params_panel import ParamsPanel
+
+BASE = "__base__"
+
+
+def spec_of(model: str, adapter: str | None, rev: str | None) -> str:
+    return model + (f":{adapter}" if adapter else "") + (f"@{rev}" if adapter and rev else "")
+
+
+def label_of(spec: str) -> str:
+    model, _, rest = spec.partition(":")
+    if not rest:
+        return f"{model} (base)"
+    adapter, _, rev = rest.partition("@")
+    return f"{adapter}@{rev[:7]}" if rev else adapter
+
+
+@dataclass
+class Request:
+    """One send: the conversation so far and the targets that answer it."""
+
+    messages: list[dict[str, str]]
+    specs: list[str]
+    request_ids: list[str]
+    params: Any
+    conversation_id: int | None
+    title: str
+    user_text: str | None  # saved before generating (None when regenerating)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class ChatScreen(HyprScreen):
+    MODE_TITLE = "Chat"
+    AUTO_FOCUS = "#chat-input"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", priority=True),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+e", "edit_last", "Edit last", show=False),
+        Binding("ctrl+o", "toggle_params", "Params"),
+        Binding("ctrl+d", "toggle_compare", "Compare"),
+        Binding("ctrl+y", "toggle_provenance", "Provenance", show=False),
+        Binding("ctrl+t", "to_training", "To training", show=False),
+        Binding("ctrl+l", "conversations", "Conversations", show=False),
+        Binding("ctrl+n", "new_conversation", "New chat", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: str | None = None
+        self.adapter: str | None = None  # adapter name
+        self.rev: str | None = None  # a commit pinned from History
+        self.compare = False
+        self.compare_spec: str | None = None  # the second target; default: base vs adapter
+        self.conversation_id: int | None = None
+        self.request: Request | None = None
+        self.window = 0
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="chat-pickers", classes="pickers"):
+            yield Select([], prompt="model", id="chat-model", compact=True)
+            yield Select([], prompt="adapter", id="chat-adapter", compact=True)
+            yield Label("", id="chat-target")
+        with Horizontal(id="chat-body"):
+            with Vertical(id="chat-main"):
+                yield ChatLog(id="chat-log")
+                yield ContextMeter(id="chat-meter")
+                yield Input(placeholder="Message (enter sends, esc stops)", id="chat-input")
+            yield ParamsPanel(id="chat-params")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.set_interval(1 / UI_HZ, self._drain)
+        self._retarget()
+
+    def on_screen_resume(self) -> None:
+        if self.is_mounted:
+            self._retarget()
+
+    def on_target_changed(self, _event: TargetChanged) -> None:
+        self._retarget()
+
+    def _retarget(self) -> None:
+        target = self.hypr.take_target("chat")
+        if target is not None:
+            self.model, self.adapter, self.rev = target.model, target.adapter, target.commit
+            if target.compare:
+                self.compare, self.compare_spec = True, target.compare
+        self.load_targets(self.model, self.adapter)
+
+    @property
+    def log_view(self) -> ChatLog:
+        return self.query_one(ChatLog)
+
+    @property
+    def params(self) -> ParamsPanel:
+        return self.query_one(ParamsPanel)
+
+    @property
+    def spec(self) -> str | None:
+        return spec_of(self.model, self.adapter, self.rev) if self.model else None
+
+    def second_spec(self) -> str | None:
+        if self.compare_spec:
+            return self.compare_spec
+        if self.model is None:
+            return None
+        return spec_of(self.model, None, None) if self.adapter else None
+
+    # ---- targets -------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, exit_on_error=False, group="chat-targets")
+    def load_targets(self, model: str | None, adapter: str | None) -> None:
+        b = self.backend
+        models = [m.name for m in b.list_models()]
+        if model not in models:
+            model = models[0] if models else None
+        adapters = [a.name for a in b.list_adapters(model)] if model else []
+        window = b.context_window(model) if model else 0
+        self.app.call_from_thread(self._show_targets, models, model, adapters, adapter if adapter in adapters else None,
+                                  window)
+
+    def _show_targets(self, models: list[str], model: str | None, adapters: list[str], adapter: str | None,
+                      window: int) -> None:
+        if adapter != self.adapter or model != self.model:
+            self.rev = None
+        self.model, self.adapter, self.window = model, adapter, window
+        with self.prevent(Select.Changed):
+            picker = self.query_one("#chat-model", Select)
+            picker.set_options([(m, m) for m in models])
+            if model:
+                picker.value = model
+            adapter_picker = self.query_one("#chat-adapter", Select)
+            adapter_picker.set_options([("(base model)", BASE)] + [(a, a) for a in adapters])
+            adapter_picker.value = adapter or BASE
+        self.query_one(ContextMeter).set_usage(window=window)
+        self._show_target_label()
+
+    def _show_target_label(self) -> None:
+        text = f"@{self.rev[:7]}" if self.rev else ""
+        if self.compare:
+            other = self.second_spec()
+            text += f"  compare with {label_of(other)}" if other else "  compare: pick an adapter"
+        self.query_one("#chat-target", Label).update(text)
+
+    @on(Select.Changed, "#chat-model")
+    def _model_changed(self, event: Select.Changed) -> None:
+        if event.value != Select.NULL and event.value != self.model:
+            self.compare_spec = None
+            self.load_targets(str(event.value), None)
+
+    @on(Select.Changed, "#chat-adapter")
+    def _adapter_changed(self, event: Select.Changed) -> None:
+        value = None if event.value in (BASE, Select.NULL) else str(event.value)
+        if value != self.adapter:
+            self.adapter, self.rev = value, None
+            self._show_target_label()
+
+    # ---- sending -------------------------------------------------------------------------------
+    @on(Input.Submitted, "#chat-input")
+    def _submitted(self, event: Input.Submitted) -> None:
+        text = event.value
+        if not text.strip():
+            return
+        if self.send(text):
+            event.input.value = ""
+
+    def send(self, text: str) -> bool:
+        if self.log_view.streaming:
+            self.notify("A reply is still streaming: press esc to stop it first.", severity="warning")
+            return False
+        request = self._request(text)
+        if request is None:
+            return False
+        user = self.log_view.add_user(text)
+        self._start(request, user)
+        return True
+
+    def _request(self, user_text: str | None) -> Request | None:
+        if self.model is None:
+            self.notify("No model: build the demo model or import one on the Models screen (F1).", severity="warning")
+            return None
+        problem = self.params.check()
+        if problem:
+            self.notify(problem, title="Parameters", severity="error")
+            return None
+        specs = [self.spec]
+        if self.compare:
+            other = self.second_spec()
+            if other is None:
+                self.notify("Compare mode needs an adapter (or a second commit) to compare with.", severity="warning")
+                return None
+            specs.append(other)
+        messages = [{"role": m.role, "content": m.text} for m in self.log_view.messages() if m.text or m.role == "user"]
+        if user_text is not None:
+            messages.append({"role": "user", "content": user_text})
+        if self.params.system.strip():
+            messages.insert(0, {"role": "system", "content": self.params.system})
+        title = next((m["content"] for m in messages if m["role"] == "user"), "chat")
+        return Request(messages=messages, specs=specs, request_ids=[uuid.uuid4().hex for _ in specs],
+                       params=self.params.sampling(), conversation_id=self.conversation_id, title=title[:60],
+                       user_text=user_text)
+
+    def _start(self, request: Request, user_message) -> None:
+        self.request = request
+        self._user_message = user_message
+        self.log_view.add_replies([label_of(s) for s in request.specs], request.request_ids)
+        self.generate(request)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="chat")
+    def generate(self, req: Request) -> None:
+        b = self.backend
+        conversations = b.conversations
+        if req.conversation_id is None:
+            conv = conversations.create(req.title, model=self.model or "", adapter=self.adapter or "")
+            req.conversation_id = conv.id
+            self.app.call_from_thread(setattr, self, "conversation_id", conv.id)
+        if req.user_text is not None:
+            saved = conversations.add_message(req.conversation_id, "user", req.user_text)
+            self.app.call_from_thread(setattr, self._user_message, "message_id", saved.id)
+        results = b.chat(req.specs, req.messages, req.params, request_ids=req.request_ids,
+                         on_event=self.log_view.events.push, cancel=req.cancel)
+        for side, (request_id, done) in enumerate(zip(req.request_ids, results)):
+            meta = b.reply_meta(done, side="b" if side else "a")
+            saved = conversations.add_message(req.conversation_id, "assistant", done.text, meta)
+            self.app.call_from_thread(self._finished, request_id, done.text, meta, saved.id)
+
+    def _finished(self, request_id: str, text: str, meta: dict[str, Any], message_id: int) -> None:
+        self.log_view.drain()
+        reply = self.log_view.finish(request_id, text=text, meta=meta)
+        if reply is not None:
+            reply.message_id = message_id
+        usage = meta.get("usage") or {}
+        self.query_one(ContextMeter).set_usage(used=usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
+                                               dropped=meta.get("dropped_messages", 0))
+
+    def _drain(self) -> None:
+        for event in self.log_view.drain():
+            dropped = getattr(event, "dropped_messages", None)
+            if dropped is not None and hasattr(event, "window"):
+                self.query_one(ContextMeter).set_usage(dropped=dropped, window=event.window)
+
+    def worker_finished(self, worker: Worker, state: WorkerState) -> None:
+        if worker.group == "chat":
+            self.log_view.drain()
+            for request_id in list(self.log_view.pending):  # a failed or cancelled worker: close its replies
+                self.log_view.finish(request_id, text=None, meta=None)
+            self.request = None
+
+    def action_stop(self) -> None:
+        if self.request is not None:
+            self.request.cancel.set()
+
+    # ---- regenerate, edit, conversations -------------------------------------------------------
+    def _truncate(self, ids: list[int]) -> None:
+        if ids and self.conversation_id is not None:
+            self.truncate(self.conversation_id, min(ids))
+
+    @work(thread=True, exit_on_error=False, group="chat-store")
+    def truncate(self, conversation_id: int, from_message: int) -> None:
+        self.backend.conversations.truncate(conversation_id, from_message=from_message)
+
+    def action_regenerate(self) -> None:
+        if self.log_view.streaming:
+            return
+        last_user = self.log_view.last_user()
+        if last_user is None:
+            return
+        messages = self.log_view.messages()
+        after = messages[messages.index(last_user) + 1:] if last_user in messages else []
+        if after:
+            self._truncate(self.log_view.remove_from(after[0]))
+        request = self._request(None)
+        if request is not None:
+            self._start(request, last_user)
+
+    def action_edit_last(self) -> None:
+        if self.log_view.streaming:
+            return
+        last_user = self.log_view.last_user()
+        if last_user is None:
+            return
+        text = last_user.text
+        self._truncate(self.log_view.remove_from(last_user))
+        prompt = self.query_one("#chat-input", Input)
+        prompt.value = text
+        prompt.focus()
+
+    def action_toggle_params(self) -> None:
+        self.params.toggle_class("hidden")
+
+    def action_toggle_compare(self) -> None:
+        self.compare = not self.compare
+        self._show_target_label()
+        self.notify("Compare mode on: each prompt is answered by both targets." if self.compare else "Compare mode off.")
+
+    def compare_with(self, spec: str | None) -> None:
+        self.compare, self.compare_spec = spec is not None, spec
+        self._show_target_label()
+
+    def action_toggle_provenance(self) -> None:
+        self.log_view.set_provenance(not self.log_view.show_provenance)
+
+    def action_new_conversation(self) -> None:
+        if self.log_view.streaming:
+            return
+        self.conversation_id = None
+        self.log_view.clear_log()
+        self.query_one(ContextMeter).set_usage(used=0, dropped=0)
+
+    def action_conversations(self) -> None:
+        self.list_conversations()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="chat-store")
+    def list_conversations(self) -> None:
+        conversations = self.backend.conversations.list()
+        self.app.call_from_thread(self.app.push_screen, ConversationsDialog(conversations), self._conversation_action)
+
+    def _conversation_action(self, choice: tuple[str, int] | None) -> None:
+        if choice is None:
+            return
+        action, conversation_id = choice
+        if action == "rename":
+            self.app.push_screen(FormDialog("Rename conversation", [Field("title", "Title")], submit="Rename"),
+                                 lambda v: v and self.conversation_op("rename", conversation_id, v["title"]))
+        else:
+            self.conversation_op(action, conversation_id)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="chat-store")
+    def conversation_op(self, action: str, conversation_id: int, title: str = "") -> None:
+        store = self.backend.conversations
+        if action == "open":
+            conv, messages = store.get(conversation_id), store.messages(conversation_id)
+            self.app.call_from_thread(self._open_conversation, conv, messages)
+        elif action == "rename":
+            store.rename(conversation_id, title)
+            self.app.call_from_thread(self.notify, "Renamed.")
+        elif action == "delete":
+            store.delete(conversation_id)
+            if conversation_id == self.conversation_id:
+                self.app.call_from_thread(self.action_new_conversation)
+            self.app.call_from_thread(self.notify, "Deleted the conversation.")
+        elif action in ("markdown", "jsonl"):
+            path = self.backend.export_conversation(conversation_id, action)
+            self.app.call_from_thread(self.notify, f"Exported to {path}")
+
+    def _open_conversation(self, conv, messages) -> None:
+        if self.log_view.streaming:
+            return
+        self.log_view.clear_log()
+        self.conversation_id = conv.id
+        for m in messages:
+            if m.role == "user":
+                self.log_view.add_user(m.content, message_id=m.id)
+            elif m.role == "assistant":
+                prov = m.meta.get("provenance") or {}
+                label = label_of(spec_of(prov.get("model", conv.model), prov.get("adapter"), None))
+                self.log_view.add_saved_reply(m.content, label=label, meta=m.meta, message_id=m.id,
+                                              pair_with_last=m.meta.get("side") == "b")
+        if conv.model:
+            self.load_targets(conv.model, conv.adapter or None)
+
+    # ---- chat, correct, train ------------------------------------------------------------------
+    def action_to_training(self) -> None:
+        reply, user = self.log_view.last_reply(), self.log_view.last_user()
+        if reply is None or user is None or self.model is None:
+            self.notify("Nothing to send yet: chat first, then send the reply (edited if you like) to training.",
+                        severity="warning")
+            return
+        fields = [Field("adapter", "Adapter (on this model)", self.adapter or ""), Field("input", "Prompt", user.text),
+                  Field("output", "Answer to learn (edit it first if it needs correcting)", reply.text, multiline=True)]
+        self.app.push_screen(FormDialog("Send to training", fields, submit="Add sample", check=_check_training_row),
+                             lambda v: v and self.add_training_row(self.model, v))
+
+    @work(thread=True, exclusive=False, exit_on_error=False, group="chat-train")
+    def add_training_row(self, model: str, values: dict[str, Any]) -> None:
+        total = self.backend.add_samples(model, values["adapter"], [values["row"]])
+        self.app.call_from_thread(self.notify, f"Added to {values['adapter']!r}: it has {total} samples. "
+                                  "Train it on the Training screen (F3).")
+
+
+def _check_training_row(values: dict[str, str]) -> dict[str, Any]:
+    from hyprstream_tui.engine.train.data import check_row
+
+    if not values["adapter"].strip():
+        raise InvalidInput("Name the adapter that should learn this (create one on the Training screen).")
+    return {"adapter": values["adapter"].strip(),
+            "row": check_row({"input": values["input"], "output": values["output"]}, "The sample")}
