@@ -300,8 +300,10 @@ class Batcher:
                 pass
 
     def _finished(self, ticket: Ticket) -> None:
-        ticket.job._finished.set()
-        self._release()
+        """Called once per ticket by its scheduler: wakes waiters, frees the slot."""
+        if not ticket.job._finished.is_set():
+            ticket.job._finished.set()
+            self._release()
 
     def _retire(self, key: tuple, scheduler: Any) -> None:
         """Called under the lock by a scheduler about to end."""

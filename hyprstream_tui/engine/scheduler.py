@@ -122,11 +122,15 @@ class Scheduler(threading.Thread):
     def run(self) -> None:
         with torch.inference_mode():
             while (admitted := self._take()) is not None:
-                for ticket in admitted:
-                    self._admit(ticket)
-                self._drop_cancelled()
-                if self.rows:
-                    self._step()
+                pending = deque(admitted)
+                try:
+                    while pending:
+                        self._admit(pending.popleft())
+                    self._drop_cancelled()
+                    if self.rows:
+                        self._step()
+                except Exception as exc:  # noqa: BLE001 - a bug: fail what is in flight, go on
+                    self._fail_all(exc, list(pending))
 
     def _take(self) -> list[Ticket] | None:
         """Waiting tickets that fit the batch; None when idle long enough to end the thread."""
@@ -198,9 +202,7 @@ class Scheduler(threading.Thread):
                                     cache=self.kv.cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1].float().cpu()  # [B, V]
         except Exception as exc:  # noqa: BLE001 - the batch state is unknown: fail its rows
-            for row in self.rows:
-                self._fail(row.ticket, exc, joined=True)
-            self.rows, self.kv = [], BatchCache()
+            self._fail_all(exc, [])
             return
         self.steps += 1
         elapsed = time.perf_counter() - started
@@ -215,6 +217,14 @@ class Scheduler(threading.Thread):
             else:
                 self._finish(row, joined=True)
         self._keep(keep)
+
+    def _fail_all(self, exc: BaseException, tickets: list[Ticket]) -> None:
+        """The batch state is unknown: every row and `tickets` fail, the cache starts afresh."""
+        for row in self.rows:
+            self._fail(row.ticket, exc, joined=True)
+        for ticket in tickets:
+            self._fail(ticket, exc, joined=False)
+        self.rows, self.kv = [], BatchCache()
 
     def _drop_cancelled(self) -> None:
         """Rows whose client went away leave before another step is spent on them."""
@@ -251,6 +261,8 @@ class Scheduler(threading.Thread):
         self.batcher._finished(ticket)
 
     def _fail(self, ticket: Ticket, exc: BaseException, *, joined: bool) -> None:
+        if ticket.job.finished:
+            return
         ticket.job.error = exc
         if joined:
             self.batcher._emit(None, RowLeft(request_id=ticket.request_id, step=self.steps,

@@ -217,3 +217,31 @@ def test_batch_cache_pads_left_and_trims_when_the_longest_row_leaves():
     assert (kv.cache.layers[0].values[:, :, 5] == 9).all()
     kv.keep([])
     assert kv.rows == 0 and kv.cache is None
+
+
+def test_a_failing_step_fails_its_rows_and_the_batch_goes_on(engine_f32, models, monkeypatch):
+    from hyprstream_tui.engine import batch_cache
+    from hyprstream_tui.engine.events import GenerationError
+
+    model = models["qwen2"]
+    events = []
+    batcher = Batcher(engine_f32, max_batch=4, allow_paths=True, on_event=events.append)
+    original = batch_cache.BatchCache.step_mask
+
+    def broken(self):
+        raise RuntimeError("simulated kernel failure")
+
+    try:
+        monkeypatch.setattr(batch_cache.BatchCache, "step_mask", broken)
+        job = batcher.submit(model, prompt=LONG_PROMPT, params=GREEDY)
+        assert job.wait(30)
+        with pytest.raises(RuntimeError, match="simulated"):
+            job.result()
+        error = next(e for e in events if isinstance(e, GenerationError))
+        assert error.kind == "bug" and "simulated" in error.message
+        monkeypatch.setattr(batch_cache.BatchCache, "step_mask", original)
+        alone = engine_f32.generate(model, LONG_PROMPT, GREEDY).result().text
+        assert batcher.submit(model, prompt=LONG_PROMPT, params=GREEDY).result(30).text == alone
+        assert batcher.in_flight == 0
+    finally:
+        batcher.close()
