@@ -2,8 +2,9 @@
 
 Loads with transformers' PEFT integration (`load_adapter`, which injects LoRA layers into the
 model in place) and switches with PEFT's tuner layers directly (transformers' own `set_adapter`
-wants a newer PEFT), so the model object stays the same and the base weights are never reloaded. Callers hold the
-model's lock: the active adapter is state shared by every generation on that model.
+wants a newer PEFT), so the model object stays the same and the base weights are never
+reloaded. Callers hold the model's lock: the active adapter is state shared by every generation
+on that model.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def _check_config(adapter: "AdapterSource") -> None:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         raise InvalidInput(
-            f"The adapter {adapter.name!r} has no readable adapter_config.json in {str(adapter.path)!r}."
+            f"The adapter {adapter.name!r} has no readable adapter_config.json in "
+            f"{str(adapter.path)!r}."
         ) from None
     if config.get("peft_type", "LORA") != "LORA":
         raise InvalidInput(f"The adapter {adapter.name!r} is {config.get('peft_type')}, not LoRA.")

@@ -66,7 +66,9 @@ def fit_conversation(
     starts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
     full = render(tokenizer, messages)
     if len(full) <= budget:
-        return ChatPrompt(ids=full, dropped_messages=0, dropped_tokens=0, kept_messages=len(messages))
+        return ChatPrompt(
+            ids=full, dropped_messages=0, dropped_tokens=0, kept_messages=len(messages)
+        )
     # Token counts shrink as more is dropped, so binary-search the first start that fits.
     lo, hi, best = 0, len(starts) - 1, None
     while lo <= hi:

@@ -32,7 +32,9 @@ def make_engine(*, home: str | None = None, dtype: str = "auto", device: str = "
     return Engine(store=Store(Paths.from_env(home)), options=options, threads=threads, max_models=1)
 
 
-def wait_streaming(job: GenerationJob, events: "Any", on_event: Callable[[Event], None]) -> GenerationDone:
+def wait_streaming(
+    job: GenerationJob, events: Any, on_event: Callable[[Event], None]
+) -> GenerationDone:
     """Hand `job`'s queued events to `on_event` until it ends; Ctrl-C cancels it and raises
     Cancelled once the engine has stopped (within one decode step)."""
     import queue

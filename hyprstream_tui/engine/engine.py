@@ -138,16 +138,20 @@ class Engine:
             with self._models_lock:
                 if key in self._models:
                     return self._models[key], False
-            from hyprstream_tui.engine.loader import load_model, set_threads
+            from hyprstream_tui.engine.loader import load_model
 
-            set_threads(self.threads)
             base = ModelSource(name=source.name, path=source.path, commit=source.commit)
-            model = load_model(base, options)
+            try:
+                model = load_model(base, options)
+            except BaseException:
+                with self._models_lock:
+                    self._loading.pop(key, None)
+                raise
             with self._models_lock:
                 self._models[key] = model
+                self._loading.pop(key, None)
                 while len(self._models) > self.max_models:
                     self._models.popitem(last=False)
-                self._loading.pop(key, None)
             return model, True
 
     # ---- generation ------------------------------------------------------------------------
@@ -223,6 +227,10 @@ class Engine:
 
     def _run(self, request: Request, job: GenerationJob, emit: EventCallback) -> None:
         try:
+            if self.threads is not None:  # OpenMP's thread count is per calling thread
+                from hyprstream_tui.engine.loader import set_threads
+
+                set_threads(self.threads)
             job.done = self._generate(request, job.cancel_token, emit)
             emit(job.done)
         except HyprError as exc:
@@ -238,7 +246,9 @@ class Engine:
                 self._jobs.discard(job)
             job._finished.set()
 
-    def _generate(self, request: Request, cancel: threading.Event, emit: EventCallback) -> GenerationDone:
+    def _generate(
+        self, request: Request, cancel: threading.Event, emit: EventCallback
+    ) -> GenerationDone:
         source = self.resolve(request.spec)
         started = time.perf_counter()
         lm, fresh = self._get_model(source, self.options)
@@ -252,7 +262,9 @@ class Engine:
             prompt_ids, dropped = self._prompt_ids(lm, request, emit)
             return self._decode(lm, source, request, prompt_ids, dropped, load_s, cancel, emit)
 
-    def _prompt_ids(self, lm: LoadedModel, request: Request, emit: EventCallback) -> tuple[list[int], int]:
+    def _prompt_ids(
+        self, lm: LoadedModel, request: Request, emit: EventCallback
+    ) -> tuple[list[int], int]:
         max_tokens = request.params.max_tokens
         if request.messages is None:
             ids = list(lm.tokenizer.encode(request.prompt))
@@ -269,7 +281,9 @@ class Engine:
                                 prompt_tokens=len(fitted.ids), window=lm.window))
         return fitted.ids, fitted.dropped_messages
 
-    def _decode(self, lm, source, request, prompt_ids, dropped, load_s, cancel, emit) -> GenerationDone:
+    def _decode(
+        self, lm, source, request, prompt_ids, dropped, load_s, cancel, emit
+    ) -> GenerationDone:
         import torch
 
         from hyprstream_tui.engine.generate import GenerationStats, stream_text

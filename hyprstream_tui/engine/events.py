@@ -61,7 +61,7 @@ class ContextTrimmed:
 
 @dataclass(frozen=True, kw_only=True)
 class TokenDelta:
-    """New text to show. `text` never splits a character and never contains part of a stop string."""
+    """New text to show: never half a character, never any part of a stop string."""
 
     request_id: str
     text: str

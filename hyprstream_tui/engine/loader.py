@@ -164,7 +164,9 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, options.quantize)
     if options.quantize and device != "cpu":
-        raise InvalidInput("--quantize int8 runs on the CPU only: drop --quantize or use --device cpu.")
+        raise InvalidInput(
+            "--quantize int8 runs on the CPU only: drop --quantize or use --device cpu."
+        )
     try:
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
         with warnings.catch_warnings():
@@ -186,6 +188,10 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         from hyprstream_tui.engine.quantize import quantize_int8
 
         quantize_int8(model, dtype=dtype)
+    elif dtype == "bfloat16" and device == "cpu" and not cpu_has_bf16():
+        from hyprstream_tui.engine.kernels import upcast_prefill
+
+        upcast_prefill(model)
     model.to(device)
     tokenizer = load_tokenizer(source.path)
     return LoadedModel(
@@ -223,5 +229,6 @@ def set_threads(n: int | None) -> None:
     import torch
 
     if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        has_affinity = hasattr(os, "sched_getaffinity")
+        n = len(os.sched_getaffinity(0)) if has_affinity else os.cpu_count() or 1
     torch.set_num_threads(max(1, n))

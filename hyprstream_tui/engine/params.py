@@ -17,7 +17,7 @@ MAX_SEED = 2**63 - 1
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How to pick each next token. temperature 0 is greedy; top_k 0 and top_p 1 switch those off."""
+    """How to pick each next token. temperature 0 is greedy; top_k 0 / top_p 1 switch those off."""
 
     temperature: float = 0.7
     top_k: int = 0
@@ -44,7 +44,8 @@ class SamplingParams:
         _number(self.repetition_penalty, "repetition_penalty")
         if self.repetition_penalty <= 0:
             raise InvalidInput(
-                f"repetition_penalty must be > 0 (1 switches it off), got {self.repetition_penalty}."
+                "repetition_penalty must be > 0 (1 switches it off), "
+                f"got {self.repetition_penalty}."
             )
         _integer(self.max_tokens, "max_tokens")
         if self.max_tokens <= 0:

@@ -42,7 +42,7 @@ def int8_linear(linear: torch.nn.Linear) -> DynamicLinear:
     zero_points = torch.zeros_like(scales, dtype=torch.long)  # [out]
     bias = None if linear.bias is None else linear.bias.detach().float()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's notice that eager quantization moves to torchao
+        warnings.simplefilter("ignore")  # torch.ao's notice that eager quantization is moving
         qweight = torch.quantize_per_channel(
             weight, scales, zero_points, axis=0, dtype=torch.qint8
         )
@@ -94,7 +94,8 @@ def quantize_int8(model: torch.nn.Module, *, dtype: str = "float32") -> torch.nn
             continue
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_floating_point() and param.dtype != act:
-                setattr(module, name, torch.nn.Parameter(param.detach().to(act), requires_grad=False))
+                converted = torch.nn.Parameter(param.detach().to(act), requires_grad=False)
+                setattr(module, name, converted)
         if isinstance(module, Int8WeightOnlyLinear):
             continue
         for name, buf in list(module.named_buffers(recurse=False)):

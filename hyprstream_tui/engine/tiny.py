@@ -21,7 +21,7 @@ DEMO_NAME = "tiny-demo"
 
 
 def assets_dir() -> Path:
-    """The assets folder: `hyprstream_tui/_assets` in an installed wheel, `assets/` in a checkout."""
+    """The assets: `hyprstream_tui/_assets` in an installed wheel, `assets/` in a checkout."""
     package = Path(__file__).resolve().parents[1]
     for candidate in (package / "_assets", package.parent / "assets"):
         if (candidate / "tokenizer" / "tokenizer.json").is_file():

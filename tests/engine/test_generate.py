@@ -43,6 +43,33 @@ def test_greedy_matches_transformers_generate(loaded, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_bf16_matches_generate_on_the_plain_model(tiny_models, arch):
+    """In bf16 (with the fp32 prefill kernel where the CPU lacks native bf16) against
+    `generate` on the model exactly as transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load_model(ModelSource(name=arch, path=tiny_models[arch]), LoadOptions(dtype="bfloat16"))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.bfloat16).eval()
+    ids = lm.tokenizer.encode(PROMPT + " " + PROMPT)  # over 16 tokens: the prefill kernel runs
+    assert _ours(lm, ids) == _reference(plain, ids, GREEDY.max_tokens)
+
+
+def test_upcast_prefill_linear_agrees_with_bf16():
+    from hyprstream_tui.engine.kernels import UpcastPrefillLinear, upcast_prefill
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    reference = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    reference.load_state_dict(layer[0].state_dict())
+    assert upcast_prefill(layer) == 1 and isinstance(layer[0], UpcastPrefillLinear)
+    for rows in (1, 40):
+        x = torch.randn(1, rows, 64, dtype=torch.bfloat16)
+        a, b = layer(x).float(), reference(x).float()
+        assert layer(x).dtype == torch.bfloat16
+        assert torch.allclose(a, b, rtol=2**-7, atol=1e-3)  # within bf16 rounding
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_with_adapter_matches_peft_generate(loaded, tiny_models, tiny_adapters, arch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
