@@ -1,4 +1,9 @@
 """The in-process engine: loading, sampling, generation. Imports torch lazily.
 
-The facade is `hyprstream_tui.engine.engine.Engine`; importing this package stays cheap.
+Public entry points (import them from their modules; importing this package stays cheap):
+- `engine.Engine`: the facade (load by `MODEL[:ADAPTER[@REV]]`, generate / chat in worker
+  threads, events to a callback, cancel, LRU of loaded models);
+- `events`: the frozen dataclasses it reports (TokenDelta, GenerationDone, GenerationError, ...);
+- `params.SamplingParams`, `loader.LoadOptions`: validated, frozen settings;
+- `cli_support`: the `infer` and `chat` verbs; `tiny`: tiny random models for tests and the demo.
 """
