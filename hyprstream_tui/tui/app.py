@@ -25,7 +25,7 @@ from hyprstream_tui.tui.screens.training import TrainingScreen
 
 log = logging.getLogger(__name__)
 
-MODE_KEYS = (("models", "f1", "Models"), ("chat", "f2", "Chat"), ("training", "f3", "Training"),
+MODE_KEYS = (("models", "f1", "Models"), ("chat", "f2", "Chat"), ("training", "f3", "Train"),
              ("history", "f4", "History"))
 
 

@@ -44,9 +44,13 @@ def _deltas(data: bytes | None) -> dict:
 
 
 def _short(module: str) -> str:
+    """base_model.model.model.layers.3.self_attn.q_proj -> L3.q_proj"""
     for prefix in ("base_model.model.model.", "base_model.model."):
         if module.startswith(prefix):
-            return module[len(prefix):]
+            module = module[len(prefix):]
+    parts = module.split(".")
+    if len(parts) >= 3 and parts[0] == "layers" and parts[1].isdigit():
+        return f"L{parts[1]}.{parts[-1]}"
     return module
 
 

@@ -34,3 +34,21 @@ def demo_home(home, demo_src) -> Path:
 
     Store(Paths.from_env(home)).import_model(demo_src, name=DEMO_NAME)
     return home
+
+
+from tests.store.conftest import hub_server  # noqa: E402,F401 - the fake hub, for pulls from the Models screen
+
+
+def add_adapter(home: Path, name: str = "quiz", samples: int = 4):
+    """An adapter on the demo model with `samples` question/answer pairs; returns its AdapterInfo."""
+    from hyprstream_tui.engine.tiny import DEMO_NAME
+    from hyprstream_tui.engine.train.samples import add_samples
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    store = Store(Paths.from_env(home))
+    info = store.create_adapter(DEMO_NAME, name)
+    rows = [{"input": f"Question {i}?", "output": f"Answer {i}."} for i in range(samples)]
+    if rows:
+        add_samples(store, DEMO_NAME, name, rows)
+    return info

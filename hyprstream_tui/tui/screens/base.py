@@ -19,6 +19,7 @@ class HyprScreen(Screen):
     # (title, help, action) for the command palette beyond what BINDINGS already shows.
     PALETTE: tuple[tuple[str, str, str], ...] = ()
     MODE_TITLE = ""
+    MODE = ""  # the app mode this screen is the base of
 
     @property
     def hypr(self) -> "HyprApp":
@@ -30,6 +31,14 @@ class HyprScreen(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = self.MODE_TITLE
+        self.app.mode_change_signal.subscribe(self, self._mode_changed)
+
+    def _mode_changed(self, mode: str) -> None:
+        if mode == self.MODE and self.is_mounted:
+            self.on_mode_entered()
+
+    def on_mode_entered(self) -> None:
+        """The user switched to this screen's mode (not: a dialog over it closed): refresh here."""
 
     def palette_commands(self) -> Iterable[SystemCommand]:
         """Every binding of this screen with a description, plus PALETTE: actions are never key-only."""

@@ -58,6 +58,7 @@ class Request:
 
 class ChatScreen(HyprScreen):
     MODE_TITLE = "Chat"
+    MODE = "chat"
     AUTO_FOCUS = "#chat-input"
     BINDINGS = [
         Binding("escape", "stop", "Stop", priority=True),
@@ -94,16 +95,15 @@ class ChatScreen(HyprScreen):
                 yield ContextMeter(id="chat-meter")
                 yield Input(placeholder="Message (enter sends, esc stops)", id="chat-input")
             yield ParamsPanel(id="chat-params")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
         self.set_interval(1 / UI_HZ, self._drain)
         self._retarget()
 
-    def on_screen_resume(self) -> None:
-        if self.is_mounted:
-            self._retarget()
+    def on_mode_entered(self) -> None:
+        self._retarget()
 
     def on_target_changed(self, _event: TargetChanged) -> None:
         self._retarget()
@@ -384,6 +384,10 @@ class ChatScreen(HyprScreen):
                 label = label_of(spec_of(prov.get("model", conv.model), prov.get("adapter"), None))
                 self.log_view.add_saved_reply(m.content, label=label, meta=m.meta, message_id=m.id,
                                               pair_with_last=m.meta.get("side") == "b")
+        last = next((m for m in reversed(messages) if m.role == "assistant"), None)
+        usage = (last.meta.get("usage") or {}) if last else {}
+        self.query_one(ContextMeter).set_usage(used=usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
+                                               dropped=last.meta.get("dropped_messages", 0) if last else 0)
         if conv.model:
             self.load_targets(conv.model, conv.adapter or None)
 

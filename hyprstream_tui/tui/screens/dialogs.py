@@ -90,6 +90,7 @@ class FormDialog(ModalScreen[Any]):
         super().__init__(classes="dialog")
         self.title_text, self.fields, self.submit_label, self.note = title, fields, submit, note
         self.check = check or (lambda values: values)
+        self.error_text = ""  # the inline message under the fields
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box form-box"):
@@ -116,6 +117,7 @@ class FormDialog(ModalScreen[Any]):
         return out
 
     def show_error(self, message: str) -> None:
+        self.error_text = message
         error = self.query_one("#form-error", Static)
         error.update(message)
         error.set_class(bool(message), "visible")

@@ -43,13 +43,15 @@ def _check_tag(values: dict[str, str]) -> str:
 
 class HistoryScreen(HyprScreen):
     MODE_TITLE = "History"
+    MODE = "history"
+    AUTO_FOCUS = "#history-commits"
     BINDINGS = [
         Binding("space", "mark", "Mark"),
-        Binding("v", "compare", "Compare"),
+        Binding("v", "compare", "Compare the two marked commits", show=False),
         Binding("t", "tag", "Tag"),
         Binding("b", "rollback", "Roll back"),
-        Binding("enter", "chat", "Chat with commit", show=False),
-        Binding("c", "chat", "Chat"),
+        Binding("c", "chat", "Chat with this commit", show=False),
+        Binding("C", "chat_compare", "Chat with the two marked commits side by side", show=False),
         Binding("r", "refresh", "Refresh", show=False),
     ]
 
@@ -69,15 +71,14 @@ class HistoryScreen(HyprScreen):
             with VerticalScroll(id="history-detail"):
                 yield Static("Select a commit. Space marks two commits to compare.", id="history-detail-body")
             yield LossPlot(title="loss", id="history-plot")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
         self._retarget()
 
-    def on_screen_resume(self) -> None:
-        if self.is_mounted:
-            self._retarget()
+    def on_mode_entered(self) -> None:
+        self._retarget()
 
     def on_target_changed(self, _event: TargetChanged) -> None:
         self._retarget()
@@ -231,6 +232,15 @@ class HistoryScreen(HyprScreen):
         new = self.backend.rollback(row.adapter.model, row.adapter.uuid, row.commit.sha)
         self.app.call_from_thread(self.notify, f"{new.summary}: new commit {new.short}.")
         self.app.call_from_thread(self.load, self.model, self.adapter, new.sha)
+
+    def action_chat_compare(self) -> None:
+        marked = [self.graph.rows_by_sha[s] for s in self.graph.marked]
+        if len(marked) != 2:
+            self.notify("Mark two commits with space, then C answers each prompt with both.", severity="warning")
+            return
+        first, second = marked
+        other = f"{second.adapter.model}:{second.adapter.name}@{second.commit.sha}"
+        self.hypr.open_chat(first.adapter.model, first.adapter.name, first.commit.sha, compare=other)
 
     def action_chat(self) -> None:
         row = self.graph.selected_row

@@ -45,6 +45,8 @@ def _check_import(values: dict[str, str]) -> dict[str, str]:
 
 class ModelsScreen(HyprScreen):
     MODE_TITLE = "Models"
+    MODE = "models"
+    AUTO_FOCUS = "#model-table"
     BINDINGS = [
         Binding("p", "pull", "Pull"),
         Binding("i", "import", "Import"),
@@ -69,16 +71,15 @@ class ModelsScreen(HyprScreen):
             yield ModelDetail(id="model-detail")
             yield TaskProgress(id="models-task")
         yield Static("", id="models-empty", classes="hint", markup=False)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
         self.set_interval(1 / UI_HZ, self._tick_progress)
         self.load_models()
 
-    def on_screen_resume(self) -> None:
-        if self.is_mounted:
-            self.load_models()
+    def on_mode_entered(self) -> None:
+        self.load_models()
 
     @property
     def table(self) -> ModelTable:

@@ -98,15 +98,17 @@ def check_train(values: dict[str, str]):
 
 class TrainingScreen(HyprScreen):
     MODE_TITLE = "Training"
+    MODE = "training"
+    AUTO_FOCUS = "#train-adapters"
     BINDINGS = [
-        Binding("n", "new_adapter", "New adapter"),
-        Binding("a", "add_sample", "Add sample"),
-        Binding("f", "samples_file", "Samples file", show=False),
+        Binding("n", "new_adapter", "New"),
+        Binding("a", "add_sample", "Sample"),
+        Binding("f", "samples_file", "Samples from a JSONL file", show=False),
         Binding("s", "start", "Start"),
         Binding("x", "stop", "Stop"),
-        Binding("l", "show_samples", "Samples", show=False),
-        Binding("h", "history", "History", show=False),
-        Binding("c", "chat", "Chat"),
+        Binding("l", "show_samples", "Show samples", show=False),
+        Binding("h", "history", "History of this adapter", show=False),
+        Binding("c", "chat", "Chat with this adapter", show=False),
     ]
 
     def __init__(self) -> None:
@@ -128,7 +130,7 @@ class TrainingScreen(HyprScreen):
                 yield Static("Select or create an adapter (n).", id="train-status", markup=False)
                 yield LossPlot(title="loss", id="train-plot")
                 yield DataTable(id="train-checkpoints", cursor_type="row")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -136,9 +138,8 @@ class TrainingScreen(HyprScreen):
         self.set_interval(1 / UI_HZ, self._drain)
         self._retarget()
 
-    def on_screen_resume(self) -> None:
-        if self.is_mounted:
-            self._retarget()
+    def on_mode_entered(self) -> None:
+        self._retarget()
 
     def on_target_changed(self, _event: TargetChanged) -> None:
         self._retarget()
@@ -163,9 +164,9 @@ class TrainingScreen(HyprScreen):
         rows = []
         if model is not None:
             for a in b.list_adapters(model):
-                status = b.train_status(model, a.uuid)
-                state = "training" if status.running else "idle"
-                rows.append(AdapterRow(uuid=a.uuid, name=a.name, state=state, step=status.step))
+                running = b.is_training(model, a.uuid)
+                step = next((c.step for c in b.log(model, a.uuid) if c.step is not None), None)
+                rows.append(AdapterRow(uuid=a.uuid, name=a.name, state="training" if running else "idle", step=step))
                 if select == a.name:
                     select = a.uuid
         self.app.call_from_thread(self._show_adapters, models, model, rows, select)
@@ -280,10 +281,10 @@ class TrainingScreen(HyprScreen):
         else:
             st = sel.status
             last = sel.checkpoints[0] if sel.checkpoints else None
+            step = last.step if last and last.step is not None else 0
             line = Text.assemble((sel.name, "bold"), "  idle" if not (st and st.running) else "  training (another process)",
-                                 f"  step {st.step if st and st.step is not None else 0}",
-                                 f"  loss {fmt.metric(last.metrics.get('loss')) if last else '-'}")
-            line.append(f"\nlast checkpoint {last.short} ({last.summary})" if last else "\nno checkpoint yet: s starts training")
+                                 f"  step {step}", f"  loss {fmt.metric(last.metrics.get('loss')) if last else '-'}")
+            line.append(f"\nlast checkpoint {last.short} · {last.summary}" if last else "\nno checkpoint yet: s starts training")
         self._status(line)
 
     # ---- actions -------------------------------------------------------------------------------
@@ -373,11 +374,14 @@ class TrainingScreen(HyprScreen):
                              lambda config: config and self.start_training(sel, config))
 
     def start_training(self, sel: Selected, config) -> None:
+        if sel.uuid in self.jobs:
+            self.hypr.show_error(f"Adapter {sel.name!r} of {sel.model!r} is training already: follow it here, or "
+                                 "stop it with x before starting again.")
+            return
         job = Job(model=sel.model, uuid=sel.uuid, name=sel.name)
-        if sel.uuid not in self.jobs:
-            self.jobs[sel.uuid] = job
-            self.table.set_state(sel.uuid, "loading", None)
-            self._render_status()
+        self.jobs[sel.uuid] = job
+        self.table.set_state(sel.uuid, "loading", None)
+        self._render_status()
         self._job_workers[self.train(job, config)] = job
 
     @work(thread=True, exclusive=False, exit_on_error=False, group="train")

@@ -42,10 +42,12 @@ def render_info(info: "ModelInfo") -> Group:
 
 class ModelDetail(VerticalScroll):
     can_focus = True
+    shown: "ModelInfo | None" = None  # the model on display
 
     def compose(self):
         yield Static("Select a model to see its files, adapters and commits.", id="model-detail-body")
 
     def show(self, info: "ModelInfo | None", *, message: str = "") -> None:
+        self.shown = info
         body = self.query_one("#model-detail-body", Static)
         body.update(render_info(info) if info is not None else Text(message))

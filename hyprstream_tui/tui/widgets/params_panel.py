@@ -23,13 +23,15 @@ INTS = {"top_k", "max_tokens", "seed"}
 
 
 class ParamsPanel(VerticalScroll):
+    error_text = ""  # the inline message naming the first bad value
+
     def compose(self) -> ComposeResult:
         yield Label("Parameters", classes="panel-title")
         for key, label, value in FIELDS:
             yield Label(label, classes="field-label")
             yield Input(value, id=f"param-{key}", classes="param", compact=True)
         yield Label("system prompt", classes="field-label")
-        yield Input("", id="param-system", placeholder="You are a helpful assistant.", compact=True)
+        yield Input("", id="param-system", placeholder="(none)", compact=True)
         yield Static("", id="params-error", classes="form-error", markup=False)
 
     def raw(self) -> dict[str, str]:
@@ -65,6 +67,7 @@ class ParamsPanel(VerticalScroll):
             message = ""
         except InvalidInput as exc:
             message = exc.message
+        self.error_text = message
         error = self.query_one("#params-error", Static)
         error.update(message)
         error.set_class(bool(message), "visible")

@@ -1,0 +1,167 @@
+"""What goes wrong shows a dialog or an inline message, and the app keeps running."""
+
+from __future__ import annotations
+
+import pytest
+
+from hyprstream_tui.tui.app import HyprApp
+from hyprstream_tui.tui.screens.chat import ChatScreen
+from hyprstream_tui.tui.screens.dialogs import ErrorDialog, FormDialog
+from hyprstream_tui.tui.screens.models import ModelsScreen
+from hyprstream_tui.tui.screens.training import TrainingScreen
+from tests.tui.conftest import add_adapter
+from tests.tui.helpers import screen_text, wait_for
+
+pytestmark = pytest.mark.asyncio
+
+
+async def open_form(pilot, key: str) -> FormDialog:
+    await pilot.press(key)
+    return await wait_for(pilot, lambda: isinstance(pilot.app.screen, FormDialog) and pilot.app.screen,
+                          what="a form dialog")
+
+
+async def submit(pilot, dialog: FormDialog, values: dict[str, str]) -> None:
+    for name, value in values.items():
+        dialog.query_one(f"#field-{name}").value = value
+    await pilot.press("ctrl+s")
+    await pilot.pause()
+
+
+async def close_error(pilot) -> str:
+    dialog = await wait_for(pilot, lambda: isinstance(pilot.app.screen, ErrorDialog) and pilot.app.screen,
+                            what="an error dialog")
+    message = dialog.message
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: not isinstance(pilot.app.screen, ErrorDialog), what="the dialog to close")
+    return message
+
+
+async def test_pull_of_an_unknown_repo_shows_a_dialog(home, hub_server, tiny_model_src):
+    hub_server.add_repo("org/tiny", tiny_model_src)
+    app = HyprApp(home=home, warm_up=False)
+    app.demo_offered = True
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = app.screen
+        assert isinstance(screen, ModelsScreen)
+        # A malformed id never leaves the form.
+        dialog = await open_form(pilot, "p")
+        await submit(pilot, dialog, {"repo": "not a repo id"})
+        assert app.screen is dialog and "ORG/NAME" in dialog.error_text
+        # An unknown repository: the hub says 404, the app says so in a dialog.
+        await submit(pilot, dialog, {"repo": "org/does-not-exist"})
+        message = await close_error(pilot)
+        assert "org/does-not-exist" in message and "\n" not in message
+        # ... and keeps running: a real pull from the same hub works, with its progress strip.
+        dialog = await open_form(pilot, "p")
+        await submit(pilot, dialog, {"repo": "org/tiny"})
+        await wait_for(pilot, lambda: screen.table.row_count == 1, what="the pulled model", timeout=60)
+        assert screen.table.selected == "tiny" and app.errors == [message]
+
+
+async def test_training_an_adapter_already_training_shows_a_dialog(demo_home):
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+    from hyprstream_tui.store.locks import FileLock
+
+    info = add_adapter(demo_home)
+    store = Store(Paths.from_env(demo_home))
+    app = HyprApp(home=demo_home, warm_up=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f3")
+        screen = await wait_for(pilot, lambda: isinstance(app.screen, TrainingScreen) and app.screen.selected
+                                and app.screen)
+        # Another process (the CLI) trains this adapter: it holds the adapter's train lock.
+        lock = FileLock(store.train_lock_path("tiny-demo", info.uuid), "test").acquire()
+        try:
+            dialog = await open_form(pilot, "s")
+            await submit(pilot, dialog, {"steps": "5"})
+            message = await close_error(pilot)
+        finally:
+            lock.release()
+        assert "training already" in message and "quiz" in message
+        assert screen.jobs == {}
+        # Started twice from the app itself: the second start is refused, the first runs on.
+        dialog = await open_form(pilot, "s")
+        await submit(pilot, dialog, {"steps": "400", "checkpoint_every": "400"})
+        await wait_for(pilot, lambda: screen.jobs, what="the first job")
+        dialog = await open_form(pilot, "s")
+        await submit(pilot, dialog, {"steps": "5"})
+        message = await close_error(pilot)
+        assert "training already" in message
+        job = next(iter(screen.jobs.values()))
+        await wait_for(pilot, lambda: job.step, what="steps of the first job", timeout=120)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: not screen.jobs, what="the stop", timeout=60)
+        assert job.state == "stopped" and job.step < 400
+        assert len(app.errors) == 2 and all("training already" in e for e in app.errors)
+
+
+async def test_bad_parameter_values_are_named_inline(demo_home):
+    add_adapter(demo_home)
+    app = HyprApp(home=demo_home, warm_up=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f2")
+        chat = await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model and app.screen)
+        chat.params.set_values(temperature="-1")
+        await pilot.pause()
+        error = chat.params.query_one("#params-error")
+        assert "temperature must be >= 0" in chat.params.error_text and error.has_class("visible")
+        chat.params.set_values(temperature="0.5", top_p="lots")
+        await pilot.pause()
+        assert "top_p must be a number" in chat.params.error_text
+        chat.query_one("#chat-input").value = "hello"
+        chat.query_one("#chat-input").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chat.log_view.last_user() is None, "a prompt was sent with bad parameters"
+        assert chat.query_one("#chat-input").value == "hello"
+        chat.params.set_values(top_p="0.9")
+        await pilot.pause()
+        assert not error.has_class("visible")
+
+        # The training form keeps bad values in the dialog, with the reason under the fields.
+        await pilot.press("f3")
+        training = await wait_for(pilot, lambda: isinstance(app.screen, TrainingScreen) and app.screen.selected
+                                  and app.screen)
+        dialog = await open_form(pilot, "s")
+        for values, reason in (({"learning_rate": "fast"}, "Learning rate must be a number"),
+                               ({"learning_rate": "5"}, "far too large"),
+                               ({"learning_rate": "1e-3", "batch_size": "0"}, "--batch-size must be at least 1")):
+            await submit(pilot, dialog, values)
+            await wait_for(pilot, lambda: reason in dialog.error_text, what=reason)
+            assert app.screen is dialog
+        await pilot.press("escape")
+        assert training.jobs == {} and app.errors == []
+
+
+async def test_rollback_while_training_and_a_bug_in_a_worker_show_dialogs(demo_home):
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+    from hyprstream_tui.store.locks import FileLock
+    from hyprstream_tui.tui.screens.history import HistoryScreen
+
+    info = add_adapter(demo_home)
+    store = Store(Paths.from_env(demo_home))
+    app = HyprApp(home=demo_home, warm_up=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f4")
+        history = await wait_for(pilot, lambda: isinstance(app.screen, HistoryScreen) and app.screen.graph.row_count
+                                 and app.screen)
+        lock = FileLock(store.train_lock_path("tiny-demo", info.uuid), "test").acquire()
+        try:
+            await pilot.press("b")
+            await pilot.press("y")
+            message = await close_error(pilot)
+        finally:
+            lock.release()
+        assert "is training" in message
+
+        def broken(*_args, **_kwargs):
+            raise ZeroDivisionError("boom")
+
+        app.backend.log = broken
+        await pilot.press("r")
+        message = await close_error(pilot)
+        assert message.startswith("Unexpected ZeroDivisionError: boom") and "bug" in message
+        assert isinstance(app.screen, HistoryScreen) and app.is_running
