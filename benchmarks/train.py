@@ -1,17 +1,17 @@
 """LoRA training speed: our trainer (the TrainJob the CLI runs) against a plain PEFT + torch loop.
 
-    python benchmarks/train.py [--threads 2] [--steps 10] [--rounds 2] [--dtype bfloat16] [--json]
+    python benchmarks/train.py [--threads 2] [--steps 12] [--checkpoint-every 50] [--dtype float32] [--json]
 
 Random bf16 weights with the real Qwen2.5-0.5B architecture (no download), trained in bf16 where the
-CPU has native bf16 (AVX512-BF16/AMX) and in fp32 elsewhere (bf16 matmuls fall back to a scalar
-kernel on AVX2: seconds per matmul). LoRA r=16 on q,k,v,o,
-batch 4 x 128 tokens, AdamW, gradient clipping, same data for both. The two alternate in rounds
-(ours, reference, ours, ...) so that a busy machine slows both alike; ours resumes its run each
-round from the checkpoint it committed, as `lora train start` would.
+CPU has native bf16 (AVX512-BF16/AMX) and in fp32 elsewhere (on AVX2, bf16 matmuls fall back to a
+scalar kernel: seconds per matmul). LoRA r=16 on q,k,v,o, batch 4 x 128 tokens, AdamW, gradient
+clipping, the same data for both. Steps are paired: the reference runs one step inside each of
+our step events, so load from other processes slows both alike.
 
-Reported: seconds per step (median and mean over steps after the first of each round), the time
-of one checkpoint (write adapter + optimizer + metrics, commit to git with the adapter in LFS),
-and our overhead with a checkpoint every 50 steps: (our mean step + checkpoint / 50) / reference.
+Reported: seconds per step (mean, median, median of per-pair ratios), the time of a checkpoint
+(adapter + optimizer state + metrics written, committed to git with the weights in LFS; the run's
+stop commits one), and our overhead with a checkpoint every 50 steps:
+(our mean step + checkpoint / 50) / reference mean step.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 RANK, ALPHA, BATCH, SEQ, LR = 16, 32.0, 4, 128, 2e-4
 
 
-def build_model(dest: Path, dtype: str) -> None:
+def build_model(dest: Path, dtype: str, layers: int = 24) -> None:
     import shutil
 
     import torch
@@ -45,7 +45,7 @@ def build_model(dest: Path, dtype: str) -> None:
 
     from hyprstream_tui.engine.tiny import TOKENIZER_FILES, tokenizer_dir
 
-    config = Qwen2Config(**QWEN25_05B)
+    config = Qwen2Config(**dict(QWEN25_05B, num_hidden_layers=layers))
     config.architectures = ["Qwen2ForCausalLM"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -116,35 +116,40 @@ class Reference:
         return time.perf_counter() - started
 
 
-def our_round(store, upto: int, total: int, dtype: str) -> tuple[list[float], list[float], float]:
-    """Run (or resume) our job until step `upto`; returns per-step wall intervals (event to event,
-    so heartbeat, events and any checkpoint in between count), checkpoint times, load time."""
+def paired_run(store, reference: "Reference", steps: int, dtype: str, checkpoint_every: int) -> dict[str, Any]:
+    """Our job for `steps` steps, with one reference step run inside each of our TrainStep events
+    (the job waits meanwhile): every step of ours sits next to one of the reference in time, so a
+    busy machine slows both alike. Our step time is from the callback's return to the next
+    TrainStep event (data, forward, backward, optimizer, heartbeat, events); a checkpoint is timed
+    from the TrainStep event's return to its CheckpointCommitted event."""
     from hyprstream_tui.engine.train.config import TrainConfig
     from hyprstream_tui.engine.train.job import CheckpointCommitted, TrainJob, TrainStarted, TrainStep
 
     cancel = threading.Event()
-    marks: dict[str, Any] = {}
-    steps: list[float] = []
-    commits: list[float] = []
-    started = time.perf_counter()
+    out: dict[str, Any] = {"ours": [], "ref": [], "commits": []}
+    marks: dict[str, Any] = {"start": time.perf_counter()}
 
     def on_event(e) -> None:
         now = time.perf_counter()
         if isinstance(e, TrainStarted):
-            marks["load"] = now - started
+            out["load_s"] = now - marks["start"]
+            return
+        if isinstance(e, CheckpointCommitted):
+            out["commits"].append(now - marks["back"])  # the job emits TrainStep, then commits
         elif isinstance(e, TrainStep):
-            if marks.get("prev") == "step":  # the first step of a round warms up: left out, as for the reference
-                steps.append(now - marks["last"])
-            if e.step >= upto:
+            if "back" in marks:  # the first step warms up: left out, as the reference's first
+                out["ours"].append(now - marks["back"])
+                out["ref"].append(reference.step())
+            else:
+                reference.step()
+            if e.step >= steps:
                 cancel.set()
-        elif isinstance(e, CheckpointCommitted):
-            commits.append(now - marks["last"])
-        marks["last"] = now
-        marks["prev"] = "step" if isinstance(e, TrainStep) else "other"
+        marks["back"] = time.perf_counter()
 
-    config = TrainConfig(steps=total, learning_rate=LR, batch_size=BATCH, max_seq_len=SEQ, checkpoint_every=50, dtype=dtype)
+    config = TrainConfig(steps=steps + 1000, learning_rate=LR, batch_size=BATCH, max_seq_len=SEQ,
+                         checkpoint_every=checkpoint_every, dtype=dtype)
     TrainJob(store, "qwen-05b", "bench", config, on_event=on_event, cancel=cancel).run()
-    return steps, commits, marks.get("load", 0.0)
+    return out
 
 
 def summary(xs: list[float]) -> dict:
@@ -154,10 +159,11 @@ def summary(xs: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10, help="steps per round for each loop")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12, help="paired steps (ours + reference each)")
+    ap.add_argument("--checkpoint-every", type=int, default=50)
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                     help="training dtype of both loops (default: bf16 where the CPU has native bf16, else fp32)")
+    ap.add_argument("--layers", type=int, default=24, help="fewer layers for a quick check of this script")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,59 +171,48 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from hyprstream_tui.engine.loader import cpu_has_bf16
-
-    args.dtype = args.dtype or ("bfloat16" if cpu_has_bf16() else "float32")
     from hyprstream_tui.engine.train.samples import add_samples
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store import Store
 
+    args.dtype = args.dtype or ("bfloat16" if cpu_has_bf16() else "float32")
     with tempfile.TemporaryDirectory(prefix="hs-train-bench-") as tmp:
         src = Path(tmp) / "qwen-05b"
         t = time.perf_counter()
-        build_model(src, "bfloat16")  # as the hub checkpoint is
+        build_model(src, "bfloat16", args.layers)  # bf16, as the hub checkpoint is
         print(f"built the random Qwen2.5-0.5B-shaped model in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         store = Store(Paths.from_env(Path(tmp) / "home"))
         store.import_model(src, name="qwen-05b", link=True)
         store.create_adapter("qwen-05b", "bench", rank=RANK, alpha=ALPHA, target_modules=TARGETS)
         rows = samples()
         add_samples(store, "qwen-05b", "bench", rows)
-        reference = Reference(src, args.dtype, rows)
-        total = args.steps * args.rounds + 1000  # one run, never finished: each round resumes it
-        ours, ref, commits, loads = [], [], [], []
-        for r in range(args.rounds):
-            s, c, load = our_round(store, (r + 1) * args.steps, total, args.dtype)
-            ours += s
-            commits += c
-            loads.append(load)
-            times = [reference.step() for _ in range(args.steps)]
-            ref += times[1:]
-            print(f"round {r + 1}: ours {statistics.fmean(s):.2f} s/step, reference {statistics.fmean(times[1:]):.2f}"
-                  f" s/step, checkpoint {statistics.fmean(c):.2f} s", file=sys.stderr)
+        run = paired_run(store, Reference(src, args.dtype, rows), args.steps, args.dtype, args.checkpoint_every)
         adapter_bytes = len(store.read_file("qwen-05b", store.resolve_adapter("qwen-05b", "bench").tip,
                                             "adapter/adapter_model.safetensors"))
-    ckpt_s = statistics.fmean(commits)
+    ours, ref = run["ours"], run["ref"][: len(run["ours"])]
+    ckpt_s = statistics.fmean(run["commits"])
     effective = statistics.fmean(ours) + ckpt_s / 50
+    pairs = [o / r for o, r in zip(ours, ref)]
     result = {
         "threads": args.threads, "dtype": args.dtype, "batch": f"{BATCH}x{SEQ}", "lora": f"r={RANK} {','.join(TARGETS)}",
         "reference_s_per_step": summary(ref), "ours_s_per_step": summary(ours),
-        "checkpoint_s": round(ckpt_s, 3), "adapter_mb": round(adapter_bytes / 1e6, 1),
-        "ours_load_s": round(statistics.fmean(loads), 1),
+        "pair_ratio_median": round(statistics.median(pairs), 3),
+        "checkpoint_s": round(ckpt_s, 3), "checkpoints": len(run["commits"]),
+        "adapter_mb": round(adapter_bytes / 1e6, 1), "ours_load_s": round(run.get("load_s", 0.0), 1),
         "ours_with_checkpoint_every_50_s_per_step": round(effective, 3),
         "overhead_pct": round(100 * (effective / statistics.fmean(ref) - 1), 1),
-        "overhead_median_pct": round(100 * ((statistics.median(ours) + ckpt_s / 50) / statistics.median(ref) - 1), 1),
     }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"LoRA {result['lora']}, batch {result['batch']}, {args.dtype}, {args.threads} threads")
+    print(f"LoRA {result['lora']}, batch {result['batch']}, {args.dtype}, {args.threads} threads, {len(ours)} paired steps")
     print(f"  reference (PEFT + torch): {result['reference_s_per_step']['mean']:.2f} s/step "
-          f"(median {result['reference_s_per_step']['median']:.2f}, n={result['reference_s_per_step']['n']})")
+          f"(median {result['reference_s_per_step']['median']:.2f})")
     print(f"  ours (TrainJob):          {result['ours_s_per_step']['mean']:.2f} s/step "
-          f"(median {result['ours_s_per_step']['median']:.2f}, n={result['ours_s_per_step']['n']})")
-    print(f"  checkpoint commit:        {ckpt_s:.2f} s (adapter {result['adapter_mb']} MB + optimizer state)")
-    print(f"  ours with a checkpoint every 50 steps: {effective:.2f} s/step, overhead {result['overhead_pct']:+.1f}% "
-          f"(medians: {result['overhead_median_pct']:+.1f}%)")
-
+          f"(median {result['ours_s_per_step']['median']:.2f}); median of per-pair ratios {result['pair_ratio_median']:.3f}")
+    print(f"  checkpoint commit:        {ckpt_s:.2f} s (adapter {result['adapter_mb']} MB + optimizer state, "
+          f"{result['checkpoints']} measured)")
+    print(f"  ours with a checkpoint every 50 steps: {effective:.2f} s/step, overhead {result['overhead_pct']:+.1f}%")
 
 if __name__ == "__main__":
     main()
