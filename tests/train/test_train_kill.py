@@ -3,8 +3,9 @@ after each kill `git fsck --full --strict` is clean, the branch tip is a complet
 loads, its metrics cover steps 1..N exactly, and the next start resumes from that checkpoint.
 
 12 kill points by default, 100 with HYPRSTREAM_LONG_TESTS=1; HYPRSTREAM_KILL_SEED picks the moments:
-one kill in four during start-up, the others 0-0.8 s after training began (a checkpoint every 3
-steps, so about 40% of that time is spent writing and committing a checkpoint).
+one kill in four during start-up, the others once the heartbeat shows 0-7 steps more than the last
+checkpoint, plus 0-0.15 s (a checkpoint every 3 steps: about 40% of the time goes to writing and
+committing checkpoints, so many kills land inside one).
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def wait_for_start(log: Path, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+def wait_for_step(store, step: int, timeout: float = 60) -> None:
+    """Until the heartbeat (updated every quarter second) reports `step`: kill moments then follow
+    the run's progress, however busy the machine is."""
+    deadline = time.monotonic() + timeout
+    while (train_status(store, "tiny", "qa").step or 0) < step:
+        assert time.monotonic() < deadline, f"training did not reach step {step}"
+        time.sleep(0.01)
+
+
 def assert_tip_complete(store, model_dir: Path) -> int:
     """The tip's checkpoint loads (adapter into PEFT, optimizer state) and its metrics are 1..N."""
     from hyprstream_tui.engine.train.loop import load_base_model, peft_model
@@ -100,7 +110,8 @@ def test_kill_9_during_training_keeps_every_tip_loadable(tmp_path, tiny_model_sr
             pid = zygote.start(log, *args)
             if i % 4:  # most kills once training runs (mid-step or mid-checkpoint), the rest while loading
                 wait_for_start(log)
-                time.sleep(rng.uniform(0.0, 0.8))
+                wait_for_step(store, before + rng.randint(0, 7))
+                time.sleep(rng.uniform(0.0, 0.15))
             else:
                 time.sleep(rng.uniform(0.0, 0.5))
             os.kill(pid, signal.SIGKILL)
@@ -134,4 +145,4 @@ def test_kill_9_during_training_keeps_every_tip_loadable(tmp_path, tiny_model_sr
     finally:
         zygote.close()
     assert len(resumed_from) >= KILLS * 3 // 4
-    assert len(set(resumed_from)) >= KILLS // 2  # checkpoints were committed between kills
+    assert len(set(resumed_from)) >= KILLS // 3  # checkpoints were committed between kills
