@@ -4,10 +4,11 @@ an error dialog. Torch and pygit2 load in a background worker after the first fr
 
 from __future__ import annotations
 
+import importlib
 import logging
 import traceback
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
@@ -17,22 +18,39 @@ from textual.worker import Worker, WorkerState
 from hyprstream_tui.errors import Cancelled, HyprError
 from hyprstream_tui.tui.backend import Backend
 from hyprstream_tui.tui.messages import Target, TargetChanged
-from hyprstream_tui.tui.screens.chat import ChatScreen
 from hyprstream_tui.tui.screens.dialogs import ErrorDialog
-from hyprstream_tui.tui.screens.history import HistoryScreen
 from hyprstream_tui.tui.screens.models import ModelsScreen
-from hyprstream_tui.tui.screens.training import TrainingScreen
 
 log = logging.getLogger(__name__)
+
+# The first frame shows Models; the other screens (Markdown, plotext) load when first opened, or
+# in the background warm-up just after the first paint.
+LAZY_SCREENS = {"chat": ("hyprstream_tui.tui.screens.chat", "ChatScreen"),
+                "training": ("hyprstream_tui.tui.screens.training", "TrainingScreen"),
+                "history": ("hyprstream_tui.tui.screens.history", "HistoryScreen")}
+
+
+def _lazy(mode: str) -> Callable[[], Screen]:
+    def make() -> Screen:
+        module, name = LAZY_SCREENS[mode]
+        return getattr(importlib.import_module(module), name)()
+
+    return make
+
+
+def preload_screens() -> None:
+    for module, _name in LAZY_SCREENS.values():
+        importlib.import_module(module)
+
 
 MODE_KEYS = (("models", "f1", "Models"), ("chat", "f2", "Chat"), ("training", "f3", "Train"),
              ("history", "f4", "History"))
 
 
 class HyprApp(App[int]):
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses live in other folders
     TITLE = "hyprstream"
-    MODES = {"models": ModelsScreen, "chat": ChatScreen, "training": TrainingScreen, "history": HistoryScreen}
+    MODES = {"models": ModelsScreen, **{mode: _lazy(mode) for mode in LAZY_SCREENS}}
     DEFAULT_MODE = "models"
     BINDINGS = [Binding(key, f"switch_mode('{mode}')", title, priority=True) for mode, key, title in MODE_KEYS] + [
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
@@ -50,8 +68,12 @@ class HyprApp(App[int]):
     def on_mount(self) -> None:
         if self._warm_up:
             # After the first paint: the event loop is free again, so this costs the user nothing.
-            self.call_after_refresh(lambda: self.run_worker(self.backend.warm_up, thread=True, exclusive=True,
+            self.call_after_refresh(lambda: self.run_worker(self._warm_up_work, thread=True, exclusive=True,
                                                             exit_on_error=False, group="warm-up"))
+
+    def _warm_up_work(self) -> None:
+        preload_screens()
+        self.backend.warm_up()
 
     def on_unmount(self) -> None:
         self.backend.close()

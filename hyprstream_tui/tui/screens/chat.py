@@ -252,27 +252,31 @@ class ChatScreen(HyprScreen):
             saved = conversations.add_message(req.conversation_id, "assistant", done.text, meta)
             self.app.call_from_thread(self._finished, request_id, done.text, meta, saved.id)
 
-    def _finished(self, request_id: str, text: str, meta: dict[str, Any], message_id: int) -> None:
-        self.log_view.drain()
-        reply = self.log_view.finish(request_id, text=text, meta=meta)
+    async def _finished(self, request_id: str, text: str, meta: dict[str, Any], message_id: int) -> None:
+        await self.log_view.drain()
+        reply = await self.log_view.finish(request_id, text=text, meta=meta)
         if reply is not None:
             reply.message_id = message_id
         usage = meta.get("usage") or {}
         self.query_one(ContextMeter).set_usage(used=usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
                                                dropped=meta.get("dropped_messages", 0))
 
-    def _drain(self) -> None:
-        for event in self.log_view.drain():
+    async def _drain(self) -> None:
+        for event in await self.log_view.drain():
             dropped = getattr(event, "dropped_messages", None)
             if dropped is not None and hasattr(event, "window"):
                 self.query_one(ContextMeter).set_usage(dropped=dropped, window=event.window)
 
     def worker_finished(self, worker: Worker, state: WorkerState) -> None:
         if worker.group == "chat":
-            self.log_view.drain()
-            for request_id in list(self.log_view.pending):  # a failed or cancelled worker: close its replies
-                self.log_view.finish(request_id, text=None, meta=None)
-            self.request = None
+            self.call_later(self._close_replies)
+
+    async def _close_replies(self) -> None:
+        """The generation worker ended: close replies it did not finish (it failed or was cancelled)."""
+        await self.log_view.drain()
+        for request_id in list(self.log_view.pending):
+            await self.log_view.finish(request_id, text=None, meta=None)
+        self.request = None
 
     def action_stop(self) -> None:
         if self.request is not None:

@@ -104,7 +104,7 @@ class ChatLog(VerticalScroll):
             message.toggle_provenance(show)
 
     # ---- streaming -----------------------------------------------------------------------------
-    def drain(self) -> list[Any]:
+    async def drain(self) -> list[Any]:
         """Apply buffered engine events; returns the non-token events for the screen."""
         from hyprstream_tui.tui.engine_link import is_token
 
@@ -120,15 +120,15 @@ class ChatLog(VerticalScroll):
         if touched:
             at_end = self.max_scroll_y - self.scroll_y <= 2
             for reply in touched:
-                reply.flush()
+                await reply.flush()
             if at_end:
                 self.call_after_refresh(self.scroll_end, animate=False)
         return others
 
-    def finish(self, request_id: str, *, text: str | None, meta: dict[str, Any] | None) -> ChatMessage | None:
+    async def finish(self, request_id: str, *, text: str | None, meta: dict[str, Any] | None) -> ChatMessage | None:
         reply = self.pending.pop(request_id, None)
         if reply is not None:
-            reply.finish(text=text, meta=meta)
+            await reply.finish(text=text, meta=meta)
             reply.toggle_provenance(self.show_provenance)
         return reply
 

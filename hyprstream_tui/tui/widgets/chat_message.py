@@ -8,6 +8,7 @@ from typing import Any
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
 
 from hyprstream_tui.tui.conversations import format_provenance
 
@@ -19,8 +20,9 @@ class ChatMessage(Vertical):
         self.role, self.text, self.label = role, text, label
         self.meta: dict[str, Any] = dict(meta or {})
         self.message_id = message_id
-        self.updates = 0  # how many times the body was re-rendered (tests check batching)
-        self._dirty = False
+        self.updates = 0  # how many batches of text reached the body (tests check batching)
+        self._pending = ""  # streamed text not yet shown
+        self._stream: MarkdownStream | None = None
 
     def compose(self) -> ComposeResult:
         yield Label(self.label or self.role, classes="message-role")
@@ -36,21 +38,31 @@ class ChatMessage(Vertical):
 
     def append(self, delta: str) -> None:
         self.text += delta
-        self._dirty = True
+        self._pending += delta
 
-    def flush(self) -> None:
-        """Re-render the body if text arrived since the last call (the screen calls this a few times a second)."""
-        if not self._dirty or not self.is_mounted:
+    async def flush(self) -> None:
+        """Show the text that arrived since the last call (the screen calls this a few times a
+        second). Markdown is appended, not re-parsed: only the last block is rebuilt."""
+        if not self._pending or not self.is_mounted:
             return
-        self._dirty = False
+        text, self._pending = self._pending, ""
         self.updates += 1
         body = self.query_one(".message-body")
-        body.update(self.text)
+        if not isinstance(body, Markdown):
+            body.update(self.text)
+            return
+        if self._stream is None:
+            self._stream = Markdown.get_stream(body)
+        await self._stream.write(text)
 
-    def finish(self, *, text: str | None = None, meta: dict[str, Any] | None = None) -> None:
+    async def finish(self, *, text: str | None = None, meta: dict[str, Any] | None = None) -> None:
+        await self.flush()
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
         if text is not None and text != self.text:
-            self.text, self._dirty = text, True
-        self.flush()
+            self.text = text
+            await self.query_one(".message-body", Markdown).update(text)
         self.remove_class("streaming")
         if meta is not None:
             self.meta = dict(meta)

@@ -1,0 +1,317 @@
+"""TUI responsiveness: first paint, and event-loop lag and key-to-repaint while the app streams a
+chat reply and trains a LoRA adapter at full speed on a Qwen2.5-0.5B-shaped random model.
+
+    python benchmarks/tui_latency.py [--keys 100] [--paint-runs 5] [--layers 24] [--threads 2]
+
+The app runs as a real terminal program in a pseudo-terminal (100x30, xterm-256color), so every
+frame is rendered and written as it would be for a user; this script plays the user.
+
+- First paint: from launching `python -m hyprstream_tui` to the first frame on the terminal (the
+  title and the footer's mode keys), and whether torch was imported by then (it must not be).
+- Under load: the app opens the Training screen and starts training adapter `bench` (LoRA r=8 on
+  q,v; batch 2 x 64 tokens), then opens Chat and asks for an 8000-token reply (the random model's
+  tokenizer has no end-of-text, so it streams until stopped). Once both run, this script types
+  `z` into the chat input N times, 150-400 ms apart, and times each key from the write to the pty
+  to the first frame that shows it (a backspace clears it again). Inside the app an asyncio task
+  sleeps 10 ms in a loop and records how late it wakes up: the event loop's lag.
+
+Targets (issue 5): lag and key-to-repaint p99 under 50 ms; first paint under 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import os
+import pty
+import random
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL, ADAPTER = "half-b", "bench"
+SIZE = (100, 30)
+ANSI = re.compile(rb"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[PX^_][^\x1b]*\x1b\\|[@-Z\\-_])")
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+def prepare(tmp: Path, layers: int) -> Path:
+    """A home with the 0.5B-shaped model and an adapter with 8 samples."""
+    from benchmarks import serve
+    from hyprstream_tui.engine.train.samples import add_samples
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    serve.QWEN25_05B["num_hidden_layers"] = layers
+    src = serve.build_model(tmp / "model")
+    home = tmp / "home"
+    store = Store(Paths.from_env(home))
+    store.import_model(src, name=MODEL, link=True)
+    store.create_adapter(MODEL, ADAPTER)
+    rows = [{"input": f"Tell me fact number {i} about the sea.", "output": f"Fact {i}: the sea is deep and wide."}
+            for i in range(8)]
+    add_samples(store, MODEL, ADAPTER, rows)
+    return home
+
+
+class Terminal:
+    """A child process on a pty of SIZE (Textual draws on stderr, so all three are the pty); a reader
+    thread keeps (time, bytes) of everything it writes."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", SIZE[1], SIZE[0], 0, 0))
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     cwd=ROOT, start_new_session=True)
+        os.close(slave)
+        self.master = master
+        self.chunks: list[tuple[float, bytes]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self.chunks.append((time.monotonic(), data))
+
+    def write(self, data: bytes) -> float:
+        now = time.monotonic()
+        os.write(self.master, data)
+        return now
+
+    def text_since(self, since: float) -> tuple[float | None, bytes]:
+        with self._lock:
+            chunks = [(t, c) for t, c in self.chunks if t >= since]
+        return (chunks[-1][0] if chunks else None), b"".join(c for _t, c in chunks)
+
+    def wait_for(self, since: float, needle: bytes, timeout: float) -> float | None:
+        """The time of the first chunk after `since` whose visible text (escapes removed) has `needle`."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            with self._lock:
+                chunks = [(t, c) for t, c in self.chunks if t >= since]
+            for t, chunk in chunks[seen:]:
+                if needle in ANSI.sub(b"", chunk):
+                    return t
+            seen = len(chunks)
+            time.sleep(0.001)
+        return None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+
+def child_env(home: Path, threads: int) -> dict[str, str]:
+    return dict(os.environ, HYPRSTREAM_HOME=str(home), TERM="xterm-256color", COLORTERM="truecolor",
+                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
+                COLUMNS=str(SIZE[0]), LINES=str(SIZE[1]))
+
+
+# ---- first paint -----------------------------------------------------------------------------------
+def first_paint(home: Path, runs: int, threads: int) -> dict:
+    """`python -m hyprstream_tui` (what `hyprstream` runs) to its first frame, `runs` times; then
+    once more inside the app, to see whether torch was imported by the first frame."""
+    times = []
+    for _ in range(runs):
+        term = Terminal([sys.executable, "-m", "hyprstream_tui"], child_env(home, threads))
+        try:
+            painted = term.wait_for(term.started, b"History", timeout=30)
+            if painted is None:
+                raise SystemExit("the app painted nothing within 30 s")
+            times.append(painted - term.started)
+        finally:
+            term.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "paint.json")
+        term = Terminal([sys.executable, __file__, "--child", "paint", "--out", str(out)], child_env(home, threads))
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not out.exists():
+                time.sleep(0.02)
+            torch_loaded = json.loads(out.read_text()).get("torch_at_paint") if out.exists() else None
+        finally:
+            term.close()
+    return {"first_paint_s": pct(times, 1.0), "torch_imported_at_first_paint": torch_loaded}
+
+
+# ---- under load ------------------------------------------------------------------------------------
+def under_load(home: Path, keys: int, threads: int, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        ready, stop, out = Path(tmp, "ready"), Path(tmp, "stop"), Path(tmp, "out.json")
+        term = Terminal([sys.executable, __file__, "--child", "load", "--ready", str(ready), "--stop", str(stop),
+                         "--out", str(out)], child_env(home, threads))
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready.exists():
+                if term.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the app did not get both jobs running; try fewer --layers")
+                time.sleep(0.1)
+            latencies, missed = [], 0
+            rng = random.Random(0)
+            for _ in range(keys):
+                sent = term.write(b"z")
+                shown = term.wait_for(sent, b"z", timeout=5)
+                if shown is None:
+                    missed += 1
+                else:
+                    latencies.append(shown - sent)
+                time.sleep(0.05)
+                term.write(b"\x7f")
+                time.sleep(rng.uniform(0.1, 0.35))
+            stop.touch()
+            while not out.exists() and term.proc.poll() is None:
+                time.sleep(0.1)
+            inside = json.loads(out.read_text()) if out.exists() else {}
+        finally:
+            term.close()
+    return {"key_to_repaint_s": pct(latencies, 1000.0), "keys": keys, "keys_not_shown": missed, **inside}
+
+
+def pct(xs: list[float], scale: float) -> dict:
+    if not xs:
+        return {}
+    xs = sorted(x * scale for x in xs)
+    q = lambda p: xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]  # noqa: E731
+    unit = "ms" if scale == 1000.0 else "s"
+    return {f"p50_{unit}": round(q(50), 3), f"p99_{unit}": round(q(99), 3), f"max_{unit}": round(xs[-1], 3),
+            f"mean_{unit}": round(statistics.fmean(xs), 3), "n": len(xs)}
+
+
+# ---- the app side ----------------------------------------------------------------------------------
+def child_paint(out: str) -> None:
+    from hyprstream_tui.tui.app import HyprApp
+
+    class PaintApp(HyprApp):
+        def on_mount(self) -> None:
+            super().on_mount()
+            self.call_after_refresh(self._painted)
+
+        def _painted(self) -> None:
+            Path(out).write_text(json.dumps({"torch_at_paint": "torch" in sys.modules}))
+
+    PaintApp().run()
+
+
+def child_load(ready: str, stop: str, out: str) -> None:
+    from hyprstream_tui.engine.train.config import TrainConfig
+    from hyprstream_tui.tui.app import HyprApp
+    from hyprstream_tui.tui.screens.chat import ChatScreen
+    from hyprstream_tui.tui.screens.training import TrainingScreen
+
+    async def until(condition, timeout: float = 1200.0):
+        deadline = time.monotonic() + timeout
+        while not (value := condition()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("benchmark setup timed out")
+            await asyncio.sleep(0.05)
+        return value
+
+    class LoadApp(HyprApp):
+        lags: list[tuple[float, float]] = []
+
+        def on_mount(self) -> None:
+            super().on_mount()
+            self.demo_offered = True
+            self.run_worker(self.orchestrate(), group="bench")
+            self.run_worker(self.probe(), group="bench-probe")
+
+        async def probe(self) -> None:
+            while True:
+                start = time.monotonic()
+                await asyncio.sleep(0.01)
+                self.lags.append((start, time.monotonic() - start - 0.01))
+
+        async def orchestrate(self) -> None:
+            self.open_training(MODEL, ADAPTER)
+            training = await until(lambda: isinstance(self.screen, TrainingScreen) and self.screen.selected
+                                   and self.screen.selected.name == ADAPTER and self.screen)
+            config = TrainConfig(steps=100_000, learning_rate=1e-4, batch_size=2, max_seq_len=64,
+                                 checkpoint_every=100_000)
+            training.start_training(training.selected, config)
+            self.open_chat(MODEL)
+            chat = await until(lambda: isinstance(self.screen, ChatScreen) and self.screen.model == MODEL
+                               and self.screen)
+            chat.params.set_values(temperature=0, max_tokens=8000)
+            chat.send("Write a long story about the sea")
+            job = await until(lambda: next(iter(training.jobs.values()), None))
+            await until(lambda: job.step and chat.log_view.deltas > 0)
+            chat.query_one("#chat-input").focus()
+            t0, step0, tokens0 = time.monotonic(), job.step, chat.log_view.deltas
+            Path(ready).touch()
+            while not Path(stop).exists():
+                await asyncio.sleep(0.1)
+                if not chat.log_view.streaming:
+                    chat.send("Go on")
+            elapsed = time.monotonic() - t0
+            lags = [lag for start, lag in self.lags if start >= t0]
+            reply = chat.log_view.last_reply()
+            result = {"event_loop_lag_ms": pct(lags, 1000.0), "seconds": round(elapsed, 1),
+                      "train_steps_per_s": round((job.step - step0) / elapsed, 3),
+                      "reply_chars": len(reply.text) if reply else 0, "token_deltas": chat.log_view.deltas - tokens0,
+                      "token_deltas_per_s": round((chat.log_view.deltas - tokens0) / elapsed, 2),
+                      "app_errors": list(self.errors)}
+            Path(out).write_text(json.dumps(result))
+            os._exit(0)  # the jobs are daemon threads; a checkpoint on the way out is not measured
+
+    LoadApp().run()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keys", type=int, default=100)
+    ap.add_argument("--paint-runs", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=24, help="fewer layers for a quick check of this script")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=900, help="seconds to get both jobs running")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", choices=("paint", "load"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--ready", help=argparse.SUPPRESS)
+    ap.add_argument("--stop", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child == "paint":
+        return child_paint(args.out)
+    if args.child == "load":
+        return child_load(args.ready, args.stop, args.out)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="hs-tui-bench-") as tmp:
+        t = time.perf_counter()
+        home = prepare(Path(tmp), args.layers)
+        print(f"built and imported the {args.layers}-layer Qwen2.5-0.5B-shaped model in "
+              f"{time.perf_counter() - t:.1f}s", file=sys.stderr)
+        result = {"layers": args.layers, "threads": args.threads, "cpus": os.cpu_count(),
+                  "load_average_before": round(os.getloadavg()[0], 2)}
+        result.update(first_paint(home, args.paint_runs, args.threads))
+        result.update(under_load(home, args.keys, args.threads, args.timeout))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        print(f"{key:32} {value}")
+
+
+if __name__ == "__main__":
+    main()
