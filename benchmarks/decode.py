@@ -1,13 +1,16 @@
 """Decode speed on a random-weight model with the real Qwen2.5-0.5B-Instruct architecture.
 
-    python benchmarks/decode.py [--threads 2] [--prompt 512] [--new 128] [--only ours-bfloat16]
+    python benchmarks/decode.py [--threads 2] [--prompt 512] [--new 128] [--only pair-bfloat16]
 
 No download: the config is written below and the weights are random (seeded), saved once as
-safetensors in a temp folder. Each case runs in its own process (so peak RSS is its own):
-  generate    transformers' `generate` (greedy) on the model as `from_pretrained` loads it
-  ours        hyprstream's engine loop (engine.generate.generate_tokens), same weights
-  ours-int8   the same with `--quantize int8`
-each in fp32 and bf16. It prints prefill time for the prompt, decode tokens/s, peak RSS, whether
+safetensors in a temp folder. Cases, each in fp32 and bf16:
+  generate    transformers' `generate` (greedy) on the model as `from_pretrained` builds it
+  ours        hyprstream's engine loop (engine.generate.generate_tokens) on the same weights,
+              loaded by the engine's loader (bf16 prefill through fp32 on CPUs without bf16)
+  ours-exact  ours with the plain bf16 prefill kernel (bf16 only, where the two differ)
+  ours-int8   ours with `--quantize int8`
+generate and ours alternate in one process per dtype (fair on a shared machine); int8 runs in its
+own process, so its peak RSS is its own. It prints prefill time for the prompt, decode tokens/s, peak RSS, whether
 greedy tokens match `generate`, the int8 quality cost against fp32 (logits, perplexity on a text)
 and the memory-bandwidth roofline (weight bytes read per token / measured bandwidth).
 """
@@ -33,10 +36,7 @@ QWEN25_05B = {
     "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
     "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
 }
-CASES = [
-    ("generate", "float32"), ("ours", "float32"), ("ours-int8", "float32"),
-    ("generate", "bfloat16"), ("ours", "bfloat16"), ("ours-int8", "bfloat16"),
-]
+CASES = [("pair", "float32"), ("int8", "float32"), ("pair", "bfloat16"), ("int8", "bfloat16")]
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Once upon a time there was a small village by "
     "the sea. The people there fished in the morning and told stories in the evening. "
@@ -75,46 +75,90 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_generate(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) -> dict:
+class _Clock:
+    """A `generate` streamer that only notes when each put happens (the prompt, then tokens)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_generate(model, ids: list[int], new: int) -> tuple[float, float, list[int]]:
+    """(prefill s, decode s for new-1 tokens, tokens) of one greedy `generate` call."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     x = torch.tensor([ids])
-    kwargs = dict(attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=None,
-                  pad_token_id=0)
-    best_prefill = best_decode = float("inf")
+    clock = _Clock()
     with torch.inference_mode():
-        for _ in range(rounds):
-            t = time.perf_counter()
-            model.generate(x, max_new_tokens=1, min_new_tokens=1, **kwargs)
-            prefill = time.perf_counter() - t
-            t = time.perf_counter()
-            out = model.generate(x, max_new_tokens=new, min_new_tokens=new, **kwargs)
-            total = time.perf_counter() - t
-            best_prefill = min(best_prefill, prefill)
-            best_decode = min(best_decode, total - prefill)
-    return {"prefill_s": best_prefill, "decode_tok_s": (new - 1) / best_decode,
-            "tokens": out[0, len(ids):].tolist(), "weight_bytes": weight_bytes(model)}
+        started = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                             eos_token_id=None, pad_token_id=0, max_new_tokens=new,
+                             min_new_tokens=new, streamer=clock)
+    # clock.times: [prompt, token 1 (after prefill), ..., token new]
+    return clock.times[1] - started, clock.times[-1] - clock.times[1], out[0, len(ids):].tolist()
 
 
-def run_ours(folder: Path, dtype: str, ids: list[int], new: int, rounds: int, quantize) -> dict:
+def time_ours(model, ids: list[int], new: int) -> tuple[float, float, list[int]]:
     from hyprstream_tui.engine.generate import GenerationStats, generate_tokens
-    from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
     from hyprstream_tui.engine.params import SamplingParams
 
-    lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder),
-                    LoadOptions(dtype=dtype, quantize=quantize))
-    params = SamplingParams(temperature=0, max_tokens=new)
-    best_prefill = best_decode = float("inf")
+    stats = GenerationStats()
+    tokens = list(generate_tokens(model, ids, SamplingParams(temperature=0, max_tokens=new),
+                                  eos_ids=frozenset(), generator=None, stats=stats))
+    return stats.prefill_s, stats.decode_s, tokens
+
+
+def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) -> dict:
+    """generate and ours on the same loaded weights, alternating, best of `rounds` each.
+
+    Alternating makes both see the same machine: on a shared CPU the ratio stays meaningful
+    when absolute figures move. For `generate`, layers our loader swapped for a faster prefill
+    kernel are switched back to plain `nn.Linear`, so it runs exactly as transformers loads it.
+    """
+    import torch
+
+    from hyprstream_tui.engine.kernels import UpcastPrefillLinear
+    from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
+
+    lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder), LoadOptions(dtype=dtype))
+    swapped = [m for m in lm.model.modules() if isinstance(m, UpcastPrefillLinear)]
+
+    def plain(on: bool) -> None:
+        for module in swapped:
+            module.__class__ = torch.nn.Linear if on else UpcastPrefillLinear
+
+    runs = {"generate": (lambda: time_generate(lm.model, ids, new), True),
+            "ours": (lambda: time_ours(lm.model, ids, new), False)}
+    if swapped:  # ours with the bf16 prefill kernel too: the token-for-token comparison
+        runs["ours-exact"] = (lambda: time_ours(lm.model, ids, new), True)
+    best = {name: [float("inf"), float("inf"), None] for name in runs}
     for _ in range(rounds):
-        stats = GenerationStats()
-        tokens = list(generate_tokens(lm.model, ids, params, eos_ids=frozenset(), generator=None,
-                                      stats=stats))
-        best_prefill = min(best_prefill, stats.prefill_s)
-        best_decode = min(best_decode, stats.decode_s)
-    return {"prefill_s": best_prefill, "decode_tok_s": (new - 1) / best_decode,
-            "tokens": tokens, "weight_bytes": weight_bytes(lm.model), "loaded_dtype": lm.dtype}
+        for name, (run, use_plain) in runs.items():
+            plain(use_plain)
+            prefill, decode, tokens = run()
+            b = best[name]
+            b[0], b[1], b[2] = min(b[0], prefill), min(b[1], decode), tokens
+    nbytes = weight_bytes(lm.model)
+    return {name: {"prefill_s": p, "decode_tok_s": (new - 1) / d, "tokens": t,
+                   "weight_bytes": nbytes} for name, (p, d, t) in best.items()}
+
+
+def run_int8(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) -> dict:
+    from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
+
+    lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder),
+                    LoadOptions(dtype=dtype, quantize="int8"))
+    best = [float("inf"), float("inf"), None]
+    for _ in range(rounds):
+        prefill, decode, tokens = time_ours(lm.model, ids, new)
+        best = [min(best[0], prefill), min(best[1], decode), tokens]
+    return {"ours-int8": {"prefill_s": best[0], "decode_tok_s": (new - 1) / best[1],
+                          "tokens": best[2], "weight_bytes": weight_bytes(lm.model)}}
 
 
 def weight_bytes(model) -> int:
@@ -183,15 +227,12 @@ def child(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
     if args.case == "bandwidth":
         result = bandwidth_gbs()
-    elif args.case.startswith("quality"):
+    elif args.case == "quality":
         result = quality(folder, args.dtype)
+    elif args.case == "pair":
+        result = run_pair(folder, args.dtype, prompt_ids(args.prompt), args.new, args.rounds)
     else:
-        ids = prompt_ids(args.prompt)
-        if args.case == "generate":
-            result = run_generate(folder, args.dtype, ids, args.new, args.rounds)
-        else:
-            quantize = "int8" if args.case == "ours-int8" else None
-            result = run_ours(folder, args.dtype, ids, args.new, args.rounds, quantize)
+        result = run_int8(folder, args.dtype, prompt_ids(args.prompt), args.new, args.rounds)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
 
@@ -209,34 +250,37 @@ def spawn(args: argparse.Namespace, folder: Path, case: str, dtype: str) -> dict
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def report(args: argparse.Namespace, results: dict, bw: dict, quality_rows: dict) -> None:
+def report(args: argparse.Namespace, rows: dict, bw: dict, quality_rows: dict) -> None:
+    """rows: {(name, dtype): result}; every result has prefill_s, decode_tok_s, tokens, ..."""
     bandwidth = max(bw["read_gbs"], bw["copy_gbs"])
     print(f"\nQwen2.5-0.5B-Instruct architecture, random weights; {args.threads} threads; "
-          f"prompt {args.prompt} tokens, decode {args.new}; best of {args.rounds}")
+          f"prompt {args.prompt} tokens, decode {args.new}; best of {args.rounds} (alternating)")
     print(f"measured bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s\n")
-    head = f"{'case':<22}{'prefill s':>10}{'decode tok/s':>14}{'x generate':>12}" \
-           f"{'peak RSS MB':>13}{'GB/token':>10}{'roofline tok/s':>16}{'same tokens':>13}"
+    head = (f"{'case':<22}{'prefill s':>10}{'decode tok/s':>14}{'x generate':>12}"
+            f"{'x gen bf16':>12}{'peak RSS MB':>13}{'GB/token':>10}{'roofline':>10}"
+            f"{'same tokens':>13}")
     print(head)
     print("-" * len(head))
-    for (case, dtype), r in results.items():
-        base = results.get(("generate", dtype)) or {}
-        bf16_base = results.get(("generate", "bfloat16")) or {}
-        speedup = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+    bf16 = rows.get(("generate", "bfloat16"))
+    for (name, dtype), r in rows.items():
+        base = rows.get(("generate", dtype))
         gb = r["weight_bytes"] / 1e9
+        speedup = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        vs_bf16 = r["decode_tok_s"] / bf16["decode_tok_s"] if bf16 else float("nan")
         same = "-" if not base else ("yes" if r["tokens"] == base["tokens"] else
                                      f"{_prefix(r['tokens'], base['tokens'])}/{len(r['tokens'])}")
-        print(f"{case + ' ' + dtype:<22}{r['prefill_s']:>10.2f}{r['decode_tok_s']:>14.2f}"
-              f"{speedup:>12.2f}{r['peak_rss_mb']:>13.0f}{gb:>10.3f}{bandwidth / gb:>16.1f}"
-              f"{same:>13}")
-        if case == "ours-int8" and bf16_base:
-            print(f"{'':<22}(x generate bf16: {r['decode_tok_s'] / bf16_base['decode_tok_s']:.2f})")
+        print(f"{name + ' ' + dtype:<22}{r['prefill_s']:>10.2f}{r['decode_tok_s']:>14.2f}"
+              f"{speedup:>12.2f}{vs_bf16:>12.2f}{r['peak_rss_mb']:>13.0f}{gb:>10.3f}"
+              f"{bandwidth / gb:>10.1f}{same:>13}")
     for dtype, q in quality_rows.items():
         print(f"\nint8 ({dtype} activations) vs fp32 on a {q['tokens']}-token text: "
               f"max |dlogit| {q['max_abs_logit_diff']:.3f}, mean |dlogit| "
               f"{q['mean_abs_logit_diff']:.4f} (logit std {q['logit_std']:.3f}), top-1 agreement "
               f"{q['top1_agreement']:.1%}, perplexity {q['ppl_fp32']:.1f} -> {q['ppl_int8']:.1f}")
-    print("\nsame tokens: greedy tokens equal generate's in the same dtype "
-          "(n/128: equal for the first n)")
+    print("\nroofline: decode tok/s if every weight byte were read once per token at the measured "
+          "bandwidth.\nsame tokens: greedy tokens equal generate's in the same dtype (n/128: "
+          "equal for the first n).\ngenerate and ours share one process per dtype (same peak RSS); "
+          "ours-exact is ours with\nthe bf16 prefill kernel instead of the fp32 one.")
 
 
 def _prefix(a: list, b: list) -> int:
@@ -251,8 +295,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--only", action="append", default=[], help="e.g. ours-bfloat16 (repeatable)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", action="append", default=[],
+                   help="pair-float32, int8-float32, pair-bfloat16 or int8-bfloat16 (repeatable)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -265,17 +310,20 @@ def main() -> None:
         print("building the random model...", flush=True)
         build_model(folder)
         bw = spawn(args, folder, "bandwidth", "float32")
-        results = {}
+        rows: dict = {}
         for case, dtype in CASES:
             if args.only and f"{case}-{dtype}" not in args.only:
                 continue
             print(f"running {case} {dtype}...", flush=True)
-            results[(case, dtype)] = spawn(args, folder, case, dtype)
+            result = spawn(args, folder, case, dtype)
+            rss = result.pop("peak_rss_mb")
+            for name, row in result.items():
+                rows[(name, dtype)] = {**row, "peak_rss_mb": rss}
         quality_rows = {}
         if not args.only or any("int8" in o for o in args.only):
             for dtype in ("float32", "bfloat16"):
                 quality_rows[dtype] = spawn(args, folder, "quality", dtype)
-        report(args, results, bw, quality_rows)
+        report(args, rows, bw, quality_rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ class LoadOptions:
     device: str = "auto"
     quantize: str | None = None
     allow_pickle: bool = False
+    # bf16 prompts through fp32 BLAS (None: where the CPU lacks native bf16). About 4x faster
+    # prefill there; results differ from the bf16 kernel by bf16 rounding.
+    prefill_fp32: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -117,6 +120,10 @@ def pick_dtype(dtype: str, device: str, quantize: str | None) -> str:
     return "bfloat16" if cpu_has_bf16() else "float32"
 
 
+def _prefill_fp32(options: LoadOptions) -> bool:
+    return options.prefill_fp32 if options.prefill_fp32 is not None else not cpu_has_bf16()
+
+
 def check_weights(folder: Path, *, allow_pickle: bool, what: str = "model") -> bool:
     """Whether to read safetensors (True) or pickle (False); refuse pickle unless allowed."""
     if not folder.is_dir():
@@ -188,7 +195,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         from hyprstream_tui.engine.quantize import quantize_int8
 
         quantize_int8(model, dtype=dtype)
-    elif dtype == "bfloat16" and device == "cpu" and not cpu_has_bf16():
+    elif dtype == "bfloat16" and device == "cpu" and _prefill_fp32(options):
         from hyprstream_tui.engine.kernels import upcast_prefill
 
         upcast_prefill(model)

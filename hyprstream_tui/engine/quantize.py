@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+from hyprstream_tui.engine.kernels import UPCAST_MIN_ROWS
+
 
 class Bf16Embedding(torch.nn.Module):
     """An embedding table kept in bf16 whose rows come out in the activation dtype."""
@@ -67,7 +69,11 @@ class Int8WeightOnlyLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         flat = x.reshape(-1, self.in_features)  # [N, in]
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)  # [N, out]
+        if flat.shape[0] >= UPCAST_MIN_ROWS:  # a prefill: dequantize once, fp32 BLAS
+            weight = self.weight_int8.float() * self.scales.float()[:, None]  # [out, in]
+            y = torch.nn.functional.linear(flat.float(), weight).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)  # [N, out]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
