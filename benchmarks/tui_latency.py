@@ -16,6 +16,8 @@ frame is rendered and written as it would be for a user; this script plays the u
   sleeps 10 ms in a loop and records how late it wakes up: the event loop's lag.
 
 Targets (issue 5): lag and key-to-repaint p99 under 50 ms; first paint under 1 s.
+`--plain` runs the app with HYPRSTREAM_TUI_YIELD=0 (no lower priority for the jobs, default GIL
+switch interval), to see what that buys.
 """
 
 from __future__ import annotations
@@ -167,7 +169,9 @@ def under_load(home: Path, keys: int, threads: int, timeout: float) -> dict:
             deadline = time.monotonic() + timeout
             while not ready.exists():
                 if term.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the app did not get both jobs running; try fewer --layers")
+                    status = Path(str(out) + ".status")
+                    raise SystemExit("the app did not get both jobs running; its last status: "
+                                     + (status.read_text() if status.exists() else "none"))
                 time.sleep(0.1)
             latencies, missed = [], 0
             rng = random.Random(0)
@@ -244,7 +248,18 @@ def child_load(ready: str, stop: str, out: str) -> None:
                 await asyncio.sleep(0.01)
                 self.lags.append((start, time.monotonic() - start - 0.01))
 
+        async def report(self, training, chat) -> None:
+            """Where setup stands, for the parent to show if it times out."""
+            while True:
+                job = next(iter(training.jobs.values()), None) if training else None
+                status = {"screen": type(self.screen).__name__, "errors": self.errors,
+                          "train_state": job.state if job else None, "train_step": job.step if job else None,
+                          "token_deltas": chat.log_view.deltas if chat else None}
+                Path(out + ".status").write_text(json.dumps(status))
+                await asyncio.sleep(1)
+
         async def orchestrate(self) -> None:
+            self.run_worker(self.report(None, None), group="bench-report", exclusive=True)
             self.open_training(MODEL, ADAPTER)
             training = await until(lambda: isinstance(self.screen, TrainingScreen) and self.screen.selected
                                    and self.screen.selected.name == ADAPTER and self.screen)
@@ -254,6 +269,7 @@ def child_load(ready: str, stop: str, out: str) -> None:
             self.open_chat(MODEL)
             chat = await until(lambda: isinstance(self.screen, ChatScreen) and self.screen.model == MODEL
                                and self.screen)
+            self.run_worker(self.report(training, chat), group="bench-report", exclusive=True)
             chat.params.set_values(temperature=0, max_tokens=8000)
             chat.send("Write a long story about the sea")
             job = await until(lambda: next(iter(training.jobs.values()), None))
@@ -286,6 +302,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24, help="fewer layers for a quick check of this script")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900, help="seconds to get both jobs running")
+    ap.add_argument("--plain", action="store_true", help="HYPRSTREAM_TUI_YIELD=0 in the app")
+    ap.add_argument("--skip-paint", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=("paint", "load"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -297,14 +315,17 @@ def main() -> None:
     if args.child == "load":
         return child_load(args.ready, args.stop, args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.plain:
+        os.environ["HYPRSTREAM_TUI_YIELD"] = "0"
     with tempfile.TemporaryDirectory(prefix="hs-tui-bench-") as tmp:
         t = time.perf_counter()
         home = prepare(Path(tmp), args.layers)
         print(f"built and imported the {args.layers}-layer Qwen2.5-0.5B-shaped model in "
               f"{time.perf_counter() - t:.1f}s", file=sys.stderr)
         result = {"layers": args.layers, "threads": args.threads, "cpus": os.cpu_count(),
-                  "load_average_before": round(os.getloadavg()[0], 2)}
-        result.update(first_paint(home, args.paint_runs, args.threads))
+                  "load_average_before": round(os.getloadavg()[0], 2), "yield": not args.plain}
+        if not args.skip_paint:
+            result.update(first_paint(home, args.paint_runs, args.threads))
         result.update(under_load(home, args.keys, args.threads, args.timeout))
     if args.json:
         print(json.dumps(result, indent=2))

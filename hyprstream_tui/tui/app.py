@@ -18,6 +18,7 @@ from textual.worker import Worker, WorkerState
 from hyprstream_tui.errors import Cancelled, HyprError
 from hyprstream_tui.tui.backend import Backend
 from hyprstream_tui.tui.messages import Target, TargetChanged
+from hyprstream_tui.tui.priority import SwitchInterval
 from hyprstream_tui.tui.screens.dialogs import ErrorDialog
 from hyprstream_tui.tui.screens.models import ModelsScreen
 
@@ -64,18 +65,23 @@ class HyprApp(App[int]):
         self.pending: dict[str, Target] = {}  # mode -> what it should show when it resumes
         self.errors: list[str] = []  # every error shown, newest last (tests and the log read it)
         self._warm_up = warm_up
+        self._switch_interval = SwitchInterval()
 
     def on_mount(self) -> None:
+        self._switch_interval.__enter__()
         if self._warm_up:
             # After the first paint: the event loop is free again, so this costs the user nothing.
             self.call_after_refresh(lambda: self.run_worker(self._warm_up_work, thread=True, exclusive=True,
                                                             exit_on_error=False, group="warm-up"))
 
     def _warm_up_work(self) -> None:
+        from hyprstream_tui.tui.priority import run_in_background
+
         preload_screens()
-        self.backend.warm_up()
+        run_in_background(self.backend.warm_up)
 
     def on_unmount(self) -> None:
+        self._switch_interval.__exit__()
         self.backend.close()
 
     # ---- navigation ----------------------------------------------------------------------------

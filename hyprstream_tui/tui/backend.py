@@ -126,9 +126,11 @@ class Backend:
              request_ids: Sequence[str], on_event: Callable[[Any], None], cancel: threading.Event) -> list[Any]:
         """Answer `messages` once per spec (compare mode: two), streaming events; returns GenerationDone each."""
         from hyprstream_tui.tui.engine_link import run_chats
+        from hyprstream_tui.tui.priority import run_in_background
 
-        return run_chats(self.engine, specs, messages, params, request_ids=request_ids, on_event=on_event,
-                         cancel=cancel)
+        engine = self.engine
+        return run_in_background(run_chats, engine, specs, messages, params, request_ids=request_ids,
+                                 on_event=on_event, cancel=cancel)
 
     @staticmethod
     def reply_meta(done: Any, *, side: str = "a") -> dict[str, Any]:
@@ -211,8 +213,11 @@ class Backend:
         """Run a training job to its end (or until `cancel`); returns TrainFinished."""
         from hyprstream_tui.engine.train.job import TrainJob
 
+        from hyprstream_tui.tui.priority import run_in_background
+
         self.heavy()
-        return TrainJob(self.store, model, adapter, config, on_event=on_event, cancel=cancel).run()
+        job = TrainJob(self.store, model, adapter, config, on_event=on_event, cancel=cancel)
+        return run_in_background(job.run)
 
     def train_status(self, model: str, adapter: str) -> Any:
         from hyprstream_tui.engine.train.job import train_status

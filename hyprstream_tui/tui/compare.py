@@ -10,15 +10,21 @@ from dataclasses import dataclass
 _LAYER_RE = re.compile(r"(.*?)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
-def loss_curve(steps_jsonl: str | None) -> list[tuple[int, float]]:
+def metric_curve(steps_jsonl: str | None) -> list[tuple[int, float, float | None]]:
+    """(step, loss, lr) per line of metrics/steps.jsonl; unreadable lines are skipped."""
     out = []
     for line in (steps_jsonl or "").splitlines():
         try:
             row = json.loads(line)
-            out.append((int(row["step"]), float(row["loss"])))
-        except (ValueError, KeyError, TypeError):
+            lr = row.get("lr")
+            out.append((int(row["step"]), float(row["loss"]), float(lr) if lr is not None else None))
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
     return out
+
+
+def loss_curve(steps_jsonl: str | None) -> list[tuple[int, float]]:
+    return [(step, loss) for step, loss, _lr in metric_curve(steps_jsonl)]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from hyprstream_tui.tui.batch import UI_HZ
 from hyprstream_tui.tui.messages import TargetChanged
 from hyprstream_tui.tui.screens.base import HyprScreen
 from hyprstream_tui.tui.screens.conversations import ConversationsDialog
-from hyprstream_tui.tui.screens.dialogs import Field, FormDialog
+from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, PickDialog
 from hyprstream_tui.tui.widgets.chat_log import ChatLog
 from hyprstream_tui.tui.widgets.context_meter import ContextMeter
 from hyprstream_tui.tui.widgets.params_panel import ParamsPanel
@@ -63,13 +63,14 @@ class ChatScreen(HyprScreen):
     BINDINGS = [
         Binding("escape", "stop", "Stop", priority=True),
         Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+e", "edit_last", "Edit last", show=False),
+        Binding("ctrl+z", "edit_last", "Edit the last prompt and resend", show=False),
         Binding("ctrl+o", "toggle_params", "Params"),
-        Binding("ctrl+d", "toggle_compare", "Compare"),
+        Binding("ctrl+b", "toggle_compare", "Compare"),
         Binding("ctrl+y", "toggle_provenance", "Provenance", show=False),
         Binding("ctrl+t", "to_training", "To training", show=False),
         Binding("ctrl+l", "conversations", "Conversations", show=False),
         Binding("ctrl+n", "new_conversation", "New chat", show=False),
+        Binding("ctrl+g", "pick_commit", "Chat with a commit of the adapter", show=False),
     ]
 
     def __init__(self) -> None:
@@ -82,6 +83,7 @@ class ChatScreen(HyprScreen):
         self.conversation_id: int | None = None
         self.request: Request | None = None
         self.window = 0
+        self.untrained: set[str] = set()  # adapters without a checkpoint: nothing to load yet
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -142,13 +144,18 @@ class ChatScreen(HyprScreen):
         models = [m.name for m in b.list_models()]
         if model not in models:
             model = models[0] if models else None
-        adapters = [a.name for a in b.list_adapters(model)] if model else []
+        adapters, untrained = [], set()
+        for a in b.list_adapters(model) if model else []:
+            adapters.append(a.name)
+            if not any(c.kind in ("checkpoint", "rollback") for c in b.log(model, a.uuid)):
+                untrained.add(a.name)
         window = b.context_window(model) if model else 0
         self.app.call_from_thread(self._show_targets, models, model, adapters, adapter if adapter in adapters else None,
-                                  window)
+                                  window, untrained)
 
     def _show_targets(self, models: list[str], model: str | None, adapters: list[str], adapter: str | None,
-                      window: int) -> None:
+                      window: int, untrained: set[str]) -> None:
+        self.untrained = untrained
         if adapter != self.adapter or model != self.model:
             self.rev = None
         self.model, self.adapter, self.window = model, adapter, window
@@ -158,7 +165,8 @@ class ChatScreen(HyprScreen):
             if model:
                 picker.value = model
             adapter_picker = self.query_one("#chat-adapter", Select)
-            adapter_picker.set_options([("(base model)", BASE)] + [(a, a) for a in adapters])
+            adapter_picker.set_options([("(base model)", BASE)] +
+                                       [(a + (" (untrained)" if a in self.untrained else ""), a) for a in adapters])
             adapter_picker.value = adapter or BASE
         self.query_one(ContextMeter).set_usage(window=window)
         self._show_target_label()
@@ -203,9 +211,15 @@ class ChatScreen(HyprScreen):
         self._start(request, user)
         return True
 
-    def _request(self, user_text: str | None) -> Request | None:
+    def _request(self, user_text: str | None, context: list | None = None) -> Request | None:
+        """The request for `user_text` after the conversation on screen (or `context`, when the
+        widgets after it are on their way out)."""
         if self.model is None:
             self.notify("No model: build the demo model or import one on the Models screen (F1).", severity="warning")
+            return None
+        if self.adapter in self.untrained and not self.rev:
+            self.notify(f"Adapter {self.adapter!r} has no trained weights yet: add samples and train it (F3), "
+                        "or pick the base model.", severity="error")
             return None
         problem = self.params.check()
         if problem:
@@ -218,7 +232,8 @@ class ChatScreen(HyprScreen):
                 self.notify("Compare mode needs an adapter (or a second commit) to compare with.", severity="warning")
                 return None
             specs.append(other)
-        messages = [{"role": m.role, "content": m.text} for m in self.log_view.messages() if m.text or m.role == "user"]
+        context = self.log_view.messages() if context is None else context
+        messages = [{"role": m.role, "content": m.text} for m in context if m.text or m.role == "user"]
         if user_text is not None:
             messages.append({"role": "user", "content": user_text})
         if self.params.system.strip():
@@ -298,10 +313,10 @@ class ChatScreen(HyprScreen):
         if last_user is None:
             return
         messages = self.log_view.messages()
-        after = messages[messages.index(last_user) + 1:] if last_user in messages else []
-        if after:
-            self._truncate(self.log_view.remove_from(after[0]))
-        request = self._request(None)
+        upto = messages.index(last_user) + 1
+        if messages[upto:]:
+            self._truncate(self.log_view.remove_from(messages[upto]))
+        request = self._request(None, messages[:upto])
         if request is not None:
             self._start(request, last_user)
 
@@ -316,6 +331,28 @@ class ChatScreen(HyprScreen):
         prompt = self.query_one("#chat-input", Input)
         prompt.value = text
         prompt.focus()
+
+    def action_pick_commit(self) -> None:
+        if self.model is None or self.adapter is None:
+            self.notify("Pick an adapter first: its commits are what can answer.", severity="warning")
+            return
+        self.pick_commit(self.model, self.adapter)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="chat-targets")
+    def pick_commit(self, model: str, adapter: str) -> None:
+        from hyprstream_tui.tui import format as fmt
+
+        commits = [c for c in self.backend.log(model, adapter) if c.kind in ("checkpoint", "rollback")]
+        options = [(f"{c.short}  {c.summary}  loss {fmt.metric(c.metrics.get('loss'))}  {' '.join(c.tags)}", c.sha)
+                   for c in commits]
+        options.insert(0, ("the branch tip (follows new checkpoints)", ""))
+        self.app.call_from_thread(self.app.push_screen, PickDialog(f"Chat with a commit of {adapter}", options),
+                                  self._picked_commit)
+
+    def _picked_commit(self, sha: str | None) -> None:
+        if sha is not None:
+            self.rev = sha or None
+            self._show_target_label()
 
     def action_toggle_params(self) -> None:
         self.params.toggle_class("hidden")

@@ -15,7 +15,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static, TextArea
+from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
 
 from hyprstream_tui.errors import HyprError
 
@@ -144,6 +145,32 @@ class FormDialog(ModalScreen[Any]):
             self.action_submit()
         else:
             self.dismiss(None)
+
+
+class PickDialog(ModalScreen[Any]):
+    """A list to choose one entry from; dismisses with its value (None on escape)."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close")]
+
+    def __init__(self, title: str, options: list[tuple[str, Any]], *, note: str = "") -> None:
+        super().__init__(classes="dialog")
+        self.title_text, self.options, self.note = title, options, note
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box text-box"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield OptionList(*[Option(label, id=str(i)) for i, (label, _v) in enumerate(self.options)],
+                             id="pick-list")
+            if self.note:
+                yield Static(self.note, classes="dialog-note", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    @on(OptionList.OptionSelected)
+    def _selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.dismiss(self.options[int(event.option.id)][1])
 
 
 class TextDialog(ModalScreen[None]):

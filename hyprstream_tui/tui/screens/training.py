@@ -21,7 +21,7 @@ from hyprstream_tui import names
 from hyprstream_tui.errors import InvalidInput
 from hyprstream_tui.tui import format as fmt
 from hyprstream_tui.tui.batch import UI_HZ, Buffer
-from hyprstream_tui.tui.compare import loss_curve
+from hyprstream_tui.tui.compare import metric_curve
 from hyprstream_tui.tui.messages import TargetChanged
 from hyprstream_tui.tui.screens.base import HyprScreen
 from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, TextDialog
@@ -210,7 +210,7 @@ class TrainingScreen(HyprScreen):
         tip = log[0].sha if log else b.store.resolve_adapter(model, uuid).tip
         name = self.adapters[uuid].name if uuid in self.adapters else uuid
         sel = Selected(model=model, uuid=uuid, name=name, checkpoints=[c for c in log if c.kind in ("checkpoint", "rollback")],
-                       curve=loss_curve(b.read_text(model, tip, METRICS)), samples=len(b.samples(model, tip)),
+                       curve=metric_curve(b.read_text(model, tip, METRICS)), samples=len(b.samples(model, tip)),
                        status=b.train_status(model, uuid))
         self.app.call_from_thread(self._show_selected, sel)
 
@@ -220,7 +220,8 @@ class TrainingScreen(HyprScreen):
         plot = self.query_one(LossPlot)
         if previous is None or previous.uuid != sel.uuid or sel.uuid not in self.jobs:
             plot.clear_series()
-            plot.set_series("loss", sel.curve)
+            plot.set_series("loss", [(step, loss) for step, loss, _lr in sel.curve])
+            plot.set_series("lr", [(step, lr) for step, _loss, lr in sel.curve if lr is not None], side="right")
         checkpoints = self.query_one("#train-checkpoints", DataTable)
         checkpoints.clear()
         for c in sel.checkpoints:
@@ -236,17 +237,19 @@ class TrainingScreen(HyprScreen):
             events = job.events.drain()
             if not events:
                 continue
-            points = self._apply(job, events)
+            points, lrs = self._apply(job, events)
             self.table.set_state(job.uuid, job.state, job.step)
             if self.selected is not None and self.selected.uuid == job.uuid:
                 if points:
-                    self.query_one(LossPlot).add_points("loss", points)
+                    plot = self.query_one(LossPlot)
+                    plot.add_points("loss", points)
+                    plot.add_points("lr", lrs, side="right")
                 self._render_status()
 
-    def _apply(self, job: Job, events: list) -> list[tuple[int, float]]:
+    def _apply(self, job: Job, events: list) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         from hyprstream_tui.engine.train.job import CheckpointCommitted, TrainFinished, TrainStarted, TrainStep
 
-        points = []
+        points, lrs = [], []
         for e in events:
             if isinstance(e, TrainStarted):
                 job.state, job.step, job.target = "training", e.step, e.target
@@ -255,13 +258,14 @@ class TrainingScreen(HyprScreen):
                 job.step, job.target, job.loss, job.lr = e.step, e.target, e.loss, e.lr
                 job.tokens_per_s, job.eta_s = e.tokens_per_s, e.eta_s
                 points.append((e.step, e.loss))
+                lrs.append((e.step, e.lr))
             elif isinstance(e, CheckpointCommitted):
                 job.last_checkpoint, job.last_checkpoint_step = e.commit, e.step
                 if self.selected is not None and self.selected.uuid == job.uuid:
                     self.load_adapter(job.model, job.uuid)
             elif isinstance(e, TrainFinished):
                 job.state = "stopped" if e.stopped else "done"
-        return points
+        return points, lrs
 
     def _status(self, text: Text | str) -> None:
         self.query_one("#train-status", Static).update(text)

@@ -1,0 +1,73 @@
+"""Keeping the UI ahead of the work it starts.
+
+Generation and training run torch on every core; the event loop needs a few milliseconds of CPU
+now and then, and the GIL when it wants it. So heavy work runs in its own thread at a lower CPU
+priority (nice +10: the threads torch starts from it inherit that), and the interpreter hands the
+GIL over every millisecond instead of every five. Set HYPRSTREAM_TUI_YIELD=0 to turn both off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+BACKGROUND_NICE = 10
+SWITCH_INTERVAL_S = 0.001
+
+
+def enabled() -> bool:
+    return os.environ.get("HYPRSTREAM_TUI_YIELD", "1") != "0"
+
+
+def lower_priority() -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread). Best effort."""
+    if not enabled() or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except OSError:
+        pass
+
+
+def run_in_background(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn` in a fresh thread at lower priority and wait for it (from a worker thread).
+
+    A fresh thread, because a lowered priority cannot be raised again without privileges and the
+    worker threads are reused for light work too."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        lower_priority()
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the waiting worker
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"hyprstream-{getattr(fn, '__name__', 'job')}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class SwitchInterval:
+    """Set the GIL switch interval while the app runs; restore it after."""
+
+    def __init__(self) -> None:
+        self._saved: float | None = None
+
+    def __enter__(self) -> "SwitchInterval":
+        if enabled():
+            self._saved = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            sys.setswitchinterval(self._saved)
+            self._saved = None

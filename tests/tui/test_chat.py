@@ -1,0 +1,117 @@
+"""Chat beyond a single reply: compare mode, regenerate, edit and resend, send a reply to training,
+saved conversations (list, open, export), a commit picked from the adapter's history."""
+
+from __future__ import annotations
+
+import pytest
+from textual.containers import Horizontal
+
+from hyprstream_tui.tui.app import HyprApp
+from hyprstream_tui.tui.screens.chat import ChatScreen
+from hyprstream_tui.tui.screens.conversations import ConversationsDialog
+from hyprstream_tui.tui.screens.dialogs import FormDialog, PickDialog
+from tests.tui.conftest import add_adapter, add_checkpoint
+from tests.tui.helpers import wait_for
+
+pytestmark = pytest.mark.asyncio
+
+
+async def send(pilot, chat: ChatScreen, text: str, replies: int = 1) -> None:
+    box = chat.query_one("#chat-input")
+    box.value = text
+    box.focus()
+    before = chat.log_view.deltas
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: chat.log_view.deltas > before or chat.log_view.pending, what="the reply to start")
+    await wait_for(pilot, lambda: not chat.log_view.pending and chat.request is None, what="the replies", timeout=120)
+
+
+async def test_compare_regenerate_edit_train_and_conversations(demo_home):
+    add_adapter(demo_home)
+    checkpoint = add_checkpoint(demo_home)
+    app = HyprApp(home=demo_home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f2")
+        chat = await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model and app.screen)
+        await wait_for(pilot, lambda: chat.query_one("#chat-adapter").value == "__base__", what="the pickers")
+        chat.query_one("#chat-adapter").value = "quiz"
+        await wait_for(pilot, lambda: chat.adapter == "quiz", what="the adapter")
+        chat.params.set_values(temperature=0, max_tokens=6)
+
+        # Compare mode: the adapter and the base model answer side by side.
+        await pilot.press("ctrl+b")
+        await send(pilot, chat, "Hi")
+        pair = chat.log_view.query(Horizontal).filter(".compare-pair").last()
+        first, second = pair.children
+        assert (first.label, second.label) == ("quiz", "tiny-demo (base)")
+        assert first.meta["provenance"]["adapter_commit"] == checkpoint.sha
+        assert second.meta["provenance"]["adapter"] is None
+        conversation = chat.conversation_id
+        stored = app.backend.conversations.messages(conversation)
+        assert [(m.role, m.meta.get("side")) for m in stored] == [("user", None), ("assistant", "a"), ("assistant", "b")]
+
+        # Regenerate: the same prompt answered again; the old replies are gone from screen and disk.
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: chat.request is not None or chat.log_view.pending, what="regenerating")
+        await wait_for(pilot, lambda: not chat.log_view.pending and chat.request is None, what="the new replies")
+        assert [m.role for m in chat.log_view.messages()] == ["user", "assistant"]
+        stored = app.backend.conversations.messages(conversation)
+        assert [m.role for m in stored] == ["user", "assistant", "assistant"] and stored[0].content == "Hi"
+
+        # Edit and resend: the last prompt comes back into the input box.
+        await pilot.press("ctrl+b")  # compare off
+        await pilot.press("ctrl+z")
+        assert chat.query_one("#chat-input").value == "Hi" and chat.log_view.messages() == []
+        await send(pilot, chat, "Hello")
+        assert [m.content for m in app.backend.conversations.messages(conversation)][0] == "Hello"
+
+        # Chat, correct, train: the reply goes to the adapter's samples after an edit.
+        await pilot.press("ctrl+t")
+        form = await wait_for(pilot, lambda: isinstance(app.screen, FormDialog) and app.screen)
+        assert form.values()["adapter"] == "quiz" and form.values()["input"] == "Hello"
+        form.query_one("#field-output").load_text("Hello! How can I help?")
+        await pilot.press("ctrl+s")
+        tip = lambda: app.backend.store.resolve_adapter("tiny-demo", "quiz").tip  # noqa: E731
+        await wait_for(pilot, lambda: len(app.backend.samples("tiny-demo", tip())) == 5, what="the new sample")
+        assert app.backend.samples("tiny-demo", tip())[-1] == {"input": "Hello", "output": "Hello! How can I help?"}
+
+        # A commit picked from the adapter's history answers, pinned.
+        await pilot.press("ctrl+g")
+        picker = await wait_for(pilot, lambda: isinstance(app.screen, PickDialog) and app.screen)
+        picker.query_one("#pick-list").highlighted = 1
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.rev == checkpoint.sha, what="the pinned commit")
+        await send(pilot, chat, "Again")
+        assert chat.log_view.last_reply().meta["provenance"]["adapter_commit"] == checkpoint.sha
+
+        # Saved conversations: a new chat, then the old one listed, exported and opened again.
+        await pilot.press("ctrl+n")
+        assert chat.log_view.messages() == [] and chat.conversation_id is None
+        await pilot.press("ctrl+l")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, ConversationsDialog) and app.screen)
+        assert [c.title for c in dialog.conversations] == ["Hi"]
+        await pilot.press("m")
+        exported = demo_home / "exports" / f"{conversation}-hi.md"
+        await wait_for(pilot, lambda: exported.exists(), what="the Markdown export")
+        assert exported.read_text().startswith("# Hi\n")
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConversationsDialog))
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.conversation_id == conversation and len(chat.log_view.messages()) == 4,
+                       what="the reopened conversation")
+        assert app.errors == []
+
+
+async def test_an_untrained_adapter_is_marked_and_not_sent(demo_home):
+    add_adapter(demo_home, "fresh")
+    app = HyprApp(home=demo_home, warm_up=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f2")
+        chat = await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.untrained and app.screen)
+        chat.query_one("#chat-adapter").value = "fresh"
+        await wait_for(pilot, lambda: chat.adapter == "fresh")
+        chat.query_one("#chat-input").value = "Hi"
+        chat.query_one("#chat-input").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chat.log_view.messages() == [] and chat.query_one("#chat-input").value == "Hi"
