@@ -44,9 +44,16 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]
 def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
     """Token ids of `messages` followed by the assistant's generation prompt."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # jinja's TemplateError: e.g. Gemma refuses a system message
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidInput(
+                f"The model's chat template refused this conversation ({first}): "
+                "adjust the messages (some models take no system prompt)."
+            ) from None
     else:  # a base model without a template: a plain transcript
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -235,12 +235,16 @@ class Engine:
             emit(job.done)
         except HyprError as exc:
             job.error = exc
-            emit(GenerationError(request_id=request.request_id, message=exc.message,
-                                 kind=type(exc).__name__, exit_code=exc.exit_code))
-        except Exception as exc:  # a bug: report it, and keep the traceback on the job
+            _emit_quietly(emit, GenerationError(
+                request_id=request.request_id, message=exc.message,
+                kind=type(exc).__name__, exit_code=exc.exit_code,
+            ))
+        except Exception as exc:  # a bug (or a failing callback): report it, keep it on the job
             job.error = exc
-            emit(GenerationError(request_id=request.request_id, kind="bug",
-                                 message=f"Internal error: {type(exc).__name__}: {exc}"))
+            _emit_quietly(emit, GenerationError(
+                request_id=request.request_id, kind="bug",
+                message=f"Internal error: {type(exc).__name__}: {exc}",
+            ))
         finally:
             with self._jobs_lock:
                 self._jobs.discard(job)
@@ -327,6 +331,14 @@ def _new_id() -> str:
 
 def _ignore(event: Event) -> None:
     pass
+
+
+def _emit_quietly(emit: EventCallback, event: Event) -> None:
+    """Deliver a final error event; a callback that fails again must not kill the worker."""
+    try:
+        emit(event)
+    except Exception:  # noqa: BLE001 - the job already holds the first error
+        pass
 
 
 __all__ = ["Engine", "GenerationJob", "Request"]

@@ -207,3 +207,24 @@ def test_store_names_adapters_and_revisions(tmp_path, tiny_qwen2, tiny_adapters)
             engine.generate("nothing", "hi", GREEDY).result(60)
     finally:
         engine.close()
+
+
+def test_a_failing_callback_ends_the_job_with_its_error(engine, tiny_qwen2):
+    def explode(event):
+        raise RuntimeError("callback broke")
+
+    job = engine.generate(str(tiny_qwen2), "Hello", GREEDY, on_event=explode)
+    assert job.wait(60)
+    with pytest.raises(RuntimeError, match="callback broke"):
+        job.result()
+
+
+def test_template_errors_are_invalid_input(tiny_qwen2):
+    from transformers import AutoTokenizer
+
+    from hyprstream_tui.engine.chat import fit_conversation
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    tok.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(InvalidInput, match="System role not supported"):
+        fit_conversation(tok, [{"role": "user", "content": "hi"}], budget=100)
