@@ -64,7 +64,8 @@ class Backend:
 
     @property
     def engine(self) -> Any:
-        self.heavy()
+        if not self.remote:
+            self.heavy()
         with self._lock:
             if self._engine is None:
                 from hyprstream_tui.tui.engine_link import make_engine
@@ -131,6 +132,24 @@ class Backend:
         engine = self.engine
         return run_in_background(run_chats, engine, specs, messages, params, request_ids=request_ids,
                                  on_event=on_event, cancel=cancel)
+
+    def chat_targets(self, model: str | None) -> tuple[list[str], str | None, list[str], set[str], int]:
+        """What can answer: (models, the chosen model, its adapters, those without weights, window).
+        With --remote, the server's /v1/models list; otherwise the local store."""
+        if self.remote:
+            ids = self.engine.model_ids()
+            models = sorted({i.partition(":")[0] for i in ids})
+            model = model if model in models else (models[0] if models else None)
+            adapters = sorted(i.partition(":")[2] for i in ids if model and i.startswith(model + ":"))
+            return models, model, adapters, set(), 0
+        models = [m.name for m in self.list_models()]
+        model = model if model in models else (models[0] if models else None)
+        adapters, untrained = [], set()
+        for a in self.list_adapters(model) if model else []:
+            adapters.append(a.name)
+            if not any(c.kind in ("checkpoint", "rollback") for c in self.log(model, a.uuid)):
+                untrained.add(a.name)
+        return models, model, adapters, untrained, self.context_window(model) if model else 0
 
     @staticmethod
     def reply_meta(done: Any, *, side: str = "a") -> dict[str, Any]:

@@ -109,9 +109,31 @@ class RemoteEngine:
     """`/v1/chat/completions` with SSE streaming; `model:adapter` names pass through unchanged."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 30.0) -> None:
+        import os
+
         self.url = url.rstrip("/") + "/"
-        self.api_key = api_key
+        self.api_key = api_key or os.environ.get("HYPRSTREAM_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
+
+    def model_ids(self) -> list[str]:
+        """`GET /v1/models`: ids such as `model` and `model:adapter`."""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(urljoin(self.url, "v1/models"), headers=self._headers())
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return [str(card["id"]) for card in json.loads(response.read()).get("data", [])]
+        except urllib.error.HTTPError as exc:
+            raise HubError(f"The server at {self.url} refused to list models ({exc.code}): {_error_text(exc)}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise HubError(f"Cannot list the models of {self.url} ({exc}): check --remote.") from None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
     def chat(self, spec: str, messages: Sequence[Mapping[str, str]], params: Any, *,
              on_event: Callable[[Any], None], request_id: str) -> RemoteJob:
@@ -137,10 +159,8 @@ class RemoteEngine:
                 "top_p": params.top_p, "max_tokens": params.max_tokens}
         if params.seed is not None:
             body["seed"] = params.seed
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(urljoin(self.url, "v1/chat/completions"), json.dumps(body).encode(), headers)
+        request = urllib.request.Request(urljoin(self.url, "v1/chat/completions"), json.dumps(body).encode(),
+                                         self._headers())
         started, pieces, finish = time.perf_counter(), [], "stop"
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout)

@@ -140,16 +140,7 @@ class ChatScreen(HyprScreen):
     # ---- targets -------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, exit_on_error=False, group="chat-targets")
     def load_targets(self, model: str | None, adapter: str | None) -> None:
-        b = self.backend
-        models = [m.name for m in b.list_models()]
-        if model not in models:
-            model = models[0] if models else None
-        adapters, untrained = [], set()
-        for a in b.list_adapters(model) if model else []:
-            adapters.append(a.name)
-            if not any(c.kind in ("checkpoint", "rollback") for c in b.log(model, a.uuid)):
-                untrained.add(a.name)
-        window = b.context_window(model) if model else 0
+        models, model, adapters, untrained, window = self.backend.chat_targets(model)
         self.app.call_from_thread(self._show_targets, models, model, adapters, adapter if adapter in adapters else None,
                                   window, untrained)
 
