@@ -627,7 +627,10 @@ def cmd_lora_merge(args: argparse.Namespace) -> int:
 
 # ---- inference (issue 3) ------------------------------------------------------------------------
 def add_infer_commands(sub: argparse._SubParsersAction) -> None:
-    """Registered by the engine work."""
+    """`infer` and `chat`: their parsers and handlers live beside the engine (no torch at import)."""
+    from hyprstream_tui.engine.cli_support import add_infer_commands as add
+
+    add(sub)
 
 
 # ---- server (issue 6) ---------------------------------------------------------------------------
