@@ -26,10 +26,6 @@ def _state(store) -> dict:
     return out
 
 
-def _infer_available(cli) -> bool:
-    return cli("infer", "--help").returncode == 0
-
-
 def _infer(cli, spec: str, question: str) -> str:
     result = cli("infer", spec, "--prompt", question, "--temperature", "0", "--max-tokens", "40", "--json")
     assert result.returncode == 0, result.stderr
@@ -72,9 +68,8 @@ def test_train_end_to_end_through_the_cli(cli, store, tiny_model_src, tmp_path):
 
     model_dir = store.model_dir("tiny")
     assert git(model_dir, "fsck", "--full", "--strict", check=False).returncode == 0
-    if _infer_available(cli):
-        assert [_infer(cli, "tiny:qa", q) for q in QUESTIONS] == list(ANSWERS)
-        assert all(_infer(cli, "tiny", q) != a for q, a in QA)
+    assert [_infer(cli, "tiny:qa", q) for q in QUESTIONS] == list(ANSWERS)
+    assert all(_infer(cli, "tiny", q) != a for q, a in QA)
     worktree = store.worktree("tiny", "qa")
     assert adapter_answers(model_dir, worktree / "adapter") == list(ANSWERS)
     base, tok = load_base(model_dir)
