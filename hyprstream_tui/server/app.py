@@ -22,8 +22,8 @@ from hyprstream_tui.engine.batching import Batcher
 from hyprstream_tui.errors import InvalidInput, NotFound
 from hyprstream_tui.server import errors
 from hyprstream_tui.server.generation import (
-    chat_messages, completion_prompt, finish_reason, sampling_params, start, stream_chunks,
-    usage, wait_done,
+    Chunks, chat_messages, completion_prompt, finish_reason, sampling_params, start,
+    stream_chunks, usage, wait_done,
 )
 from hyprstream_tui.server.schemas import (
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
@@ -132,21 +132,11 @@ def _routes(app: FastAPI, batcher: Batcher) -> None:
         params, fill = sampling_params(body)
         run = await start(batcher, body.model, prompt=completion_prompt(body), params=params,
                           fill=fill, param="prompt")
-        rid = f"cmpl-{run.job.request_id}"  # type: ignore[union-attr]
-
-        def chunk(*, delta: str | None, finish_reason: str | None, usage: dict | None = None) -> dict:
-            choices = [] if usage else [{"index": 0, "text": delta or "", "logprobs": None,
-                                         "finish_reason": finish_reason}]
-            out = {"id": rid, "object": "text_completion", "created": run.created,
-                   "model": body.model, "choices": choices}
-            return {**out, "usage": usage} if usage else out
-
+        chunks = Chunks(id=f"cmpl-{run.request_id}", created=run.created, model=body.model, chat=False)
         if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_chunks(run, chunk=chunk, include_usage=include),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return _streaming(run, chunks, body)
         done = await wait_done(run, request)
-        return Completion(id=rid, created=run.created, model=body.model, usage=usage(done),
+        return Completion(id=chunks.id, created=run.created, model=body.model, usage=usage(done),
                           choices=[CompletionChoice(index=0, text=done.text,
                                                     finish_reason=finish_reason(done))])
 
@@ -155,29 +145,21 @@ def _routes(app: FastAPI, batcher: Batcher) -> None:
         params, fill = sampling_params(body)
         run = await start(batcher, body.model, messages=chat_messages(body), params=params,
                           fill=fill, param="messages")
-        rid = f"chatcmpl-{run.job.request_id}"  # type: ignore[union-attr]
-
-        def chunk(*, delta: str | None, finish_reason: str | None, usage: dict | None = None,
-                  role: bool = False) -> dict:
-            message = {"role": "assistant", "content": ""} if role else (
-                {"content": delta} if delta is not None else {})
-            choices = [] if usage else [{"index": 0, "delta": message, "logprobs": None,
-                                         "finish_reason": finish_reason}]
-            out = {"id": rid, "object": "chat.completion.chunk", "created": run.created,
-                   "model": body.model, "choices": choices}
-            return {**out, "usage": usage} if usage else out
-
+        chunks = Chunks(id=f"chatcmpl-{run.request_id}", created=run.created, model=body.model,
+                        chat=True)
         if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            first = chunk(delta=None, finish_reason=None, role=True)
-            return StreamingResponse(
-                stream_chunks(run, chunk=chunk, include_usage=include, first=first),
-                media_type="text/event-stream", headers=SSE_HEADERS)
+            return _streaming(run, chunks, body)
         done = await wait_done(run, request)
         return ChatCompletion(
-            id=rid, created=run.created, model=body.model, usage=usage(done),
+            id=chunks.id, created=run.created, model=body.model, usage=usage(done),
             choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text),
                                 finish_reason=finish_reason(done))])
+
+
+def _streaming(run: Any, chunks: Chunks, body: Any) -> StreamingResponse:
+    include = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(stream_chunks(run, chunks, include_usage=include),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _model_cards(store: Any) -> list[ModelCard]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 from anyio import to_thread
 from fastapi import Request
@@ -116,6 +117,10 @@ class Run:
             except RuntimeError:  # the loop is gone (server shutting down)
                 pass
 
+    @property
+    def request_id(self) -> str:
+        return self.job.request_id if self.job is not None else ""
+
     def cancel(self) -> None:
         if self.job is not None:
             self.job.cancel()
@@ -195,27 +200,61 @@ def finish_reason(done: GenerationDone) -> str:
 
 
 # ---- streaming ------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Chunks:
+    """The bodies of one response's stream chunks, in OpenAI's completion or chat shape."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def _body(self, choices: list[dict], **extra: Any) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def _choice(self, text: str | None, finish: str | None, *, role: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta = {"role": "assistant", "content": ""} if role else (
+            {"content": text} if text is not None else {})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def first(self) -> dict | None:
+        """Chat streams open with the assistant's role."""
+        return self._body([self._choice(None, None, role=True)]) if self.chat else None
+
+    def text(self, text: str) -> dict:
+        return self._body([self._choice(text, None)])
+
+    def finish(self, reason: str) -> dict:
+        return self._body([self._choice(None, reason)])
+
+    def usage(self, usage: Usage) -> dict:
+        return self._body([], usage=usage.model_dump())
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_chunks(run: Run, *, chunk: Callable[..., dict], include_usage: bool,
-                        first: dict | None = None) -> AsyncIterator[str]:
-    """SSE text: optional first chunk, one per text delta, the finish chunk, usage, [DONE].
+async def stream_chunks(run: Run, chunks: Chunks, *, include_usage: bool) -> AsyncIterator[str]:
+    """SSE text: (chat) the role chunk, one chunk per text delta, the finish chunk, usage, [DONE].
 
-    `chunk(delta=..., finish_reason=...)` builds one chunk body. If the client goes away the
-    response task is cancelled here, and `finally` cancels the generation.
+    If the client goes away the response task is cancelled here, and `finally` cancels the
+    generation: the batch drops it within one step.
     """
     try:
-        if first is not None:
+        if (first := chunks.first()) is not None:
             yield sse(first)
         async for event in run.events():
             if isinstance(event, TokenDelta):
-                yield sse(chunk(delta=event.text, finish_reason=None))
+                yield sse(chunks.text(event.text))
             elif isinstance(event, GenerationDone):
-                yield sse(chunk(delta=None, finish_reason=finish_reason(event)))
+                yield sse(chunks.finish(finish_reason(event)))
                 if include_usage:
-                    yield sse(chunk(delta=None, finish_reason=None, usage=usage(event).model_dump()))
+                    yield sse(chunks.usage(usage(event)))
             else:
                 yield sse(_event_error(event).body())
         yield "data: [DONE]\n\n"

@@ -96,8 +96,8 @@ def test_cli_serve_end_to_end(served_store):
     proc = _serve(served_store.paths.home, "--port", str(port), "--max-batch", "2", "--threads", "1",
                   "--dtype", "float32", env={"HYPRSTREAM_API_KEY": "envkey"})
     try:
-        with Client(f"http://127.0.0.1:{port}", api_key="envkey", timeout=60) as c:
-            deadline = time.monotonic() + 60
+        with Client(f"http://127.0.0.1:{port}", api_key="envkey", timeout=180) as c:
+            deadline = time.monotonic() + 180
             while True:
                 try:
                     c.health()
