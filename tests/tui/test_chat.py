@@ -20,10 +20,10 @@ async def send(pilot, chat: ChatScreen, text: str, replies: int = 1) -> None:
     box = chat.query_one("#chat-input")
     box.value = text
     box.focus()
-    before = chat.log_view.deltas
+    before = chat.generations
     await pilot.press("enter")
-    await wait_for(pilot, lambda: chat.log_view.deltas > before or chat.log_view.pending, what="the reply to start")
-    await wait_for(pilot, lambda: not chat.log_view.pending and chat.request is None, what="the replies", timeout=120)
+    await wait_for(pilot, lambda: chat.generations > before and not chat.log_view.pending and chat.request is None,
+                   what="the replies", timeout=120)
 
 
 async def test_compare_regenerate_edit_train_and_conversations(demo_home):
@@ -52,8 +52,8 @@ async def test_compare_regenerate_edit_train_and_conversations(demo_home):
 
         # Regenerate: the same prompt answered again; the old replies are gone from screen and disk.
         await pilot.press("ctrl+r")
-        await wait_for(pilot, lambda: chat.request is not None or chat.log_view.pending, what="regenerating")
-        await wait_for(pilot, lambda: not chat.log_view.pending and chat.request is None, what="the new replies")
+        await wait_for(pilot, lambda: chat.generations == 2 and not chat.log_view.pending and chat.request is None,
+                       what="the new replies", timeout=120)
         assert [m.role for m in chat.log_view.messages()] == ["user", "assistant"]
         stored = app.backend.conversations.messages(conversation)
         assert [m.role for m in stored] == ["user", "assistant", "assistant"] and stored[0].content == "Hi"

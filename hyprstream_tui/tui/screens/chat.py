@@ -84,6 +84,7 @@ class ChatScreen(HyprScreen):
         self.request: Request | None = None
         self.window = 0
         self.untrained: set[str] = set()  # adapters without a checkpoint: nothing to load yet
+        self.generations = 0  # requests started (tests wait on it)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -236,6 +237,7 @@ class ChatScreen(HyprScreen):
 
     def _start(self, request: Request, user_message) -> None:
         self.request = request
+        self.generations += 1
         self._user_message = user_message
         self.log_view.add_replies([label_of(s) for s in request.specs], request.request_ids)
         self.generate(request)
