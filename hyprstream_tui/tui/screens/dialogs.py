@@ -110,6 +110,10 @@ class FormDialog(ModalScreen[Any]):
                 yield Button(self.submit_label, variant="primary", id="submit")
                 yield Button("Cancel", id="cancel")
 
+    def on_mount(self) -> None:
+        if self.fields:
+            self.query_one(f"#field-{self.fields[0].name}").focus()
+
     def values(self) -> dict[str, str]:
         out = {}
         for f in self.fields:
