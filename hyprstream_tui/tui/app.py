@@ -19,7 +19,7 @@ from hyprstream_tui.errors import Cancelled, HyprError
 from hyprstream_tui.tui.backend import Backend
 from hyprstream_tui.tui.messages import Target, TargetChanged
 from hyprstream_tui.tui.priority import SwitchInterval
-from hyprstream_tui.tui.screens.dialogs import ErrorDialog
+from hyprstream_tui.tui.screens.dialogs import ConfirmDialog, ErrorDialog
 from hyprstream_tui.tui.screens.models import ModelsScreen
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,22 @@ class HyprApp(App[int]):
     def on_unmount(self) -> None:
         self._switch_interval.__exit__()
         self.backend.close()
+
+    async def action_quit(self) -> None:
+        """Quit; a running training run is asked about first, then stops after its step and commits."""
+        training = [job for job in self.backend.running_jobs() if job.startswith("training")]
+        if not training:
+            self.exit()
+            return
+        question = (f"{training[0][0].upper() + training[0][1:]} is running. Quit anyway? It stops after the current "
+                    "step and commits a checkpoint, so a later start resumes there.")
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.backend.stop_all()
+                self.exit()
+
+        self.push_screen(ConfirmDialog(question, title="Quit", yes="Quit"), answer)
 
     # ---- navigation ----------------------------------------------------------------------------
     def open_chat(self, model: str, adapter: str | None = None, commit: str | None = None, *,

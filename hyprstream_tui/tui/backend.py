@@ -10,8 +10,9 @@ from __future__ import annotations
 import shutil
 import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from hyprstream_tui.errors import HyprError, InvalidInput
 from hyprstream_tui.settings import Paths
@@ -32,6 +33,7 @@ class Backend:
         self._engine: Any = None
         self._heavy_lock = threading.Lock()
         self._heavy_done = False
+        self._running: dict[threading.Event, str] = {}  # cancel token -> what it stops
 
     # ---- lazily created services ---------------------------------------------------------------
     @property
@@ -78,7 +80,30 @@ class Backend:
         self.store  # noqa: B018 - pygit2
         self.heavy()
 
+    # ---- jobs that must stop when the app does ---------------------------------------------------
+    @contextmanager
+    def _job(self, cancel: threading.Event, what: str) -> Iterator[None]:
+        with self._lock:
+            self._running[cancel] = what
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop(cancel, None)
+
+    def running_jobs(self) -> list[str]:
+        with self._lock:
+            return sorted(self._running.values())
+
+    def stop_all(self) -> None:
+        """Ask every running generation and training job to stop (training commits its step first)."""
+        with self._lock:
+            tokens = list(self._running)
+        for cancel in tokens:
+            cancel.set()
+
     def close(self) -> None:
+        self.stop_all()
         with self._lock:
             engine, self._engine = self._engine, None
             conversations, self._conversations = self._conversations, None
@@ -130,8 +155,9 @@ class Backend:
         from hyprstream_tui.tui.priority import run_in_background
 
         engine = self.engine
-        return run_in_background(run_chats, engine, specs, messages, params, request_ids=request_ids,
-                                 on_event=on_event, cancel=cancel)
+        with self._job(cancel, "a chat reply"):
+            return run_in_background(run_chats, engine, specs, messages, params, request_ids=request_ids,
+                                     on_event=on_event, cancel=cancel)
 
     def chat_targets(self, model: str | None) -> tuple[list[str], str | None, list[str], set[str], int]:
         """What can answer: (models, the chosen model, its adapters, those without weights, window).
@@ -228,7 +254,7 @@ class Backend:
         return total
 
     def train(self, model: str, adapter: str, config: Any, *, on_event: Callable[[Any], None],
-              cancel: threading.Event) -> Any:
+              cancel: threading.Event, name: str | None = None) -> Any:
         """Run a training job to its end (or until `cancel`); returns TrainFinished."""
         from hyprstream_tui.engine.train.job import TrainJob
 
@@ -236,7 +262,8 @@ class Backend:
 
         self.heavy()
         job = TrainJob(self.store, model, adapter, config, on_event=on_event, cancel=cancel)
-        return run_in_background(job.run)
+        with self._job(cancel, f"training of {name or adapter} on {model}"):
+            return run_in_background(job.run)
 
     def train_status(self, model: str, adapter: str) -> Any:
         from hyprstream_tui.engine.train.job import train_status

@@ -165,3 +165,34 @@ async def test_rollback_while_training_and_a_bug_in_a_worker_show_dialogs(demo_h
         message = await close_error(pilot)
         assert message.startswith("Unexpected ZeroDivisionError: boom") and "bug" in message
         assert isinstance(app.screen, HistoryScreen) and app.is_running
+
+
+async def test_quitting_while_training_asks_then_commits_the_step(demo_home):
+    import time
+
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+    from hyprstream_tui.store.locks import is_locked
+    from hyprstream_tui.tui.screens.dialogs import ConfirmDialog
+
+    info = add_adapter(demo_home)
+    store = Store(Paths.from_env(demo_home))
+    app = HyprApp(home=demo_home, warm_up=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f3")
+        screen = await wait_for(pilot, lambda: isinstance(app.screen, TrainingScreen) and app.screen.selected
+                                and app.screen)
+        dialog = await open_form(pilot, "s")
+        await submit(pilot, dialog, {"steps": "5000", "checkpoint_every": "5000"})
+        job = await wait_for(pilot, lambda: next(iter(screen.jobs.values()), None), what="the job")
+        await wait_for(pilot, lambda: job.step, what="a step", timeout=120)
+        await pilot.press("ctrl+q")
+        confirm = await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog) and app.screen)
+        assert "training of quiz on tiny-demo is running" in confirm.question.lower()
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not app.is_running, what="the app to exit", timeout=10)
+    deadline = time.monotonic() + 60
+    while is_locked(store.train_lock_path("tiny-demo", info.uuid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    last = store.log("tiny-demo", "quiz")[0]
+    assert last.kind == "checkpoint" and 0 < last.step < 5000

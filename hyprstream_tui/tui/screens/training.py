@@ -390,7 +390,8 @@ class TrainingScreen(HyprScreen):
 
     @work(thread=True, exclusive=False, exit_on_error=False, group="train")
     def train(self, job: Job, config) -> Any:
-        return self.backend.train(job.model, job.uuid, config, on_event=job.events.push, cancel=job.cancel)
+        return self.backend.train(job.model, job.uuid, config, on_event=job.events.push, cancel=job.cancel,
+                                  name=job.name)
 
     def worker_finished(self, worker: Worker, state: WorkerState) -> None:
         if worker.group != "train":
