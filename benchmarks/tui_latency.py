@@ -304,6 +304,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds to get both jobs running")
     ap.add_argument("--plain", action="store_true", help="HYPRSTREAM_TUI_YIELD=0 in the app")
     ap.add_argument("--skip-paint", action="store_true")
+    ap.add_argument("--skip-load", action="store_true", help="first paint only")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=("paint", "load"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -319,14 +320,15 @@ def main() -> None:
         os.environ["HYPRSTREAM_TUI_YIELD"] = "0"
     with tempfile.TemporaryDirectory(prefix="hs-tui-bench-") as tmp:
         t = time.perf_counter()
-        home = prepare(Path(tmp), args.layers)
+        home = prepare(Path(tmp), 1 if args.skip_load else args.layers)
         print(f"built and imported the {args.layers}-layer Qwen2.5-0.5B-shaped model in "
               f"{time.perf_counter() - t:.1f}s", file=sys.stderr)
         result = {"layers": args.layers, "threads": args.threads, "cpus": os.cpu_count(),
                   "load_average_before": round(os.getloadavg()[0], 2), "yield": not args.plain}
         if not args.skip_paint:
             result.update(first_paint(home, args.paint_runs, args.threads))
-        result.update(under_load(home, args.keys, args.threads, args.timeout))
+        if not args.skip_load:
+            result.update(under_load(home, args.keys, args.threads, args.timeout))
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -140,6 +140,12 @@ class ConversationStore:
         return [StoredMessage(id=r[0], conversation_id=r[1], role=r[2], content=r[3], meta=json.loads(r[4] or "{}"),
                               created=r[5]) for r in rows]
 
+    def delete_messages(self, conversation_id: int, ids: list[int]) -> None:
+        """Delete exactly these messages (a regenerated reply, an edited prompt and what followed)."""
+        if ids:
+            marks = ",".join("?" * len(ids))
+            self._run(f"DELETE FROM messages WHERE conversation_id=? AND id IN ({marks})", (conversation_id, *ids))
+
     def truncate(self, conversation_id: int, *, from_message: int) -> None:
         """Delete message `from_message` and every later one (regenerate, edit and resend)."""
         self._run("DELETE FROM messages WHERE conversation_id=? AND id>=?", (conversation_id, from_message))

@@ -39,8 +39,11 @@ def test_conversations_are_saved_renamed_exported_and_deleted(tmp_path):
     lines = [json.loads(line) for line in store.export_jsonl(conv.id).splitlines()]
     assert lines[0] == {"role": "user", "content": "Hi *there*"} and lines[1]["meta"] == meta
 
+    later = store.add_message(conv.id, "user", "again")
+    store.delete_messages(conv.id, [user.id])
+    assert [m.content for m in store.messages(conv.id)] == ["Hello.", "again"]
     store.truncate(conv.id, from_message=user.id)
-    assert store.messages(conv.id) == []
+    assert store.messages(conv.id) == [] and later.id > user.id
     with pytest.raises(InvalidInput):
         store.rename(conv.id, "   ")
     with pytest.raises(InvalidInput):

@@ -20,26 +20,15 @@ from textual.worker import Worker, WorkerState
 from hyprstream_tui.errors import InvalidInput
 from hyprstream_tui.tui.batch import UI_HZ
 from hyprstream_tui.tui.messages import TargetChanged
+from hyprstream_tui.tui.targets import label_of, spec_of
 from hyprstream_tui.tui.screens.base import HyprScreen
-from hyprstream_tui.tui.screens.conversations import ConversationsDialog
+from hyprstream_tui.tui.screens.chat_conversations import ConversationActions
 from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, PickDialog
 from hyprstream_tui.tui.widgets.chat_log import ChatLog
 from hyprstream_tui.tui.widgets.context_meter import ContextMeter
 from hyprstream_tui.tui.widgets.params_panel import ParamsPanel
 
 BASE = "__base__"
-
-
-def spec_of(model: str, adapter: str | None, rev: str | None) -> str:
-    return model + (f":{adapter}" if adapter else "") + (f"@{rev}" if adapter and rev else "")
-
-
-def label_of(spec: str) -> str:
-    model, _, rest = spec.partition(":")
-    if not rest:
-        return f"{model} (base)"
-    adapter, _, rev = rest.partition("@")
-    return f"{adapter}@{rev[:7]}" if rev else adapter
 
 
 @dataclass
@@ -56,7 +45,7 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-class ChatScreen(HyprScreen):
+class ChatScreen(ConversationActions, HyprScreen):
     MODE_TITLE = "Chat"
     MODE = "chat"
     AUTO_FOCUS = "#chat-input"
@@ -291,14 +280,6 @@ class ChatScreen(HyprScreen):
             self.request.cancel.set()
 
     # ---- regenerate, edit, conversations -------------------------------------------------------
-    def _truncate(self, ids: list[int]) -> None:
-        if ids and self.conversation_id is not None:
-            self.truncate(self.conversation_id, min(ids))
-
-    @work(thread=True, exit_on_error=False, group="chat-store")
-    def truncate(self, conversation_id: int, from_message: int) -> None:
-        self.backend.conversations.truncate(conversation_id, from_message=from_message)
-
     def action_regenerate(self) -> None:
         if self.log_view.streaming:
             return
@@ -308,7 +289,7 @@ class ChatScreen(HyprScreen):
         messages = self.log_view.messages()
         upto = messages.index(last_user) + 1
         if messages[upto:]:
-            self._truncate(self.log_view.remove_from(messages[upto]))
+            self._forget(self.log_view.remove_from(messages[upto]))
         request = self._request(None, messages[:upto])
         if request is not None:
             self._start(request, last_user)
@@ -320,7 +301,7 @@ class ChatScreen(HyprScreen):
         if last_user is None:
             return
         text = last_user.text
-        self._truncate(self.log_view.remove_from(last_user))
+        self._forget(self.log_view.remove_from(last_user))
         prompt = self.query_one("#chat-input", Input)
         prompt.value = text
         prompt.focus()
@@ -361,69 +342,6 @@ class ChatScreen(HyprScreen):
 
     def action_toggle_provenance(self) -> None:
         self.log_view.set_provenance(not self.log_view.show_provenance)
-
-    def action_new_conversation(self) -> None:
-        if self.log_view.streaming:
-            return
-        self.conversation_id = None
-        self.log_view.clear_log()
-        self.query_one(ContextMeter).set_usage(used=0, dropped=0)
-
-    def action_conversations(self) -> None:
-        self.list_conversations()
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="chat-store")
-    def list_conversations(self) -> None:
-        conversations = self.backend.conversations.list()
-        self.app.call_from_thread(self.app.push_screen, ConversationsDialog(conversations), self._conversation_action)
-
-    def _conversation_action(self, choice: tuple[str, int] | None) -> None:
-        if choice is None:
-            return
-        action, conversation_id = choice
-        if action == "rename":
-            self.app.push_screen(FormDialog("Rename conversation", [Field("title", "Title")], submit="Rename"),
-                                 lambda v: v and self.conversation_op("rename", conversation_id, v["title"]))
-        else:
-            self.conversation_op(action, conversation_id)
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="chat-store")
-    def conversation_op(self, action: str, conversation_id: int, title: str = "") -> None:
-        store = self.backend.conversations
-        if action == "open":
-            conv, messages = store.get(conversation_id), store.messages(conversation_id)
-            self.app.call_from_thread(self._open_conversation, conv, messages)
-        elif action == "rename":
-            store.rename(conversation_id, title)
-            self.app.call_from_thread(self.notify, "Renamed.")
-        elif action == "delete":
-            store.delete(conversation_id)
-            if conversation_id == self.conversation_id:
-                self.app.call_from_thread(self.action_new_conversation)
-            self.app.call_from_thread(self.notify, "Deleted the conversation.")
-        elif action in ("markdown", "jsonl"):
-            path = self.backend.export_conversation(conversation_id, action)
-            self.app.call_from_thread(self.notify, f"Exported to {path}")
-
-    def _open_conversation(self, conv, messages) -> None:
-        if self.log_view.streaming:
-            return
-        self.log_view.clear_log()
-        self.conversation_id = conv.id
-        for m in messages:
-            if m.role == "user":
-                self.log_view.add_user(m.content, message_id=m.id)
-            elif m.role == "assistant":
-                prov = m.meta.get("provenance") or {}
-                label = label_of(spec_of(prov.get("model", conv.model), prov.get("adapter"), None))
-                self.log_view.add_saved_reply(m.content, label=label, meta=m.meta, message_id=m.id,
-                                              pair_with_last=m.meta.get("side") == "b")
-        last = next((m for m in reversed(messages) if m.role == "assistant"), None)
-        usage = (last.meta.get("usage") or {}) if last else {}
-        self.query_one(ContextMeter).set_usage(used=usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
-                                               dropped=last.meta.get("dropped_messages", 0) if last else 0)
-        if conv.model:
-            self.load_targets(conv.model, conv.adapter or None)
 
     # ---- chat, correct, train ------------------------------------------------------------------
     def action_to_training(self) -> None:

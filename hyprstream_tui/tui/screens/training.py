@@ -17,14 +17,13 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Select, Static
 from textual.worker import Worker, WorkerState
 
-from hyprstream_tui import names
-from hyprstream_tui.errors import InvalidInput
 from hyprstream_tui.tui import format as fmt
 from hyprstream_tui.tui.batch import UI_HZ, Buffer
 from hyprstream_tui.tui.compare import metric_curve
 from hyprstream_tui.tui.messages import TargetChanged
 from hyprstream_tui.tui.screens.base import HyprScreen
 from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, TextDialog
+from hyprstream_tui.tui.screens.training_forms import check_adapter, check_sample, check_train
 from hyprstream_tui.tui.widgets.adapter_table import AdapterRow, AdapterTable
 from hyprstream_tui.tui.widgets.loss_plot import LossPlot
 
@@ -62,38 +61,6 @@ class Selected:
     curve: list = field(default_factory=list)
     samples: int = 0
     status: Any = None
-
-
-def check_adapter(values: dict[str, str]) -> dict[str, Any]:
-    name = names.adapter_name(values["name"].strip())
-    try:
-        rank, alpha = int(values["rank"]), float(values["alpha"])
-    except ValueError:
-        raise InvalidInput("Rank must be a whole number and alpha a number, e.g. rank 8, alpha 16.") from None
-    if rank <= 0 or alpha <= 0:
-        raise InvalidInput(f"Rank and alpha must be positive, got rank {rank} and alpha {alpha}.")
-    return {"name": name, "rank": rank, "alpha": alpha}
-
-
-def check_sample(values: dict[str, str]) -> dict[str, str]:
-    from hyprstream_tui.engine.train.data import check_row
-
-    return check_row({"input": values["input"], "output": values["output"]}, "The sample")
-
-
-def check_train(values: dict[str, str]):
-    from hyprstream_tui.engine.train.config import TrainConfig
-
-    def number(key: str, cast):
-        text = values[key].strip()
-        try:
-            return cast(text)
-        except ValueError:
-            raise InvalidInput(f"{key.replace('_', ' ').capitalize()} must be a number, got {text!r}.") from None
-
-    return TrainConfig(steps=number("steps", int), learning_rate=number("learning_rate", float),
-                       batch_size=number("batch_size", int), checkpoint_every=number("checkpoint_every", int),
-                       new_run=values["new_run"].strip().lower() in ("y", "yes", "1", "true"))
 
 
 class TrainingScreen(HyprScreen):

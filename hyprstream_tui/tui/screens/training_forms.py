@@ -1,0 +1,41 @@
+"""The Training screen's forms: raw text in, checked values out (or one line saying what is wrong).
+They run when a form is submitted, on the UI thread: cheap checks only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hyprstream_tui import names
+from hyprstream_tui.errors import InvalidInput
+
+
+def check_adapter(values: dict[str, str]) -> dict[str, Any]:
+    name = names.adapter_name(values["name"].strip())
+    try:
+        rank, alpha = int(values["rank"]), float(values["alpha"])
+    except ValueError:
+        raise InvalidInput("Rank must be a whole number and alpha a number, e.g. rank 8, alpha 16.") from None
+    if rank <= 0 or alpha <= 0:
+        raise InvalidInput(f"Rank and alpha must be positive, got rank {rank} and alpha {alpha}.")
+    return {"name": name, "rank": rank, "alpha": alpha}
+
+
+def check_sample(values: dict[str, str]) -> dict[str, str]:
+    from hyprstream_tui.engine.train.data import check_row
+
+    return check_row({"input": values["input"], "output": values["output"]}, "The sample")
+
+
+def check_train(values: dict[str, str]):
+    from hyprstream_tui.engine.train.config import TrainConfig
+
+    def number(key: str, cast):
+        text = values[key].strip()
+        try:
+            return cast(text)
+        except ValueError:
+            raise InvalidInput(f"{key.replace('_', ' ').capitalize()} must be a number, got {text!r}.") from None
+
+    return TrainConfig(steps=number("steps", int), learning_rate=number("learning_rate", float),
+                       batch_size=number("batch_size", int), checkpoint_every=number("checkpoint_every", int),
+                       new_run=values["new_run"].strip().lower() in ("y", "yes", "1", "true"))
