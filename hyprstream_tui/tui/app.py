@@ -44,6 +44,8 @@ def preload_screens() -> None:
         importlib.import_module(module)
 
 
+WARM_UP_DELAY_S = 0.3
+
 MODE_KEYS = (("models", "f1", "Models"), ("chat", "f2", "Chat"), ("training", "f3", "Train"),
              ("history", "f4", "History"))
 
@@ -62,6 +64,7 @@ class HyprApp(App[int]):
         super().__init__()
         self.backend = backend or Backend(home=home, remote=remote)
         self.demo_offered = False
+        self.painted = False  # the first frame is on the terminal (events.Ready)
         self.pending: dict[str, Target] = {}  # mode -> what it should show when it resumes
         self.errors: list[str] = []  # every error shown, newest last (tests and the log read it)
         self._warm_up = warm_up
@@ -69,10 +72,17 @@ class HyprApp(App[int]):
 
     def on_mount(self) -> None:
         self._switch_interval.__enter__()
+
+    def on_ready(self) -> None:
+        """The first frame is on the terminal: now load what it did not need (imports hold the GIL,
+        so they must not race the first paint)."""
+        self.painted = True
+        for stack in self._screen_stacks.values():
+            if stack and hasattr(stack[0], "first_frame"):
+                stack[0].first_frame()
         if self._warm_up:
-            # After the first paint: the event loop is free again, so this costs the user nothing.
-            self.call_after_refresh(lambda: self.run_worker(self._warm_up_work, thread=True, exclusive=True,
-                                                            exit_on_error=False, group="warm-up"))
+            self.set_timer(WARM_UP_DELAY_S, lambda: self.run_worker(self._warm_up_work, thread=True, exclusive=True,
+                                                                    exit_on_error=False, group="warm-up"))
 
     def _warm_up_work(self) -> None:
         from hyprstream_tui.tui.priority import run_in_background

@@ -76,6 +76,10 @@ class ModelsScreen(HyprScreen):
     def on_mount(self) -> None:
         super().on_mount()
         self.set_interval(1 / UI_HZ, self._tick_progress)
+        if self.hypr.painted:  # else the app calls first_frame(): listing imports pygit2 (GIL) while it paints
+            self.load_models()
+
+    def first_frame(self) -> None:
         self.load_models()
 
     def on_mode_entered(self) -> None:
