@@ -1,7 +1,7 @@
 """Serving throughput with continuous batching: 1, 4 and 8 concurrent streaming clients.
 
     python benchmarks/serve.py [--threads 2] [--new 128] [--clients 1,4,8] [--rounds 2]
-                               [--dtype bfloat16|float32|auto]
+                               [--dtype bfloat16|float32|auto] [--quantize int8]
 
 A random-weight model with the real Qwen2.5-0.5B architecture (config below, no download), stored
 in bf16 and served (default `--dtype bfloat16`) by `hyprstream serve` in its own process on
@@ -105,7 +105,7 @@ def start_server(home: Path, port: int, args: argparse.Namespace) -> subprocess.
                TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "hyprstream_tui", "--home", str(home), "serve", "--port", str(port),
            "--threads", str(args.threads), "--dtype", args.dtype, "--max-batch", str(max(args.clients)),
-           "--max-queue", "64"]
+           "--max-queue", "64", *(["--quantize", args.quantize] if args.quantize else [])]
     return subprocess.Popen(cmd, cwd=ROOT, env=env)
 
 
@@ -198,7 +198,7 @@ async def bench(args: argparse.Namespace, url: str) -> list[dict]:
 
 
 def report(args: argparse.Namespace, rows: list[dict]) -> None:
-    print(f"\nQwen2.5-0.5B architecture, random weights served in {args.dtype}; server --threads {args.threads}; "
+    print(f"\nQwen2.5-0.5B architecture, random weights served in {args.dtype}{' int8' if args.quantize else ''}; server --threads {args.threads}; "
           f"{args.new} new tokens per request, {PROMPT_TOKENS}-token prompts, greedy, "
           f"{args.rounds} round(s) per row; {os.cpu_count()} CPUs, load average at the end "
           f"{os.getloadavg()[0]:.1f} (other processes share these cores)")
@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128, help="tokens per request")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "auto"],
                    help="the server's --dtype (weights are stored in bf16)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="the server's --quantize")
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     p.add_argument("--rounds", type=int, default=2, help="rounds per client count")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hyprstream-bench-serve")

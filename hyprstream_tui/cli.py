@@ -645,6 +645,8 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="another Host name to answer (besides loopback and --host); repeatable")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 weights (CPU; base models only): batches scale best with it on CPUs without native bf16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     p.set_defaults(func=cmd_serve)
 
@@ -663,8 +665,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hyprstream_tui.engine.loader import LoadOptions
     from hyprstream_tui.server.app import create_app
 
-    engine = Engine(store=_store(args), max_models=args.max_models, options=LoadOptions(dtype=args.dtype),
-                    threads=args.threads)
+    engine = Engine(store=_store(args), max_models=args.max_models, threads=args.threads,
+                    options=LoadOptions(dtype=args.dtype, quantize=args.quantize))
     app = create_app(engine, api_key=api_key, max_queue=args.max_queue, max_batch=args.max_batch,
                      bind=args.host, allowed_hosts=args.allowed_host)
     print(f"hyprstream serving on http://{args.host}:{args.port}/v1 (OpenAPI at /docs)", file=sys.stderr)

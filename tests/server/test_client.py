@@ -120,3 +120,16 @@ def test_cli_serve_refuses_a_public_address_without_a_key(served_store):
     assert proc.returncode == 2
     assert err.startswith("error: Refusing to listen on 0.0.0.0 without an API key")
     assert "Traceback" not in err
+
+
+def test_int8_server_batches_and_refuses_adapters(served_store):
+    from hyprstream_tui.engine.engine import Engine
+    from hyprstream_tui.engine.loader import LoadOptions
+
+    engine = Engine(store=served_store, options=LoadOptions(quantize="int8"), threads=1)
+    with live_server(make_app(engine, max_batch=4)) as live, Client(live.url) as c:
+        texts = [c.generate(model="tiny", prompt=LONG_PROMPT, temperature=0, max_tokens=8).text
+                 for _ in range(2)]
+        assert texts[0] == texts[1]
+        with pytest.raises(InvalidInput, match="quantize"):
+            c.chat(model="tiny:qa", messages=CHAT, max_tokens=4)
