@@ -173,8 +173,10 @@ def under_load(home: Path, keys: int, threads: int, timeout: float) -> dict:
             while not ready.exists():
                 if term.proc.poll() is not None or time.monotonic() > deadline:
                     status = Path(str(out) + ".status")
+                    log = Path(str(out) + ".log")
                     raise SystemExit("the app did not get both jobs running; its last status: "
-                                     + (status.read_text() if status.exists() else "none"))
+                                     + (status.read_text() if status.exists() else "none")
+                                     + (("\n" + log.read_text()) if log.exists() else ""))
                 time.sleep(0.1)
             latencies, missed = [], 0
             rng = random.Random(0)
@@ -224,6 +226,9 @@ def child_paint(out: str) -> None:
 
 
 def child_load(ready: str, stop: str, out: str) -> None:
+    import logging
+
+    logging.basicConfig(filename=out + ".log", level=logging.ERROR)  # worker tracebacks, if any
     from hyprstream_tui.engine.train.config import TrainConfig
     from hyprstream_tui.tui.app import HyprApp
     from hyprstream_tui.tui.screens.chat import ChatScreen

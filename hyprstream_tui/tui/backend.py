@@ -34,6 +34,10 @@ class Backend:
         self._heavy_lock = threading.Lock()
         self._heavy_done = False
         self._running: dict[threading.Event, str] = {}  # cancel token -> what it stops
+        # Held while a job loads weights. transformers sets torch's process-wide default dtype while
+        # it builds a model; a load overlapping another load or a generation in this process can
+        # leave tensors (or the default itself) in the wrong dtype. Jobs load one at a time.
+        self.load_gate = threading.Lock()
 
     # ---- lazily created services ---------------------------------------------------------------
     @property
@@ -142,7 +146,8 @@ class Backend:
         self.heavy()
         tmp = self.paths.cache / f"demo-{uuid.uuid4().hex[:8]}"
         try:
-            build_demo_model(tmp)
+            with self.load_gate:
+                build_demo_model(tmp)
             return self.store.import_model(tmp, name=DEMO_NAME)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +162,8 @@ class Backend:
         engine = self.engine
         with self._job(cancel, "a chat reply"):
             return run_in_background(run_chats, engine, specs, messages, params, request_ids=request_ids,
-                                     on_event=on_event, cancel=cancel)
+                                     on_event=on_event, cancel=cancel,
+                                     load_gate=None if self.remote else self.load_gate)
 
     def chat_targets(self, model: str | None) -> tuple[list[str], str | None, list[str], set[str], int]:
         """What can answer: (models, the chosen model, its adapters, those without weights, window).
@@ -258,12 +264,27 @@ class Backend:
         """Run a training job to its end (or until `cancel`); returns TrainFinished."""
         from hyprstream_tui.engine.train.job import TrainJob
 
+        from hyprstream_tui.engine.train.job import TrainFailed, TrainStarted
         from hyprstream_tui.tui.priority import run_in_background
 
         self.heavy()
-        job = TrainJob(self.store, model, adapter, config, on_event=on_event, cancel=cancel)
-        with self._job(cancel, f"training of {name or adapter} on {model}"):
-            return run_in_background(job.run)
+        loaded = threading.Event()
+
+        def relay(event: Any) -> None:
+            if isinstance(event, (TrainStarted, TrainFailed)) and not loaded.is_set():
+                loaded.set()
+                self.load_gate.release()  # the model is loaded (or never will be)
+            on_event(event)
+
+        self.load_gate.acquire()
+        try:
+            job = TrainJob(self.store, model, adapter, config, on_event=relay, cancel=cancel)
+            with self._job(cancel, f"training of {name or adapter} on {model}"):
+                return run_in_background(job.run)
+        finally:
+            if not loaded.is_set():
+                loaded.set()
+                self.load_gate.release()
 
     def train_status(self, model: str, adapter: str) -> Any:
         from hyprstream_tui.engine.train.job import train_status

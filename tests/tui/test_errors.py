@@ -196,3 +196,36 @@ async def test_quitting_while_training_asks_then_commits_the_step(demo_home):
         time.sleep(0.05)
     last = store.log("tiny-demo", "quiz")[0]
     assert last.kind == "checkpoint" and 0 < last.step < 5000
+
+
+async def test_training_and_chat_started_together_on_a_bf16_model(home, tmp_path):
+    """transformers sets torch's global default dtype while it builds a model: a chat and a training
+    run that load at the same moment must not leave each other's tensors in the wrong dtype."""
+    from hyprstream_tui.engine.tiny import build_tiny_model
+    from hyprstream_tui.engine.train.samples import add_samples
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    store = Store(Paths.from_env(home))
+    store.import_model(build_tiny_model(tmp_path / "bf16", dtype="bfloat16"), name="tiny-bf16")
+    store.create_adapter("tiny-bf16", "quiz")
+    add_samples(store, "tiny-bf16", "quiz", [{"input": f"q{i}", "output": f"a{i}"} for i in range(4)])
+    app = HyprApp(home=home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f3")
+        training = await wait_for(pilot, lambda: isinstance(app.screen, TrainingScreen) and app.screen.selected
+                                  and app.screen)
+        dialog = await open_form(pilot, "s")
+        await submit(pilot, dialog, {"steps": "10", "checkpoint_every": "10"})
+        await pilot.press("f2")
+        chat = await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model and app.screen)
+        chat.params.set_values(temperature=0, max_tokens=16)
+        chat.query_one("#chat-input").value = "Hello"
+        chat.query_one("#chat-input").focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.generations == 1 and not chat.log_view.pending and chat.request is None,
+                       what="the reply", timeout=120)
+        await wait_for(pilot, lambda: not training.jobs, what="training", timeout=180)
+        assert app.errors == []
+        assert chat.log_view.last_reply().meta["finish_reason"] in ("eos", "length")
+    assert store.log("tiny-bf16", "quiz")[0].step == 10
