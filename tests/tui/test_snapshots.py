@@ -28,7 +28,9 @@ def fixed_demo_src() -> Path:
     """The demo model at a fixed path: the import commit records its source path."""
     from hyprstream_tui.engine.tiny import build_demo_model
 
-    dest = Path(tempfile.gettempdir()) / "hyprstream-tui-snapshots" / "tiny-demo"
+    # /tmp, not $TMPDIR: the path is part of the snapshot (the Models screen shows the import source).
+    root = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+    dest = root / "hyprstream-tui-snapshots" / "tiny-demo"
     shutil.rmtree(dest, ignore_errors=True)
     return build_demo_model(dest)
 
