@@ -16,7 +16,8 @@ MAX_SEED = 2**63 - 1
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON `false` is not the integer 0 and `true` is not the number 1.0, as the schema says
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):

@@ -72,6 +72,7 @@ def test_empty_messages_prompt_and_wrong_roles_are_400(live):
     ("n", 2), ("stop", [""]), ("stop", ["s"] * 17), ("stop", 5), ("top_k", -1), ("min_p", 1.0),
     ("repetition_penalty", 0), ("stream", "maybe"), ("unknown_field", 1), ("logprobs", 2),
     ("echo", True), ("presence_penalty", 0.5), ("model", ""),
+    ("top_k", False), ("max_tokens", True), ("temperature", True), ("seed", "7"), ("stream", 1),
 ])
 def test_invalid_parameters_are_400_naming_the_field(live, field, value):
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, field: value}

@@ -7,6 +7,8 @@ path runs too; the number of examples is bounded to keep this under a minute.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -47,8 +49,13 @@ def api_schema(fuzzed):
     return loaded
 
 
+# The default run is derandomized so CI is reproducible; the long run explores with fresh seeds.
+LONG = os.environ.get("HYPRSTREAM_LONG_TESTS") == "1"
+
+
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400 if LONG else 40, derandomize=not LONG, deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_served_schema_holds(case):
     response = case.call_and_validate(checks=CHECKS, timeout=60)
     if case.path.endswith("completions"):
