@@ -728,6 +728,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:  # a full disk is never a bug, wherever a library reported it
+        from hyprstream_tui.errors import StorageError, is_disk_full
+
+        if args.debug or not is_disk_full(exc):
+            raise
+        print(f"error: Not enough disk space for `hyprstream {args.command}`: free some space and try again "
+              "(what was committed before is kept).", file=sys.stderr)
+        return StorageError.exit_code
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Tracebacks are for bugs; the CLI prints `error: <message>` for these and exits w
 
 from __future__ import annotations
 
+import errno
+
 
 class HyprError(Exception):
     """A user-facing failure. The message is one line and says what to do next."""
@@ -60,3 +62,22 @@ class Cancelled(HyprError):
     """The user stopped a long operation; what was complete is kept."""
 
     exit_code = 130
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# How a full disk or a file-size limit reads when a library (libgit2, safetensors' Rust writer)
+# reports it as text instead of an OSError with its errno.
+_DISK_FULL_TEXT = ("no space left on device", "file too large", "disk quota exceeded",
+                   "os error 28", "os error 27", "os error 122")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write that failed because the disk (or quota, or file-size limit) is full."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(exc).lower()
+    return any(needle in text for needle in _DISK_FULL_TEXT)
+
+
+def disk_full(what: str) -> StorageError:
+    return StorageError(f"Not enough disk space while {what}: free some space and try again (nothing was changed).")

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hyprstream_tui.errors import StorageError
+from hyprstream_tui.errors import StorageError, disk_full, is_disk_full
 
 TMP_SUFFIX = ".incomplete"
 
@@ -32,8 +32,8 @@ def fsync_dir(path: Path) -> None:
 
 def disk_error(exc: OSError, what: str) -> StorageError:
     """Turn an OSError into one clear line; ENOSPC/EFBIG get their own advice."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return StorageError(f"Not enough disk space while {what}: free some space and try again (nothing was changed).")
+    if is_disk_full(exc):  # also libgit2's errno-less OSError "failed to write out file: File too large"
+        return disk_full(what)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"Permission denied while {what} ({exc.filename}): check the folder's permissions.")
     return StorageError(f"Could not finish {what}: {exc.strerror or exc} ({exc.filename or ''}).")

@@ -17,8 +17,8 @@ from typing import Iterator, Mapping
 import pygit2
 from pygit2.enums import FileMode
 
-from hyprstream_tui.errors import NotFound, StorageError
-from hyprstream_tui.store.atomic import write_bytes
+from hyprstream_tui.errors import NotFound, StorageError, disk_full, is_disk_full
+from hyprstream_tui.store.atomic import disk_error, write_bytes
 from hyprstream_tui.store.lfs import LfsObjects, Pointer, is_large
 
 pygit2.settings.enable_fsync_gitdir(True)  # crash safety: objects and refs reach the disk
@@ -41,7 +41,11 @@ Change = bytes | Pointer | None  # None deletes the path
 def git_errors(what: str) -> Iterator[None]:
     try:
         yield
-    except pygit2.GitError as exc:
+    except (pygit2.GitError, OSError) as exc:  # libgit2 reports a full disk as either
+        if is_disk_full(exc):
+            raise disk_full(what) from exc
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise disk_error(exc, what) from exc
         raise StorageError(f"git failed while {what}: {exc}") from exc
 
 
@@ -53,7 +57,7 @@ def open_repo(path: Path) -> pygit2.Repository:
 
 
 def init_repo(path: Path) -> pygit2.Repository:
-    with git_errors(f"creating a repository in {path}"):
+    with git_errors("creating a git repository"):
         return pygit2.init_repository(str(path), bare=False, initial_head="main")
 
 
@@ -83,8 +87,10 @@ def write_tree(repo: pygit2.Repository, base: pygit2.Tree | None, changes: Mappi
                 index.remove(path)
             continue
         data = content.encode() if isinstance(content, Pointer) else content
-        index.add(pygit2.IndexEntry(path, repo.create_blob(data), FileMode.BLOB))
-    return index.write_tree(repo)
+        with git_errors(f"storing {PurePosixPath(path).name}"):
+            index.add(pygit2.IndexEntry(path, repo.create_blob(data), FileMode.BLOB))
+    with git_errors("writing the commit's tree"):
+        return index.write_tree(repo)
 
 
 def commit(repo: pygit2.Repository, ref: str, tree: pygit2.Oid, message: str, parents: list[pygit2.Oid]) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from hyprstream_tui import names
-from hyprstream_tui.errors import Cancelled, HubError, HyprError, InvalidInput, NotFound, StorageError, UnsafeContent
+from hyprstream_tui.errors import Cancelled, HubError, HyprError, InvalidInput, NotFound, StorageError, UnsafeContent, is_disk_full
 from hyprstream_tui.store.inspect import is_pickle
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -480,6 +480,9 @@ def _hub_errors(pull: _Pull) -> Iterator[None]:
     except httpx2.HTTPError as err:
         raise HubError(f"Cannot reach the hub at {where} ({_reason(err)}): check your network or HF_ENDPOINT.") from None
     except OSError as err:
+        if is_disk_full(err):
+            raise StorageError(f"Not enough disk space in the Hugging Face cache ({err.filename or pull.cache_dir}): "
+                               "free some space, then pull again (it resumes).") from None
         raise StorageError(
             f"Cannot write to the Hugging Face cache ({err.strerror or err}: {err.filename or pull.cache_dir}): "
             "free some space or fix its permissions, then pull again."

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from hyprstream_tui.errors import Conflict
+from hyprstream_tui.errors import Conflict, is_disk_full
 
 
 class FileLock:
@@ -55,8 +55,14 @@ class FileLock:
         current = read_info(self.path)
         current.update(info)
         data = json.dumps(current).encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+        except OSError as exc:
+            # Informational only: on a full disk the lock still holds, and the write it guards
+            # reports the full disk with what it was writing.
+            if not is_disk_full(exc):
+                raise
 
     def release(self) -> None:
         if self._fd is not None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pygit2
 
 from hyprstream_tui import names
-from hyprstream_tui.errors import Conflict, NotFound
+from hyprstream_tui.errors import Conflict, NotFound, StorageError
 from hyprstream_tui.settings import Paths
 from hyprstream_tui.store import adapters as ad
 from hyprstream_tui.store import gitrepo
@@ -252,7 +252,12 @@ class Store:
             changes = ad.worktree_changes(repo, self._lfs(repo), tip.tree, worktree, paths)
             tree_oid = gitrepo.write_tree(repo, tip.tree, changes)
             sha = gitrepo.commit(repo, f"refs/heads/{adapter.branch}", tree_oid, format_message(summary, trailers), [tip.id])
-            gitrepo.write_index(pygit2.Repository(str(worktree)), repo[tree_oid])
+            try:
+                gitrepo.write_index(pygit2.Repository(str(worktree)), repo[tree_oid])
+            except StorageError:
+                # The commit is made (the ref moved): failing now (disk full) would have the user
+                # repeat it. The index only serves plain `git status`; the next reset rewrites it.
+                pass
             return ad.commit_info(repo[sha], ad.tags_by_commit(repo))
 
     def commit_checkpoint(self, model: str, ref: str, *, step: int, metrics: Mapping[str, Any],

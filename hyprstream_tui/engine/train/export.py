@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyprstream_tui import names
-from hyprstream_tui.errors import Conflict, InvalidInput
-from hyprstream_tui.store.atomic import write_bytes
+from hyprstream_tui.errors import Conflict, InvalidInput, disk_full, is_disk_full
+from hyprstream_tui.store.atomic import disk_error, write_bytes
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -117,11 +117,18 @@ def merge_adapter(store, model: str, ref: str, new_name: str, *, rev: str | None
     merged = peft_model(load_base_model(base_dir, dtype=dtype), folder, seed=0, trainable=False).merge_and_unload()
     tmp = store.paths.cache / f"merge-{new_name}-{uuid.uuid4().hex[:8]}"
     try:
-        merged.save_pretrained(str(tmp))
-        for src in sorted(base_dir.iterdir()):
-            if src.is_file() and not src.name.startswith(".") and not src.name.endswith(_NOT_COPIED) \
-                    and src.name not in _REGENERATED:
-                shutil.copyfile(src, tmp / src.name)
+        try:
+            merged.save_pretrained(str(tmp))
+            for src in sorted(base_dir.iterdir()):
+                if src.is_file() and not src.name.startswith(".") and not src.name.endswith(_NOT_COPIED) \
+                        and src.name not in _REGENERATED:
+                    shutil.copyfile(src, tmp / src.name)
+        except Exception as exc:  # OSError, or safetensors' SafetensorError "File too large (os error 27)"
+            if is_disk_full(exc):
+                raise disk_full(f"writing the merged model {new_name}") from exc
+            if isinstance(exc, OSError):
+                raise disk_error(exc, f"writing the merged model {new_name}") from exc
+            raise
         trailers = {"source": f"merge:{model}:{adapter.name}", "base-model": model, "base-commit": base_commit,
                     "adapter": adapter.name, "adapter-commit": adapter.tip}
         return store.import_model(tmp, name=new_name, link=True, summary=f"Merge adapter {adapter.name} into {model}",
