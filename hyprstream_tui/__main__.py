@@ -1,3 +1,7 @@
-from hyprstream_tui.cli import main
+from hyprstream_tui import _sigint
+
+_sigint.during_start_up()  # Ctrl-C while the CLI loads: one line, not a traceback
+
+from hyprstream_tui.cli import main  # noqa: E402
 
 raise SystemExit(main())

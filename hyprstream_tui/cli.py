@@ -711,8 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from hyprstream_tui import _sigint
+
+    previous = _sigint.during_start_up()  # Ctrl-C while parsing: one line and out (nothing written yet)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    finally:
+        _sigint.restore(previous)
     if args.command is None:
         args.func = cmd_tui
     try:
