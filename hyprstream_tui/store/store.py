@@ -232,13 +232,15 @@ class Store:
         return self.paths.working / self.worktree_info(model, ref).uuid
 
     def reset_worktree(self, model: str, ref: str) -> Path:
-        """Make the worktree hold exactly the branch tip (after a crash or a rollback)."""
+        """Make the worktree hold exactly the branch tip (after a crash or a rollback). Under the
+        model's lock, which also clears the worktree's `index.lock` if a killed command left one."""
         adapter = self.worktree_info(model, ref)
         path = self.paths.working / adapter.uuid
-        repo = self._repo(model)
-        tree = gitrepo.commit_of(repo, adapter.branch).tree
-        gitrepo.materialize(repo, self._lfs(repo), tree, path)
-        gitrepo.write_index(pygit2.Repository(str(path)), tree)
+        with self._writing(model):
+            repo = self._repo(model)
+            tree = gitrepo.commit_of(repo, adapter.branch).tree
+            gitrepo.materialize(repo, self._lfs(repo), tree, path)
+            gitrepo.write_index(pygit2.Repository(str(path)), tree)
         return path
 
     def commit_worktree(self, model: str, ref: str, summary: str, trailers: Mapping[str, Any],

@@ -357,6 +357,21 @@ def test_kill_during_merge(trained):
     TALLY.garbage["merge folders in cache/"] += len(list(cache.glob("merge-*"))) if cache.is_dir() else 0
 
 
+def test_a_stale_worktree_index_lock_does_not_block_the_next_start(trained):
+    """A kill inside libgit2's index write (at a train start, or as a rollback resets the worktree)
+    leaves `index.lock` in the worktree's git folder. The next `lora train start` clears it; it used
+    to fail with "the index is locked" until some other command took the model's lock."""
+    home, logs = trained
+    uuid = adapter_branch(home).rsplit("/", 1)[1]
+    lock = home / "models" / "tiny" / ".git" / "worktrees" / f"adapter-{uuid}" / "index.lock"
+    lock.write_bytes(b"")  # exactly what the killed writer leaves
+    step = tip_step(home)
+    run_ok(home, logs / "stale-index-lock.log", "lora", "train", "start", "tiny:qa", "--steps", "1",
+           "--checkpoint-every", "1", "--new-run", *TRAIN_ARGS)
+    assert tip_step(home) == step + 1 and not lock.exists()
+    assert not problems(home)
+
+
 def test_enough_kill_points():
     """The promise's floor: 30 kill points by default, 200 in the long run (runs after the others)."""
     assert sum(TALLY.points.values()) >= (200 if LONG else 30) or not all(TALLY.points[op] for op in POINTS), TALLY.line()
