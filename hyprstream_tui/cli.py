@@ -75,8 +75,8 @@ def find_adapter(store, spec: str, model: str | None = None):
     from hyprstream_tui.errors import InvalidInput, NotFound
 
     spec_model, ref = split_adapter_spec(spec)
-    model = spec_model or model
-    if model:
+    model = spec_model if spec_model is not None else model
+    if model is not None:  # given, even empty: the store says what is wrong with it
         return store.resolve_adapter(model, ref)
     matches = []
     for summary in store.list_models():
@@ -285,7 +285,7 @@ def cmd_lora_create(args: argparse.Namespace) -> int:
 
 def cmd_lora_list(args: argparse.Namespace) -> int:
     store = _store(args)
-    models = [args.model] if args.model else [m.name for m in store.list_models()]
+    models = [args.model] if args.model is not None else [m.name for m in store.list_models()]
     rows = [a for m in models for a in store.list_adapters(m)]
     if args.json:
         _print_json(rows)

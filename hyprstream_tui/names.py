@@ -17,6 +17,12 @@ MAX_NAME = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Names that would collide with the store's own folders under models/.
 RESERVED_MODEL_NAMES = frozenset({"working", "tmp", "cache"})
+# Names no model, adapter or tag may take: git's own refs (a tag `HEAD/v1`, a model `HEAD` read by
+# plain git, are ambiguous) and Windows device names (a repository holding them cannot be checked
+# out, copied or shared there), with or without an extension, in any case.
+_GIT_SPECIAL = frozenset({"head", "fetch_head", "orig_head", "merge_head", "cherry_pick_head", "revert_head",
+                          "bisect_head", "rebase_head"})
+_DEVICE_RE = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?", re.IGNORECASE)
 _HUB_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REVISION_RE = re.compile(r"[A-Za-z0-9._/-]+")
 _FILE_PART_RE = re.compile(r"[A-Za-z0-9_.+=@,\[\]()#%-][A-Za-z0-9_.+=@,\[\]()#% -]*")
@@ -41,6 +47,8 @@ def _simple(value: object, what: str, *, max_len: int = MAX_NAME) -> str:
         raise InvalidInput(
             f"The {what} {_show(value)} is not allowed: no '..', and no '.' or '.lock' at the end."
         )
+    if value.lower() in _GIT_SPECIAL or _DEVICE_RE.fullmatch(value):
+        raise InvalidInput(f"The {what} {_show(value)} is reserved (by git or Windows): choose another name.")
     return value
 
 

@@ -34,6 +34,9 @@ def parse_spec(spec: str) -> ModelSpec:
     """Split `model[:adapter[@rev]]`; one place, so every interface reads it the same way."""
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInput("No model given: name one as MODEL[:ADAPTER[@REV]].")
+    if not spec.isprintable():  # a newline, NUL, RTL override or zero-width character: not a name
+        raise InvalidInput(f"The model {spec[:60]!r} holds a control or invisible character: write it as "
+                           "MODEL[:ADAPTER[@REV]].")
     model, sep, rest = spec.strip().partition(":")
     adapter, at, rev = rest.partition("@") if not is_adapter_path(rest) else (rest, "", "")
     if not model or (sep and not adapter) or (at and not rev):

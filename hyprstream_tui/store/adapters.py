@@ -113,7 +113,7 @@ def create(repo: pygit2.Repository, model: str, name: str, adapter_config: dict[
 
 def resolve(repo: pygit2.Repository, model: str, working: Path, ref: str, rev: str | None = None) -> AdapterInfo:
     """An adapter by name, uuid (or unique prefix), tag `<name>/<label>`, or commit id."""
-    if not isinstance(ref, str) or not ref or "\x00" in ref or len(ref) > 200:
+    if not isinstance(ref, str) or not ref or not ref.isprintable() or len(ref) > 200:
         raise InvalidInput("Give an adapter name, uuid, tag or commit.")
     adapters = adapter_infos(repo, model, working)
     found = _find_adapter(repo, adapters, ref)
@@ -156,6 +156,8 @@ def _in_history(repo: pygit2.Repository, adapter: AdapterInfo, prefix: str) -> s
 
 def resolve_rev(repo: pygit2.Repository, adapter: AdapterInfo, rev: str) -> str:
     """A revision of one adapter: commit id, tag label, full tag, or `step:N`."""
+    if not isinstance(rev, str) or not rev or not rev.isprintable() or len(rev) > 200:  # libgit2 raises on these
+        raise InvalidInput("Give a commit, tag or step:N.")
     match = _STEP_REF_RE.fullmatch(rev)
     if match:
         step = int(match.group(1))

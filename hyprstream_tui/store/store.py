@@ -280,10 +280,13 @@ class Store:
         return ad.log(repo, ad.resolve(repo, model, self.paths.working, ref), limit)
 
     def tag(self, model: str, ref: str, label: str, *, commit: str | None = None, force: bool = False) -> str:
+        names.tag_label(label)  # a bad label or revision is refused before the lock is taken
         adapter = self.resolve_adapter(model, ref)
+        if commit is not None:
+            ad.resolve_rev(self._repo(model), adapter, commit)
         with self._writing(model):
             repo = self._repo(model)
-            target = ad.resolve_rev(repo, adapter, commit) if commit else adapter.tip
+            target = ad.resolve_rev(repo, adapter, commit) if commit is not None else adapter.tip
             return ad.tag(repo, adapter, label, target, force=force)
 
     def rollback(self, model: str, ref: str, target: str) -> CommitInfo:
@@ -291,6 +294,7 @@ class Store:
         adapter = self.worktree_info(model, ref)
         if is_locked(self.train_lock_path(model, adapter.uuid)):
             raise Conflict(f"Adapter {adapter.name!r} is training: stop it (`hyprstream lora train stop`) before rolling back.")
+        ad.resolve_rev(self._repo(model), adapter, target)  # a bad target is refused before the lock is taken
         with self._writing(model):
             repo = self._repo(model)
             sha = ad.resolve_rev(repo, adapter, target)
