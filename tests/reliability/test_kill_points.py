@@ -372,6 +372,36 @@ def test_a_stale_worktree_index_lock_does_not_block_the_next_start(trained):
     assert not problems(home)
 
 
+def test_a_peft_export_is_never_half_replaced(trained, tmp_path, monkeypatch):
+    """`lora export --format peft --force` over an earlier export, stopped (Ctrl-C here) while the
+    earlier one is being removed: the output folder is the old export or the new one, whole. (It
+    used to be removed in place, so a kill or Ctrl-C there left a folder with one of its two files.)"""
+    from hyprstream_tui.engine.train import export
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    home, _logs = trained
+    store = Store(Paths.from_env(home))
+    output = tmp_path / "qa-peft"
+    export.export_adapter(store, "tiny", "qa", output, fmt="peft")
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):  # removes one file, then Ctrl-C
+        files = sorted(p for p in Path(path).iterdir() if p.is_file()) if Path(path).is_dir() else []
+        if not files:
+            return real_rmtree(path, *args, **kwargs)
+        files[0].unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_adapter(store, "tiny", "qa", output, fmt="peft", force=True)
+    monkeypatch.setattr(export.shutil, "rmtree", real_rmtree)
+    assert sorted(p.name for p in output.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    export.export_adapter(store, "tiny", "qa", output, fmt="peft", force=True)  # and the next one works
+    assert sorted(p.name for p in output.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_enough_kill_points():
     """The promise's floor: 30 kill points by default, 200 in the long run (runs after the others)."""
     assert sum(TALLY.points.values()) >= (200 if LONG else 30) or not all(TALLY.points[op] for op in POINTS), TALLY.line()

@@ -93,14 +93,24 @@ def export_adapter(store, model: str, ref: str, output: Path | str, *, fmt: str 
         write_bytes(output, data)
         return Exported(output, adapter.tip, len(data))
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.incomplete")
+    old = None
     try:
         write_bytes(tmp / WEIGHTS, data)
         write_bytes(tmp / CONFIG, (folder / CONFIG).read_bytes())
-        if output.exists():
-            shutil.rmtree(output)
-        os.rename(tmp, output)
+        if output.exists():  # moved aside, not removed in place: `output` is never half an export
+            old = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.old")
+            os.rename(output, old)
+        try:
+            os.rename(tmp, output)
+        except BaseException:
+            if old is not None:
+                os.rename(old, output)
+                old = None
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return Exported(output, adapter.tip, len(data) + (folder / CONFIG).stat().st_size)
 
 
