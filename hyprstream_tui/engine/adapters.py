@@ -85,6 +85,9 @@ def _attach(lm: "LoadedModel", adapter: "AdapterSource") -> None:
         raise InvalidInput(
             f"The adapter {adapter.name!r} does not fit this model: {str(exc).splitlines()[0]}"
         ) from None
+    except Exception as exc:  # a malformed adapter_config.json breaks PEFT anywhere (TypeError...)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        raise InvalidInput(f"The adapter {adapter.name!r} has malformed files: {type(exc).__name__}: {text}") from None
     lm.adapters[adapter.key] = adapter
     lm.model.eval().requires_grad_(False)
     _activate(lm.model, lm.active)  # loading made the new adapter active: restore
@@ -94,10 +97,12 @@ def _check_config(adapter: "AdapterSource") -> None:
     path = adapter.path / "adapter_config.json"
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise InvalidInput(
             f"The adapter {adapter.name!r} has no readable adapter_config.json in "
             f"{str(adapter.path)!r}."
         ) from None
+    if not isinstance(config, dict):
+        raise InvalidInput(f"The adapter {adapter.name!r} has an adapter_config.json that is not a JSON object.")
     if config.get("peft_type", "LORA") != "LORA":
         raise InvalidInput(f"The adapter {adapter.name!r} is {config.get('peft_type')}, not LoRA.")

@@ -7,13 +7,68 @@ fit, that is an `InvalidInput`, never a silent truncation.
 
 from __future__ import annotations
 
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from hyprstream_tui.engine.params import check_text
 from hyprstream_tui.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant")
+TEMPLATE_SECONDS = 2.0  # a chat template renders in milliseconds; a hostile one loops forever
+TEMPLATE_MEMORY = 256 << 20  # ... or doubles a list until the machine swaps
+TEMPLATE_GRACE_S = 0.02
+
+
+class TemplateBudgetExceeded(Exception):
+    pass
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * 4096
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@contextmanager
+def template_budget(seconds: float | None = None, memory: int | None = None) -> Iterator[None]:
+    """Stop a Jinja chat template that runs longer than `seconds` or grows this process by more
+    than `memory` bytes: every line of the compiled template (a frame of file "<template>") checks
+    the clock, in this thread only; past TEMPLATE_GRACE_S (a real template is done by then, and
+    memory cannot grow faster than it can be written) it also checks the process's size. Jinja's
+    sandbox blocks attribute escapes and huge ranges, not nested loops or doubling lists. A single
+    huge operation (`'x' * 10**9`) is not interrupted."""
+    seconds = TEMPLATE_SECONDS if seconds is None else seconds
+    memory = TEMPLATE_MEMORY if memory is None else memory
+    started = time.monotonic()
+    deadline, watch_from = started + seconds, started + TEMPLATE_GRACE_S
+    ceiling: list[int] = []  # the size at the first check, plus `memory`
+
+    def line(frame: Any, event: str, arg: Any):
+        if event == "line":
+            now = time.monotonic()
+            if now > deadline:
+                raise TemplateBudgetExceeded(f"the chat template ran longer than {seconds:g} s")
+            if now > watch_from:
+                if not ceiling:
+                    ceiling.append(_rss() + memory)
+                if _rss() > ceiling[0]:
+                    raise TemplateBudgetExceeded(f"the chat template used more than {memory >> 20} MiB")
+        return line
+
+    def call(frame: Any, event: str, arg: Any):
+        return line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,9 +100,10 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
     """Token ids of `messages` followed by the assistant's generation prompt."""
     if getattr(tokenizer, "chat_template", None):
         try:
-            text = tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
-            )
+            with template_budget():
+                text = tokenizer.apply_chat_template(
+                    list(messages), tokenize=False, add_generation_prompt=True
+                )
         except Exception as exc:  # jinja's TemplateError: e.g. Gemma refuses a system message
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InvalidInput(

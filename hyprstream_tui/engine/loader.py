@@ -158,6 +158,13 @@ def load_tokenizer(path: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidInput(f"Cannot load the tokenizer in {str(path)!r}: {exc}") from None
+    except Exception as exc:  # malformed tokenizer files break transformers anywhere (AttributeError, TypeError...)
+        raise InvalidInput(f"Cannot load the tokenizer in {str(path)!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
 def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> LoadedModel:
@@ -190,6 +197,8 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         raise InvalidInput(f"Cannot load {source.name!r}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
         raise NotFound(f"Cannot read {source.name!r}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a malformed config.json breaks transformers anywhere (TypeError, KeyError...)
+        raise InvalidInput(f"Cannot load {source.name!r}, its files are malformed: {_first_line(exc)}") from None
     model.eval().requires_grad_(False)
     if options.quantize == "int8":
         from hyprstream_tui.engine.quantize import quantize_int8

@@ -87,7 +87,7 @@ def _meta_at(repo: pygit2.Repository, sha: str) -> dict[str, Any]:
         data = gitrepo.read_blob(repo, repo[sha].peel(pygit2.Commit).tree, META_PATH)
         value = json.loads(data)
         return value if isinstance(value, dict) else {}
-    except (NotFound, ValueError, KeyError):
+    except (NotFound, ValueError, KeyError, RecursionError):
         return {}
 
 

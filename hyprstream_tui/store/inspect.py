@@ -46,8 +46,8 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     except OSError as exc:
         raise InvalidInput(f"Cannot read {path.name}: {exc.strerror}.") from exc
     try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        header = json.loads(raw.decode("utf-8"))  # only UTF-8, as the reference (json.loads guesses UTF-16/32)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise InvalidInput(f"{bad} (its header is not JSON): the file is corrupt.") from None
     if not isinstance(header, dict):
         raise InvalidInput(f"{bad} (its header is not a JSON object).")
@@ -58,17 +58,21 @@ def _check_tensors(header: dict[str, Any], data_len: int, bad: str) -> list[Tens
     tensors: list[TensorInfo] = []
     spans: list[tuple[int, int]] = []
     for name, meta in header.items():
+        if not _utf8(name):  # a lone surrogate escape ("\\ud800"): Python's JSON takes it, the reference does not
+            raise InvalidInput(f"{bad} (a tensor name is not valid UTF-8).")
         if name == "__metadata__":
-            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            if not isinstance(meta, dict) or not all(isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in meta.items()):
                 raise InvalidInput(f"{bad} (__metadata__ must map strings to strings).")
             continue
         if not isinstance(meta, dict):
             raise InvalidInput(f"{bad} (entry {name!r} is not an object).")
         dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:  # a list or object is unhashable
             raise InvalidInput(f"{bad} (tensor {name!r} has unknown dtype {dtype!r}).")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise InvalidInput(f"{bad} (tensor {name!r} has an invalid shape).")
+        if not _fits_u64(shape):
+            raise InvalidInput(f"{bad} (tensor {name!r} has a shape too large to address).")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise InvalidInput(f"{bad} (tensor {name!r} has invalid data offsets).")
@@ -83,7 +87,34 @@ def _check_tensors(header: dict[str, Any], data_len: int, bad: str) -> list[Tens
     for (_, prev_end), (begin, _) in zip(spans, spans[1:]):
         if begin < prev_end:
             raise InvalidInput(f"{bad} (two tensors overlap).")
+    # As the reference implementation: the tensors cover the data exactly, no gap, nothing after.
+    covered = 0
+    for begin, end in spans:
+        if begin != covered:
+            raise InvalidInput(f"{bad} (a gap in its data at byte {covered}): the file is corrupt.")
+        covered = end
+    if covered != data_len:
+        raise InvalidInput(f"{bad} ({data_len - covered} bytes after its last tensor): the file is truncated or corrupt.")
     return tensors
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _fits_u64(shape: list[int]) -> bool:
+    """The element count, multiplied dimension by dimension, never passes 2**64 (the reference
+    implementation's usize arithmetic refuses such a header even when a later dimension is 0)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= 1 << 64:
+            return False
+    return True
 
 
 def parameter_count(tensors: list[TensorInfo]) -> int:
@@ -98,7 +129,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise InvalidInput(f"{path} is too large to be a model config.")
     try:
         config = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise InvalidInput(f"{path} is not valid JSON: fix or re-download it.") from None
     if not isinstance(config, dict):
         raise InvalidInput(f"{path} must hold a JSON object.")

@@ -209,7 +209,7 @@ def architecture_of(config: dict) -> str:
 def read_json_blob(data: bytes) -> dict:
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -69,6 +69,8 @@ def parse_jsonl(data: bytes, source: str) -> list[dict[str, Any]]:
             raise InvalidInput(f"{where}: not UTF-8 text.") from None
         except ValueError as exc:
             raise InvalidInput(f"{where}: not valid JSON ({exc.msg}).") from None
+        except RecursionError:
+            raise InvalidInput(f"{where}: not valid JSON (nested too deeply).") from None
         rows.append(check_row(value, where))
     return rows
 
@@ -99,7 +101,16 @@ def _render(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bo
     """The model's chat template; a model without one gets the plain transcript that inference
     (engine/chat.py) uses for it too."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+        from hyprstream_tui.engine.chat import template_budget
+
+        try:
+            with template_budget():
+                return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                     add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja's TemplateError, a sandbox refusal, the budget
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidInput(f"The model's chat template fails on a sample ({first}): fix the sample or the "
+                               "template.") from None
     eos = tokenizer.eos_token or ""
     text = "".join(f"{m['role']}: {m['content']}{eos if m['role'] == 'assistant' else ''}\n" for m in messages)
     return text + ("assistant:" if generation_prompt else "")

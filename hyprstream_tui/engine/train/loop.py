@@ -52,8 +52,13 @@ def load_base_model(base_dir: Path, *, dtype: str = "auto", device: str = "cpu")
 
     hf_logging.disable_progress_bar()  # rich draws our own; tqdm bars would garble it
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype, use_safetensors=True,
-                                                 trust_remote_code=False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
+    except Exception as exc:  # a malformed config.json or weights break transformers anywhere
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        raise InvalidInput(f"Cannot load the base model in {str(base_dir)!r}, its files are malformed: "
+                           f"{type(exc).__name__}: {text}") from None
     half = model.dtype in (torch.bfloat16, torch.float16)
     if dtype == "auto" and half and device == "cpu" and not cpu_has_bf16():
         model = model.float()
@@ -63,7 +68,12 @@ def load_base_model(base_dir: Path, *, dtype: str = "auto", device: str = "cpu")
 def lora_config(adapter_dir: Path, *, trainable: bool):
     from peft import LoraConfig
 
-    config = LoraConfig.from_pretrained(str(adapter_dir))
+    try:
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except Exception as exc:  # a malformed adapter_config.json: TypeError, ValueError, JSONDecodeError...
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        raise InvalidInput(f"The adapter's adapter_config.json is malformed ({type(exc).__name__}: {text}): "
+                           "roll back to an earlier commit.") from None
     config.inference_mode = not trainable
     return config
 
