@@ -273,6 +273,54 @@ def test_hostile_folder_names_are_refused_by_import(world, fast_parser, tmp_path
     assert not failures, "\n".join(failures[:40])
 
 
+def test_hostile_file_names_inside_an_import_folder_stay_inside_the_model(world, fast_parser, tmp_path_factory):
+    """A file name is refused with one line, or (a plain name such as `a b c` or `CON`) lands as
+    exactly that file inside the new model's repository, and nowhere else."""
+    base = tmp_path_factory.mktemp("hostile-files")
+    fresh = world.home / "models" / "fresh"
+    tried, accepted, failures = 0, 0, []
+    for i, h in enumerate(HOSTILE):
+        if not h or "/" in h or h in (".", "..") or not argv_safe(h) or len(h.encode()) > 255:
+            continue
+        if not LONG and i % 3:  # an accepted name is a whole import (~0.3 s): the long run tries all
+            continue
+        folder = base / f"m{i}"
+        folder.mkdir()
+        for f in world.src.iterdir():
+            os.link(f, folder / f.name)
+        try:
+            (folder / h).write_bytes(b"hostile\n")
+        except OSError:
+            continue
+        tried += 1
+        targets = [p for p in world.targets(h) if not _exists(p)]
+        before = world.snapshot()
+        code, stdout, stderr = run_main(world, ["model", "import", "--link", "--name=fresh", "--", str(folder)])
+        after = world.snapshot()
+        if code == 0:
+            accepted += 1
+            changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+            elsewhere = sorted(k for k in changed if not k.startswith("home/models/fresh")
+                               and k not in ("home/models", "home/locks", "home/locks/model-fresh.lock"))
+            landed = fresh / h
+            if elsewhere:
+                failures.append(f"file {printable(h)}: wrote outside the new model: {elsewhere[:5]}")
+            if not landed.is_file() or landed.resolve().parent != fresh.resolve():
+                failures.append(f"file {printable(h)}: not stored as a plain file of the model")
+            world.store.remove_model("fresh")
+        else:
+            found = problems_of(code, stdout, stderr)
+            if after != before:
+                found.append("the store changed")
+            failures += [f"file {printable(h)}: {p}" for p in found]
+        failures += [f"file {printable(h)}: appeared: {p}" for p in targets if _exists(p)]
+    FIGURES["model import DIR (file names inside)"] = tried
+    print(f"\nfile names inside an import folder: {tried} tried, {accepted} stored inside the model, "
+          f"{tried - accepted} refused")
+    assert tried >= (100 if LONG else 30) and not fresh.exists()
+    assert not failures, "\n".join(failures[:40])
+
+
 # A representative subset through the real console entry point (a subprocess each, ~0.5 s).
 SUBPROCESS_CASES = [
     ("model import --name", "../../sentinel/owned"),

@@ -330,7 +330,7 @@ def test_the_server_holds_under_load_and_abuse(load_engine):
     print(f"load: TTFT p50 {percentile(tally.ttft, 0.5) * 1000:.0f} ms, p99 {percentile(tally.ttft, 0.99) * 1000:.0f} ms "
           f"over {len(tally.ttft)} streams; max in flight {tally.max_in_flight}; RSS start "
           f"{tally.rss[0][1]:.0f} MB, at 25% {rss_25:.0f} MB, end {rss_end:.0f} MB "
-          f"(peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1000:.0f} MB)")
+          f"(peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6:.0f} MB)")
 
     assert not tally.problems, f"{len(tally.problems)} problems:\n" + "\n".join(tally.problems[:30])
     assert not fives, fives
