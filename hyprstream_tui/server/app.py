@@ -38,7 +38,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Request body too large"},
     503: {"model": ErrorResponse, "description": "Queue full: retry after Retry-After seconds"},
 }
-SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# One server-sent event (OpenAPI 3.0/3.1 put the per-event schema under `schema`): each `data` is
+# a JSON chunk in OpenAI's shape, the last one the literal `[DONE]`.
+SSE_EVENT = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                   "id": {"type": "string"}, "retry": {"type": "integer"}},
+}
+SSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
              "description": "JSON, or with stream: true a text/event-stream of chunks"}}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
