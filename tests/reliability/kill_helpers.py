@@ -242,3 +242,16 @@ def leftovers(home: Path) -> list[str]:
     for repo in model_repos(home):
         out += [str(p.relative_to(home)) for p in (repo / ".git").rglob("*.lock")]
     return out
+
+
+def garbage(home: Path) -> dict[str, int]:
+    """Temp files that kills left where nothing reads them (they block nothing; disk space only)."""
+    out = {"lfs/tmp files": 0, "*.incomplete files": 0, "cache/merge-* folders": 0}
+    for repo in model_repos(home):
+        tmp = repo / ".git" / "lfs" / "tmp"
+        out["lfs/tmp files"] += len(list(tmp.iterdir())) if tmp.is_dir() else 0
+    out["*.incomplete files"] = sum(1 for p in home.rglob("*.incomplete") if "lfs" not in p.parts)
+    cache = home / "cache"
+    out["cache/merge-* folders"] = len(list(cache.glob("merge-*"))) if cache.is_dir() else 0
+    return out
+

@@ -34,6 +34,7 @@ from hyprstream_tui.store import hub, store  # noqa: F401
 def child(log: str, env: dict[str, str], args: list[str]) -> None:
     os.setpgid(0, 0)  # its own process group: a kill of the group reaches helpers it may start
     os.environ.update(env)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # never the zygote's request pipe
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
