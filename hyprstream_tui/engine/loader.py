@@ -155,7 +155,10 @@ def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        # Files that load but break every encode (model_max_length: [], ...) fail here, not mid-chat.
+        tokenizer.decode(tokenizer.encode("Hello, world!", add_special_tokens=False))
+        return tokenizer
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidInput(f"Cannot load the tokenizer in {str(path)!r}: {exc}") from None
     except Exception as exc:  # malformed tokenizer files break transformers anywhere (AttributeError, TypeError...)

@@ -154,6 +154,11 @@ def fuzz_tokenizer() -> None:
         if not isinstance(tok, HyprError):
             checked("tokenizer", render, tok, MESSAGES)
 
+    # Found before: each of these was a traceback (at load, or at the first encode).
+    for which, change in [("tokenizer_config.json", [("model_max_length", [])]), ("tokenizer_config.json", [("eos_token", 5)]),
+                          ("tokenizer_config.json", [(None, [1])]), ("tokenizer.json", [(None, [])]),
+                          ("tokenizer.json", b"[" * 50_000)]:
+        case.hypothesis.inner_test(which, change)
     case()
 
 
