@@ -38,19 +38,20 @@ def _rss() -> int:
 def template_budget(seconds: float | None = None, memory: int | None = None) -> Iterator[None]:
     """Stop a Jinja chat template that runs longer than `seconds` or grows this process by more
     than `memory` bytes: every line of the compiled template (a frame of file "<template>") checks
-    the clock, in this thread only; past TEMPLATE_GRACE_S (a real template is done by then, and
-    memory cannot grow faster than it can be written) it also checks the process's size. Jinja's
+    this thread's CPU time (a thread waiting for the GIL on a busy server is not charged); past
+    TEMPLATE_GRACE_S (a real template is done by then, and memory cannot grow faster than it can
+    be written) it also checks the process's size. Jinja's
     sandbox blocks attribute escapes and huge ranges, not nested loops or doubling lists. A single
     huge operation (`'x' * 10**9`) is not interrupted."""
     seconds = TEMPLATE_SECONDS if seconds is None else seconds
     memory = TEMPLATE_MEMORY if memory is None else memory
-    started = time.monotonic()
+    started = time.thread_time()
     deadline, watch_from = started + seconds, started + TEMPLATE_GRACE_S
     ceiling: list[int] = []  # the size at the first check, plus `memory`
 
     def line(frame: Any, event: str, arg: Any):
         if event == "line":
-            now = time.monotonic()
+            now = time.thread_time()
             if now > deadline:
                 raise TemplateBudgetExceeded(f"the chat template ran longer than {seconds:g} s")
             if now > watch_from:
