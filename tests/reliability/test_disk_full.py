@@ -114,10 +114,13 @@ def refs(home: Path) -> dict[str, str]:
 
 
 def junk(root: Path) -> list[str]:
-    """Temp files a failed write must not leave behind."""
+    """Temp files a failed write must not leave behind (lock files in locks/ stay by design: a
+    flock, not the file, is the lock)."""
     found = []
     for path in root.rglob("*"):
-        name, parts = path.name, path.parts
+        name, parts = path.name, path.relative_to(root).parts
+        if parts[:1] == ("locks",):
+            continue
         if (".incomplete" in name or name.startswith((".import-", ".trash-", "tmp_object", "merge-"))
                 or name.endswith((".tmp", ".partial"))
                 or (".git" in parts and name.endswith(".lock"))
