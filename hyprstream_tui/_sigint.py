@@ -4,14 +4,22 @@
 while it builds its parser (about half a second of imports); nothing is written in that time, so
 leaving at once with `os._exit` is safe. The command itself runs with Python's usual handler, whose
 KeyboardInterrupt `cli.main` turns into one line after the command's own clean-up has run.
+
+Two ways Python loses that KeyboardInterrupt, both met by the Ctrl-C tests: raised inside a
+`__del__` or a weakref callback, it is printed as "Exception ignored" and dropped (the command ran
+on); raised inside a library's lazy import, it came back wrapped in another exception (a RuntimeError
+from `__set_name__`). `redelivered()` sends the first kind again, `caused_by_interrupt` spots the second.
 """
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
+import sys
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 MESSAGE = b"error: interrupted before the command started; nothing was changed.\n"
 
@@ -37,3 +45,37 @@ def restore(previous: Any) -> None:
     if previous is exit_at_once or not (callable(previous) or previous in (signal.SIG_IGN, signal.SIG_DFL)):
         previous = signal.default_int_handler
     signal.signal(signal.SIGINT, previous)
+
+
+def _unraisable(args: Any) -> None:
+    if args.exc_type is not None and issubclass(args.exc_type, KeyboardInterrupt):
+        # Python dropped it (in a __del__ or callback): deliver it again, once this hook has returned
+        timer = threading.Timer(0.01, _thread.interrupt_main)
+        timer.daemon = True
+        timer.start()
+        return
+    sys.__unraisablehook__(args)
+
+
+@contextmanager
+def redelivered() -> Iterator[None]:
+    """While a command runs: a Ctrl-C that lands where Python would drop it is delivered again."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = _unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """`exc` or what caused it is a KeyboardInterrupt (a library wrapped a Ctrl-C in its own error)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+

@@ -722,7 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         args.func = cmd_tui
     try:
-        return int(args.func(args) or 0)
+        with _sigint.redelivered():
+            return int(args.func(args) or 0)
     except HyprError as exc:
         if args.debug:
             raise
@@ -736,6 +737,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:  # a full disk is never a bug, wherever a library reported it
         from hyprstream_tui.errors import StorageError, is_disk_full
+
+        if _sigint.caused_by_interrupt(exc) and not args.debug:  # a Ctrl-C that a library wrapped
+            print("error: interrupted; what was complete is kept.", file=sys.stderr)
+            return 130
 
         if args.debug or not is_disk_full(exc):
             raise

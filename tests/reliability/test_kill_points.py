@@ -367,11 +367,30 @@ def test_kill_during_merge(trained):
         kill_point("merge", home, logs / f"merge-kill{i}.log", args, rng.uniform(0, duration))
         if not (home / "models" / "merged").exists():
             run_ok(home, logs / "merge-next.log", *args)
+            assert not list((home / "cache").glob("merge-*")), "the next merge did not sweep the killed one's folder"
         assert not problems(home)
         assert_clean(home)
         assert "adapter-commit: " in git(home / "models" / "merged", "log", "-1", "--format=%B", "main").stdout
         remove_model(home, "merged")
     count_garbage(home)
+
+
+def test_the_next_merge_sweeps_what_a_killed_merge_left(trained):
+    """A merge killed before its import leaves `cache/merge-<name>-<id>`, a whole model's size; the
+    next `lora merge` removes it (it used to stay forever), and never one a running merge holds."""
+    from hyprstream_tui.store.locks import locked
+
+    home, logs = trained
+    left = home / "cache" / "merge-merged-0badc0de"
+    busy = home / "cache" / "merge-other-0badc0de"
+    for folder in (left, busy):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    with locked(home / "locks" / "merge-other.lock", "a merge into other"):  # a merge into `other` runs
+        run_ok(home, logs / "merge-sweep.log", "lora", "merge", "tiny:qa", "--name", "merged")
+    assert not left.exists() and busy.exists()
+    shutil.rmtree(busy)
+    remove_model(home, "merged")
 
 
 def test_a_stale_worktree_index_lock_does_not_block_the_next_start(trained):

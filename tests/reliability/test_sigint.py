@@ -339,3 +339,44 @@ def test_ctrl_c_during_training_commits_or_keeps_the_last_checkpoint(tmp_path, t
                         "--new-run", *TRAIN_ARGS) == 0, log_text(log)
     assert f"from step {step} " in log_text(log) and tip(home)[1] == step + 2
     assert_sound(home, StoreState.capture(home))
+
+
+# ---- where Python itself would lose the Ctrl-C (both met by the random moments above) ------------
+def test_a_ctrl_c_python_would_drop_is_delivered_again(tmp_path):
+    """A KeyboardInterrupt raised inside a `__del__` (pygit2's Config.__del__ here, in the long run)
+    is printed as "Exception ignored" and dropped: the command ran on. While a command runs it is
+    delivered again."""
+    script = (
+        "import time\n"
+        "from hyprstream_tui import _sigint\n"
+        "class Dropped:\n"
+        "    def __del__(self):\n"
+        "        raise KeyboardInterrupt  # what a Ctrl-C landing in a __del__ is\n"
+        "with _sigint.redelivered():\n"
+        "    try:\n"
+        "        Dropped()\n"
+        "        for _ in range(200):\n"
+        "            time.sleep(0.01)\n"
+        "        print('ran on')\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env=child_env(tmp_path))
+    assert out.stdout.strip() == "interrupted" and "Exception ignored" not in out.stderr, out
+
+
+def test_a_ctrl_c_wrapped_by_a_library_is_one_line(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt inside huggingface_hub's lazy import came back as "RuntimeError: Error
+    calling __set_name__ ..." with two tracebacks; it is an interrupt like any other."""
+    from hyprstream_tui import cli
+
+    def wrapped(_args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'name'") from exc
+
+    monkeypatch.setattr(cli, "cmd_model_list", wrapped)
+    assert cli.main(["--home", str(tmp_path), "model", "list"]) == 130
+    assert capsys.readouterr().err == "error: interrupted; what was complete is kept.\n"

@@ -21,6 +21,7 @@ from pathlib import Path
 from hyprstream_tui import names
 from hyprstream_tui.errors import Conflict, InvalidInput, disk_full, is_disk_full
 from hyprstream_tui.store.atomic import disk_error, write_bytes
+from hyprstream_tui.store.locks import is_locked, locked
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -121,27 +122,39 @@ def merge_adapter(store, model: str, ref: str, new_name: str, *, rev: str | None
     new_name = names.model_name(new_name)
     if (store.paths.models / new_name).exists():
         raise Conflict(f"A model named {new_name!r} exists already: choose another --name.")
-    adapter, folder = _adapter_files(store, model, ref, rev)
-    base_dir = store.model_dir(model)
-    base_commit = store.head(model)
-    merged = peft_model(load_base_model(base_dir, dtype=dtype), folder, seed=0, trainable=False).merge_and_unload()
-    tmp = store.paths.cache / f"merge-{new_name}-{uuid.uuid4().hex[:8]}"
-    try:
+    # Held while cache/merge-<name>-<id> exists; the folders of killed merges (lock free) are swept.
+    with locked(store.paths.locks / f"merge-{new_name}.lock", f"A merge into {new_name!r}", wait=0):
+        _sweep_merge_leftovers(store, new_name)
+        adapter, folder = _adapter_files(store, model, ref, rev)
+        base_dir = store.model_dir(model)
+        base_commit = store.head(model)
+        merged = peft_model(load_base_model(base_dir, dtype=dtype), folder, seed=0, trainable=False).merge_and_unload()
+        tmp = store.paths.cache / f"merge-{new_name}-{uuid.uuid4().hex[:8]}"
         try:
-            merged.save_pretrained(str(tmp))
-            for src in sorted(base_dir.iterdir()):
-                if src.is_file() and not src.name.startswith(".") and not src.name.endswith(_NOT_COPIED) \
-                        and src.name not in _REGENERATED:
-                    shutil.copyfile(src, tmp / src.name)
-        except Exception as exc:  # OSError, or safetensors' SafetensorError "File too large (os error 27)"
-            if is_disk_full(exc):
-                raise disk_full(f"writing the merged model {new_name}") from exc
-            if isinstance(exc, OSError):
-                raise disk_error(exc, f"writing the merged model {new_name}") from exc
-            raise
-        trailers = {"source": f"merge:{model}:{adapter.name}", "base-model": model, "base-commit": base_commit,
-                    "adapter": adapter.name, "adapter-commit": adapter.tip}
-        return store.import_model(tmp, name=new_name, link=True, summary=f"Merge adapter {adapter.name} into {model}",
-                                  trailers=trailers)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                merged.save_pretrained(str(tmp))
+                for src in sorted(base_dir.iterdir()):
+                    if src.is_file() and not src.name.startswith(".") and not src.name.endswith(_NOT_COPIED) \
+                            and src.name not in _REGENERATED:
+                        shutil.copyfile(src, tmp / src.name)
+            except Exception as exc:  # OSError, or safetensors' SafetensorError "File too large (os error 27)"
+                if is_disk_full(exc):
+                    raise disk_full(f"writing the merged model {new_name}") from exc
+                if isinstance(exc, OSError):
+                    raise disk_error(exc, f"writing the merged model {new_name}") from exc
+                raise
+            trailers = {"source": f"merge:{model}:{adapter.name}", "base-model": model, "base-commit": base_commit,
+                        "adapter": adapter.name, "adapter-commit": adapter.tip}
+            return store.import_model(tmp, name=new_name, link=True, summary=f"Merge adapter {adapter.name} into {model}",
+                                      trailers=trailers)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep_merge_leftovers(store, own: str) -> None:
+    """Remove `cache/merge-<name>-<id>` folders that killed merges left (their merge lock is free,
+    or it is `own`, held by the caller): each can be a whole model's size."""
+    for entry in store.paths.cache.glob("merge-*"):
+        name = entry.name[len("merge-"):].rsplit("-", 1)[0]
+        if entry.is_dir() and (name == own or not is_locked(store.paths.locks / f"merge-{name}.lock")):
+            shutil.rmtree(entry, ignore_errors=True)
