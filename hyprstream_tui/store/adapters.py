@@ -212,12 +212,23 @@ def tag(repo: pygit2.Repository, adapter: AdapterInfo, label: str, commit: str, 
     ref = f"refs/tags/{adapter.name}/{label}"
     if ref in repo.references and not force:
         raise Conflict(f"Tag {adapter.name}/{label} exists already: choose another label.")
-    with gitrepo.git_errors("tagging"):
-        if ref in repo.references:
-            repo.references.delete(ref)
-        repo.create_tag(f"{adapter.name}/{label}", pygit2.Oid(hex=commit), pygit2.enums.ObjectType.COMMIT,
-                        gitrepo.signature(repo), f"Milestone {label} of adapter {adapter.name}\n")
+    with gitrepo.git_errors("tagging", repo.path):
+        if ref in repo.references:  # --force: the new tag object first, then the ref moves in one step
+            oid = repo.odb.write(pygit2.enums.ObjectType.TAG, _tag_object(repo, f"{adapter.name}/{label}", commit, label, adapter.name))
+            repo.references.create(ref, oid, force=True)  # a full disk cannot leave the label without its tag
+        else:
+            repo.create_tag(f"{adapter.name}/{label}", pygit2.Oid(hex=commit), pygit2.enums.ObjectType.COMMIT,
+                            gitrepo.signature(repo), f"Milestone {label} of adapter {adapter.name}\n")
     return f"{adapter.name}/{label}"
+
+
+def _tag_object(repo: pygit2.Repository, name: str, commit: str, label: str, adapter: str) -> bytes:
+    """The raw annotated tag object that `create_tag` would write."""
+    sig = gitrepo.signature(repo)
+    sign = "-" if sig.offset < 0 else "+"
+    offset = f"{sign}{abs(sig.offset) // 60:02d}{abs(sig.offset) % 60:02d}"
+    return (f"object {commit}\ntype commit\ntag {name}\ntagger {sig.name} <{sig.email}> {sig.time} {offset}\n\n"
+            f"Milestone {label} of adapter {adapter}\n").encode()
 
 
 def worktree_changes(repo: pygit2.Repository, lfs: LfsObjects, base: pygit2.Tree, worktree: Path,

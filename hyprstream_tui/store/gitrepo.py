@@ -8,6 +8,7 @@ operation (`open_repo`); opening costs well under a millisecond.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,15 +39,24 @@ Change = bytes | Pointer | None  # None deletes the path
 
 
 @contextmanager
-def git_errors(what: str) -> Iterator[None]:
+def git_errors(what: str, repo_path: str | Path | None = None) -> Iterator[None]:
     try:
         yield
     except (pygit2.GitError, OSError) as exc:  # libgit2 reports a full disk as either
-        if is_disk_full(exc):
+        if is_disk_full(exc) or (repo_path is not None and _disk_nearly_full(repo_path)):
+            # (libgit2 sometimes loses the cause: "failed to create tag annotation", "target OID
+            # for the reference doesn't exist" when the object could not be written)
             raise disk_full(what) from exc
         if isinstance(exc, OSError) and exc.errno is not None:
             raise disk_error(exc, what) from exc
         raise StorageError(f"git failed while {what}: {exc}") from exc
+
+
+def _disk_nearly_full(path: str | Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def open_repo(path: Path) -> pygit2.Repository:
@@ -95,7 +105,7 @@ def write_tree(repo: pygit2.Repository, base: pygit2.Tree | None, changes: Mappi
 
 def commit(repo: pygit2.Repository, ref: str, tree: pygit2.Oid, message: str, parents: list[pygit2.Oid]) -> str:
     """Write the commit object, then move `ref` to it: the ref is the last thing written."""
-    with git_errors(f"committing to {ref}"):
+    with git_errors(f"committing to {ref}", repo.path):
         sig = signature(repo)
         oid = repo.create_commit(None, sig, sig, message, tree, parents)
         repo.references.create(ref, oid, force=True)

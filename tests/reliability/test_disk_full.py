@@ -350,13 +350,18 @@ def test_a_really_full_filesystem(small_fs, tiny_model_src, tmp_path):
     home = small_fs / "home"
     assert hyprstream(home, "model", "import", tiny_model_src, "--name", "tiny").returncode == 0
     assert hyprstream(home, "lora", "create", "--name", "qa", "--base-model", "tiny").returncode == 0
+    assert hyprstream(home, "lora", "tag", "qa", "v1").returncode == 0
     before = refs(home)
+    tip = adapter_tip(home)
     filler = fill(small_fs, 0)
     for args in (("model", "import", tiny_model_src, "--name", "second"),
                  ("lora", "train", "sample", "qa", "--input", "q", "--output", "a"),
-                 ("lora", "create", "--name", "qb", "--base-model", "tiny")):
+                 ("lora", "create", "--name", "qb", "--base-model", "tiny"),
+                 ("lora", "tag", "qa", "v2"),
+                 ("lora", "tag", "qa", "v1", "--force"),  # moving a tag never loses it
+                 ("lora", "rollback", "qa", tip)):
         result = hyprstream(home, *args)
-        record(f"ENOSPC {args[0]} {args[1]}", "full tmpfs", result)
+        record(f"ENOSPC {' '.join(map(str, args[:3 if args[0] == 'lora' else 2]))}", "full tmpfs", result)
         assert_disk_error(result)
         assert refs(home) == before
         assert not (home / "models" / "second").exists()
