@@ -371,3 +371,28 @@ def test_a_really_full_filesystem(small_fs, tiny_model_src, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(hyprstream(home, "lora", "list", "--json").stdout)[0]["name"] == "qa"
     assert_sound(home)
+
+
+# ---- the CLI's last resort ------------------------------------------------------------------------------
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), OSError(122, "Disk quota exceeded"),
+                                 RuntimeError("Error while serializing: I/O error: File too large (os error 27)")])
+def test_cli_turns_a_full_disk_from_anywhere_into_one_line(exc, home, monkeypatch, capsys):
+    """Wherever a library reports a full disk without a HyprError, the CLI still prints one line."""
+    from hyprstream_tui import cli
+
+    def boom(args):
+        raise exc
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_handler(parser(), boom))
+    assert cli.main(["model", "list"]) == 6
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: Not enough disk space") and "\n" not in err, err
+    with pytest.raises(type(exc)):  # --debug shows the traceback
+        cli.main(["--debug", "model", "list"])
+
+
+def _with_handler(parser, handler):
+    for action in parser._subparsers._group_actions:
+        action.choices["model"]._subparsers._group_actions[0].choices["list"].set_defaults(func=handler)
+    return parser
