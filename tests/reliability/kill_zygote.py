@@ -26,7 +26,7 @@ import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 from safetensors import safe_open  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-from hyprstream_tui import cli
+from hyprstream_tui import _sigint, cli
 from hyprstream_tui.engine.train import export, job, loop  # noqa: F401
 from hyprstream_tui.store import hub, store  # noqa: F401
 
@@ -39,6 +39,7 @@ def child(log: str, env: dict[str, str], args: list[str]) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     code = 70
+    _sigint.during_start_up()  # as `python -m hyprstream_tui` does before it calls main
     try:
         code = cli.main(args)
     except BaseException:  # noqa: BLE001

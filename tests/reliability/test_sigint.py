@@ -283,6 +283,12 @@ def trained_once(tmp_path, tiny_model_src):
     return home
 
 
+def is_locked(path: Path) -> bool:
+    from hyprstream_tui.store.locks import is_locked as held
+
+    return held(path)
+
+
 def heartbeat_step(home: Path) -> int:
     from hyprstream_tui.engine.train.job import train_status
     from hyprstream_tui.settings import Paths
@@ -313,8 +319,7 @@ def test_ctrl_c_during_training_commits_or_keeps_the_last_checkpoint(tmp_path, t
         log = tmp_path / f"train{i}-{case}.log"
         pid = zygote().start(home, log, *args)
         if case == "once-loading":
-            wait_for(lambda: "from step" in log_text(log) or heartbeat_step(home) > 0 or
-                     (home / "locks").is_dir() and any((home / "locks").glob("train-*.lock")), 60, "the start")
+            wait_for(lambda: any(is_locked(p) for p in (home / "locks").glob("train-*.lock")), 60, "the train lock")
             time.sleep(rng.uniform(0, 0.2))
         else:
             wait_for(lambda: heartbeat_step(home) >= step0 + rng.randint(1, 4), 120, "training steps", every=0.02)
