@@ -122,19 +122,20 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
     """
     import torch
 
-    from hyprstream_tui.engine.kernels import UpcastPrefillLinear
+    from hyprstream_tui.engine.kernels import RowsFirstLinear, UpcastPrefillLinear
     from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 
     lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder), LoadOptions(dtype=dtype))
-    swapped = [m for m in lm.model.modules() if isinstance(m, UpcastPrefillLinear)]
+    swapped = [(m, type(m)) for m in lm.model.modules()
+               if isinstance(m, (UpcastPrefillLinear, RowsFirstLinear))]
 
     def plain(on: bool) -> None:
-        for module in swapped:
-            module.__class__ = torch.nn.Linear if on else UpcastPrefillLinear
+        for module, ours in swapped:
+            module.__class__ = torch.nn.Linear if on else ours
 
     runs = {"generate": (lambda: time_generate(lm.model, ids, new), True),
             "ours": (lambda: time_ours(lm.model, ids, new), False)}
-    if swapped:  # ours with the bf16 prefill kernel too: the token-for-token comparison
+    if any(cls is UpcastPrefillLinear for _, cls in swapped):  # ours with the bf16 prefill too
         runs["ours-exact"] = (lambda: time_ours(lm.model, ids, new), True)
     best = {name: [float("inf"), float("inf"), None] for name in runs}
     for _ in range(rounds):

@@ -211,6 +211,10 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         from hyprstream_tui.engine.kernels import upcast_prefill
 
         upcast_prefill(model)
+    elif dtype == "float32" and device == "cpu":
+        from hyprstream_tui.engine.kernels import rows_first
+
+        rows_first(model)
     model.to(device)
     tokenizer = load_tokenizer(source.path)
     return LoadedModel(
