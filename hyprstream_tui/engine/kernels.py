@@ -33,14 +33,19 @@ class UpcastPrefillLinear(torch.nn.Linear):
         return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
 
 
-def upcast_prefill(model: torch.nn.Module) -> int:
-    """Switch every plain bf16 `nn.Linear` of `model` to `UpcastPrefillLinear`; return how many."""
+def _switch(model: torch.nn.Module, dtype: torch.dtype, cls: type[torch.nn.Linear]) -> int:
+    """Switch every plain `nn.Linear` of `model` with `dtype` weights to `cls`; return how many."""
     count = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16:
-            module.__class__ = UpcastPrefillLinear
+        if type(module) is torch.nn.Linear and module.weight.dtype == dtype:
+            module.__class__ = cls
             count += 1
     return count
+
+
+def upcast_prefill(model: torch.nn.Module) -> int:
+    """Switch every plain bf16 `nn.Linear` of `model` to `UpcastPrefillLinear`; return how many."""
+    return _switch(model, torch.bfloat16, UpcastPrefillLinear)
 
 
 ROWS_FIRST_MAX_ROWS = 64  # measured faster from 2 up to 64 rows; beyond, the plain kernel
@@ -54,16 +59,12 @@ class RowsFirstLinear(torch.nn.Linear):
         if x.dtype != torch.float32 or not 2 <= rows <= ROWS_FIRST_MAX_ROWS or x.requires_grad:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)  # [rows, in]
-        y = torch.mm(self.weight, flat.t()).t()  # [out, rows] -> [rows, out]
-        y = y + self.bias if self.bias is not None else y.contiguous()
+        y = torch.mm(self.weight, flat.t()).t().contiguous()  # [out, rows] -> [rows, out]
+        if self.bias is not None:
+            y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def rows_first(model: torch.nn.Module) -> int:
     """Switch every plain fp32 `nn.Linear` of `model` to `RowsFirstLinear`; return how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
-            module.__class__ = RowsFirstLinear
-            count += 1
-    return count
+    return _switch(model, torch.float32, RowsFirstLinear)

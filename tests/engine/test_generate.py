@@ -69,6 +69,34 @@ def test_upcast_prefill_linear_agrees_with_bf16():
         assert torch.allclose(a, b, rtol=2**-7, atol=1e-3)  # within bf16 rounding
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_rows_first_linear_agrees_with_fp32_and_is_exact_for_one_row(bias):
+    from hyprstream_tui.engine.kernels import RowsFirstLinear, rows_first
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=bias))
+    reference = torch.nn.Linear(64, 48, bias=bias)
+    reference.load_state_dict(layer[0].state_dict())
+    assert rows_first(layer) == 1 and isinstance(layer[0], RowsFirstLinear)
+    with torch.inference_mode():
+        one = torch.randn(1, 1, 64)
+        assert torch.equal(layer(one), reference(one))  # a single stream: the plain kernel
+        for batch, rows in ((4, 1), (2, 16), (1, 64), (1, 65)):  # decode batch, prefill, edges
+            x = torch.randn(batch, rows, 64)
+            out = layer(x)
+            assert out.shape == (batch, rows, 48) and out.is_contiguous()
+            assert torch.allclose(out, reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_loader_uses_rows_first_for_fp32_on_cpu(tiny_models):
+    from hyprstream_tui.engine.kernels import RowsFirstLinear
+
+    arch, path = next(iter(tiny_models.items()))
+    lm = load_model(ModelSource(name=arch, path=path), LoadOptions(dtype="float32", device="cpu"))
+    linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is RowsFirstLinear for m in linears)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_with_adapter_matches_peft_generate(loaded, tiny_models, tiny_adapters, arch):
     from peft import PeftModel
