@@ -18,38 +18,21 @@ import resource
 import signal
 import sys
 import threading
-import traceback
 
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import peft  # noqa: E402, F401  (preloaded for the children)
-import transformers.models.qwen2.modeling_qwen2  # noqa: E402, F401
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402, F401
-
-from hyprstream_tui import cli  # noqa: E402
-from hyprstream_tui.engine.train import export, job, loop  # noqa: E402, F401
+from tests.zygote import run_cli_and_exit, warm_up  # noqa: E402  (after the environment)
 
 
 def child(request: dict, out_w: int, err_w: int) -> None:
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
-    code = 70
-    try:
-        os.environ["HYPRSTREAM_HOME"] = request["home"]
-        if request.get("limit") is not None:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (request["limit"], request["limit"]))
-        code = cli.main(request["args"])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - a traceback is what the test looks for
-        traceback.print_exc()
-        code = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    os.environ["HYPRSTREAM_HOME"] = request["home"]
+    if request.get("limit") is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (request["limit"], request["limit"]))
+    run_cli_and_exit(request["args"])
 
 
 def run(request: dict) -> dict:
@@ -80,12 +63,7 @@ def run(request: dict) -> dict:
 
 
 def main() -> None:
-    try:  # transformers' checkpoint-conversion regexes, built once for every child
-        from transformers.conversion_mapping import _build_checkpoint_conversion_mapping
-
-        _build_checkpoint_conversion_mapping()
-    except Exception:  # noqa: BLE001 - an optimisation only
-        pass
+    warm_up()
     print("ready", flush=True)
     for line in sys.stdin:
         print(json.dumps(run(json.loads(line))), flush=True)

@@ -18,17 +18,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 
-import huggingface_hub  # noqa: F401  (preloaded for the children)
-import peft  # noqa: F401
-import transformers.models.qwen2.modeling_qwen2  # noqa: F401
-from safetensors import safe_open  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-from hyprstream_tui import _sigint, cli
-from hyprstream_tui.engine.train import export, job, loop  # noqa: F401
-from hyprstream_tui.store import hub, store  # noqa: F401
+from hyprstream_tui import _sigint
+from tests.zygote import run_cli_and_exit, warm_up
 
 
 def child(log: str, env: dict[str, str], args: list[str]) -> None:
@@ -38,25 +30,12 @@ def child(log: str, env: dict[str, str], args: list[str]) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    code = 70
     _sigint.during_start_up()  # as `python -m hyprstream_tui` does before it calls main
-    try:
-        code = cli.main(args)
-    except BaseException:  # noqa: BLE001
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    run_cli_and_exit(args)
 
 
 def main() -> None:
-    try:  # transformers' checkpoint-conversion regexes, built once for every child
-        from transformers.conversion_mapping import _build_checkpoint_conversion_mapping
-
-        _build_checkpoint_conversion_mapping()
-    except Exception:  # noqa: BLE001 - an optimisation only
-        pass
+    warm_up()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)

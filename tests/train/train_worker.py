@@ -13,40 +13,15 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import traceback
 
-import peft  # noqa: F401  (preloaded for the children)
-import transformers.models.qwen2.modeling_qwen2  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-from hyprstream_tui import cli
-from hyprstream_tui.engine.train import export, job, loop  # noqa: F401
+from tests.zygote import run_cli_and_exit, warm_up
 
 
 def child(log: str, args: list[str]) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    code = 70
-    try:
-        code = cli.main(args)
-    except BaseException:  # noqa: BLE001
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def warm_up() -> None:
-    """Build transformers' checkpoint-conversion regexes once (half a second per model load
-    otherwise); the children inherit them. No tensor is touched."""
-    try:
-        from transformers.conversion_mapping import _build_checkpoint_conversion_mapping
-
-        _build_checkpoint_conversion_mapping()
-    except Exception:  # noqa: BLE001 - an optimisation only
-        pass
+    run_cli_and_exit(args)
 
 
 def main() -> None:
