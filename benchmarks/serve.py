@@ -3,7 +3,7 @@
     python benchmarks/serve.py [--threads 2] [--new 128] [--clients 1,4,8] [--rounds 2]
                                [--dtype bfloat16|float32|auto] [--quantize int8]
 
-A random-weight model with the real Qwen2.5-0.5B architecture (config below, no download), stored
+A random-weight model with the real Qwen2.5-0.5B architecture (config in benchmarks/decode.py, no download), stored
 in bf16 and served (default `--dtype bfloat16`) by `hyprstream serve` in its own process on
 127.0.0.1 with `--threads 2`. Its tokenizer is byte-level with one visible word (` t<id>`) for every
 id of the 151936-token vocabulary beyond the 256 byte symbols, so every token the random model
@@ -33,14 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QWEN25_05B = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
-    "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-    "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
-    "max_window_layers": 21, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
-    "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": True,
-    "hidden_act": "silu", "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
-}
+from benchmarks.decode import QWEN25_05B  # noqa: E402  (the one copy of the config)
+
 PROMPT_TOKENS = 32
 
 

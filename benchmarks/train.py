@@ -29,9 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False)
+from benchmarks.decode import QWEN25_05B  # noqa: E402  (the one copy of the config)
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 RANK, ALPHA, BATCH, SEQ, LR = 16, 32.0, 4, 128, 2e-4
 
@@ -46,7 +45,6 @@ def build_model(dest: Path, dtype: str, layers: int = 24) -> None:
     from hyprstream_tui.engine.tiny import TOKENIZER_FILES, tokenizer_dir
 
     config = Qwen2Config(**dict(QWEN25_05B, num_hidden_layers=layers))
-    config.architectures = ["Qwen2ForCausalLM"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
