@@ -23,18 +23,26 @@ from hyprstream_tui.engine.kernels import UPCAST_MIN_ROWS
 
 
 class Bf16Embedding(torch.nn.Module):
-    """An embedding table kept in bf16 whose rows come out in the activation dtype."""
+    """An embedding table kept in bf16 whose rows come out in the activation dtype.
+
+    `scale` is the factor some architectures apply to every row (Gemma: sqrt(hidden size),
+    transformers' `embed_scale`), applied in bf16 as transformers applies it in the table's dtype.
+    """
 
     def __init__(self, weight: torch.Tensor, padding_idx: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, scale: float | None = None) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
         self.padding_idx = padding_idx
         self.dtype = dtype
+        self.scale = None if scale is None else torch.tensor(scale, dtype=torch.bfloat16)
         self.num_embeddings, self.embedding_dim = weight.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, S] -> [B, S, D]
-        return torch.nn.functional.embedding(ids, self.weight).to(self.dtype)
+        rows = torch.nn.functional.embedding(ids, self.weight)
+        if self.scale is not None:
+            rows = rows * self.scale
+        return rows.to(self.dtype)
 
 
 def int8_linear(linear: torch.nn.Linear) -> DynamicLinear:
@@ -83,7 +91,9 @@ def quantize_int8(model: torch.nn.Module, *, dtype: str = "float32") -> torch.nn
     """Quantize `model` in place (CPU) with activations in `dtype`, and return it."""
     act = getattr(torch, dtype)
     embed = model.get_input_embeddings()
-    embedding = Bf16Embedding(embed.weight.detach(), padding_idx=embed.padding_idx, dtype=act)
+    scale = getattr(embed, "embed_scale", None)  # Gemma scales every row
+    embedding = Bf16Embedding(embed.weight.detach(), padding_idx=embed.padding_idx, dtype=act,
+                              scale=None if scale is None else float(scale))
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:

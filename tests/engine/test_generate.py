@@ -164,9 +164,10 @@ def test_eos_ends_generation(loaded):
     assert first not in out and stats.finish_reason == "eos"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_int8_quantization_stays_close(tiny_models, dtype):
-    source = ModelSource(name="qwen2", path=tiny_models["qwen2"])
+def test_int8_quantization_stays_close(tiny_models, dtype, arch):
+    source = ModelSource(name=arch, path=tiny_models[arch])
     full = load_model(source, LoadOptions(dtype="float32"))
     q8 = load_model(source, LoadOptions(quantize="int8", dtype=dtype))
     ids = torch.tensor([full.tokenizer.encode(PROMPT + " The quick brown fox jumps.")])
