@@ -6,8 +6,11 @@ No download: the config is written below and the weights are random (seeded), sa
 safetensors in a temp folder. Cases, each in fp32 and bf16:
   generate    transformers' `generate` (greedy) on the model as `from_pretrained` builds it
   ours        hyprstream's engine loop (engine.generate.generate_tokens) on the same weights,
-              loaded by the engine's loader (bf16 prefill through fp32 on CPUs without bf16)
-  ours-exact  ours with the plain bf16 prefill kernel (bf16 only, where the two differ)
+              loaded by the engine's loader (bf16 prefill through fp32 on CPUs without bf16),
+              decode steps through engine.lean.LeanDecoder
+  ours-plain  ours with decode steps through model(...) instead of the lean decoder
+  ours-exact  ours with the plain bf16 prefill kernel (bf16 only, where the two differ): the
+              same prefill as generate, so its greedy tokens must equal generate's
   ours-int8   ours with `--quantize int8`
 generate and ours alternate in one process per dtype (fair on a shared machine); int8 runs in its
 own process, so its peak RSS is its own. It prints prefill time for the prompt, decode tokens/s, peak RSS, whether
@@ -103,13 +106,18 @@ def time_generate(model, ids: list[int], new: int) -> tuple[float, float, list[i
     return clock.times[1] - started, clock.times[-1] - clock.times[1], out[0, len(ids):].tolist()
 
 
-def time_ours(model, ids: list[int], new: int) -> tuple[float, float, list[int]]:
-    from hyprstream_tui.engine.generate import GenerationStats, generate_tokens
+def time_ours(model, ids: list[int], new: int, lean: bool = True) -> tuple[float, float, list[int]]:
+    from hyprstream_tui.engine import generate
     from hyprstream_tui.engine.params import SamplingParams
 
-    stats = GenerationStats()
-    tokens = list(generate_tokens(model, ids, SamplingParams(temperature=0, max_tokens=new),
-                                  eos_ids=frozenset(), generator=None, stats=stats))
+    stats = generate.GenerationStats()
+    generate.LEAN = lean
+    try:
+        tokens = list(generate.generate_tokens(
+            model, ids, SamplingParams(temperature=0, max_tokens=new), eos_ids=frozenset(),
+            generator=None, stats=stats))
+    finally:
+        generate.LEAN = True
     return stats.prefill_s, stats.decode_s, tokens
 
 
@@ -134,7 +142,8 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
             module.__class__ = torch.nn.Linear if on else ours
 
     runs = {"generate": (lambda: time_generate(lm.model, ids, new), True),
-            "ours": (lambda: time_ours(lm.model, ids, new), False)}
+            "ours": (lambda: time_ours(lm.model, ids, new), False),
+            "ours-plain": (lambda: time_ours(lm.model, ids, new, lean=False), False)}
     if any(cls is UpcastPrefillLinear for _, cls in swapped):  # ours with the bf16 prefill too
         runs["ours-exact"] = (lambda: time_ours(lm.model, ids, new), True)
     best = {name: [float("inf"), float("inf"), None] for name in runs}

@@ -2,7 +2,9 @@
 
 Shape of a step (batch 1): prefill runs the whole prompt once and computes the output layer for
 the last position only; each decode step feeds one token at its position and reuses the cache.
-Positions come from one preallocated arange, so a step allocates nothing of its own.
+Positions come from one preallocated arange. Decode steps go through `lean.LeanDecoder` (the
+model's own layers over a preallocated cache, without transformers' per-step glue) where the
+architecture allows, else through `model(...)`.
 
 Imports torch at module level: the engine imports this module lazily, in its worker threads.
 """
@@ -16,11 +18,15 @@ from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 import torch
 
 from hyprstream_tui.engine.detok import IncrementalDetokenizer
+from hyprstream_tui.engine.lean import LeanDecoder
 from hyprstream_tui.engine.sampling import sample
 from hyprstream_tui.engine.stops import StopMatcher
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.params import SamplingParams
+
+
+LEAN = True  # decode through LeanDecoder where it applies (benchmarks and tests switch it off)
 
 
 class CancelToken(Protocol):
@@ -92,6 +98,9 @@ def generate_tokens(
         started = time.perf_counter()
         input_ids = seen[:n_prompt].unsqueeze(0).to(device)  # [1, S]
         logits = prefill(model, input_ids, positions[:, :n_prompt], cache)
+        lean = LeanDecoder.build(model, cache, n_prompt, max_new) if LEAN else None
+        if lean is not None:
+            cache = None  # its keys and values now live in the lean decoder's buffers
         for i in range(max_new):
             next_id = sample(logits.cpu(), params, seen=seen[: n_prompt + i], generator=generator)
             _clock(stats, started, first=i == 0)
@@ -109,7 +118,10 @@ def generate_tokens(
             started = time.perf_counter()
             token.fill_(next_id)
             pos = n_prompt + i
-            logits = decode_one_token(model, token, positions[:, pos : pos + 1], cache)
+            if lean is not None:
+                logits = lean.step(token, positions[:, pos : pos + 1])
+            else:
+                logits = decode_one_token(model, token, positions[:, pos : pos + 1], cache)
         stats.finish_reason = "length"
 
 
