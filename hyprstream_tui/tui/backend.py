@@ -80,8 +80,12 @@ class Backend:
             return self._engine
 
     def warm_up(self) -> None:
-        """Import the heavy libraries in the background once the first frame is on screen."""
+        """Import the heavy libraries in the background once the first frame is on screen, and start
+        the process training jobs fork from."""
+        from hyprstream_tui.engine.train.process import warm
+
         self.store  # noqa: B018 - pygit2
+        warm()
         self.heavy()
 
     # ---- jobs that must stop when the app does ---------------------------------------------------
@@ -261,30 +265,14 @@ class Backend:
 
     def train(self, model: str, adapter: str, config: Any, *, on_event: Callable[[Any], None],
               cancel: threading.Event, name: str | None = None) -> Any:
-        """Run a training job to its end (or until `cancel`); returns TrainFinished."""
-        from hyprstream_tui.engine.train.job import TrainJob
+        """Run a training job to its end (or until `cancel`); returns TrainFinished.
 
-        from hyprstream_tui.engine.train.job import TrainFailed, TrainStarted
-        from hyprstream_tui.tui.priority import run_in_background
+        The job runs in a child process (`engine.train.process`): the UI's interpreter stays free
+        for the event loop, and this process never loads the model a second time."""
+        from hyprstream_tui.engine.train.process import run_training
 
-        self.heavy()
-        loaded = threading.Event()
-
-        def relay(event: Any) -> None:
-            if isinstance(event, (TrainStarted, TrainFailed)) and not loaded.is_set():
-                loaded.set()
-                self.load_gate.release()  # the model is loaded (or never will be)
-            on_event(event)
-
-        self.load_gate.acquire()
-        try:
-            job = TrainJob(self.store, model, adapter, config, on_event=relay, cancel=cancel)
-            with self._job(cancel, f"training of {name or adapter} on {model}"):
-                return run_in_background(job.run)
-        finally:
-            if not loaded.is_set():
-                loaded.set()
-                self.load_gate.release()
+        with self._job(cancel, f"training of {name or adapter} on {model}"):
+            return run_training(self.paths, model, adapter, config, on_event=on_event, cancel=cancel)
 
     def train_status(self, model: str, adapter: str) -> Any:
         from hyprstream_tui.engine.train.job import train_status

@@ -1,0 +1,186 @@
+"""A training job in a process of its own, reporting back through a pipe (the TUI's way to train).
+
+In the TUI's process, training's Python thread takes the interpreter lock from the event loop
+hundreds of times a second, and a nice'd thread that holds it waits behind torch's own workers for
+a core: a key press could wait tens of milliseconds to be drawn. In a child process the event loop
+keeps its interpreter to itself, a crash in the job cannot take the app down, and the job's
+threads run at a lower priority (nice +10) than the UI.
+
+Children fork from multiprocessing's forkserver, which imports torch, transformers, PEFT and the
+training loop once (`warm()`, in the background after the first paint) at nice +10, so a job
+starts as fast as it would in-process and every job inherits the lower priority. Events cross as
+the job's own frozen dataclasses; a stop request crosses the other way, and a parent that goes
+away counts as one: the child finishes its step, commits and exits.
+
+Never imports torch here: only the forkserver and its children do (through `warm_child`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Collection
+
+from hyprstream_tui import errors
+from hyprstream_tui.errors import HyprError
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.train.config import TrainConfig
+    from hyprstream_tui.engine.train.job import TrainEvent, TrainFinished
+    from hyprstream_tui.settings import Paths
+
+PRELOAD = ["hyprstream_tui.engine.train.warm_child"]
+_lock = threading.Lock()
+_context: Any = None
+
+
+def context() -> Any:
+    """The forkserver context, its preload set (once per process)."""
+    global _context
+    with _lock:
+        if _context is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(PRELOAD)
+            _context = ctx
+        return _context
+
+
+def warm() -> None:
+    """Start the forkserver now (it imports torch and the training loop in its own process)."""
+    context()
+    _ensure_running()
+
+
+def _ensure_running() -> None:
+    """Start the forkserver (and multiprocessing's resource tracker) unless running.
+
+    Both hand their child `sys.stderr.fileno()`; inside a Textual app `sys.stderr` is the app's
+    print capture, whose descriptor is not a real one, so the real stderr stands in for the call."""
+    from multiprocessing import forkserver
+
+    with _lock:
+        saved = sys.stderr
+        if sys.__stderr__ is not None:
+            sys.stderr = sys.__stderr__
+        try:
+            forkserver.ensure_running()
+        finally:
+            sys.stderr = saved
+
+
+def run_training(paths: "Paths", model: str, adapter: str, config: "TrainConfig", *,
+                 on_event: Callable[["TrainEvent"], None], cancel: threading.Event,
+                 explicit: Collection[str] = ()) -> "TrainFinished":
+    """Train `adapter` of `model` in a child process until its run ends or `cancel` is set.
+
+    Events reach `on_event` (from this thread) as they happen; returns the job's TrainFinished, or
+    raises the HyprError the job raised (the same class and message as in-process)."""
+    ctx = context()
+    _ensure_running()
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(theirs, paths, model, adapter, config, tuple(explicit)),
+                       name=f"hyprstream-train-{adapter}", daemon=False)
+    proc.start()
+    theirs.close()
+    stopper = threading.Thread(target=_forward_stop, args=(cancel, ours, proc), daemon=True)
+    stopper.start()
+    outcome: tuple | None = None
+    try:
+        while outcome is None:
+            if not ours.poll(0.2):
+                if proc.is_alive():
+                    continue
+                if not ours.poll(0):  # gone, and nothing left to read
+                    break
+            try:
+                message = ours.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "event":
+                on_event(message[1])
+            else:
+                outcome = message
+    finally:
+        if outcome is None and proc.is_alive():  # on_event raised: stop the job, keep its step
+            try:
+                ours.send(("stop",))
+            except (OSError, ValueError):
+                pass
+        proc.join()
+        cancel_sent = cancel.is_set()
+        ours.close()
+    if outcome is not None and outcome[0] == "done":
+        return outcome[1]
+    if outcome is not None and outcome[0] == "error":
+        raise _error(outcome[1], outcome[2])
+    what = "was stopped" if cancel_sent else "ended"
+    raise HyprError(f"The training process {what} without a result (exit code {proc.exitcode}): "
+                    f"the last checkpoint is kept; start the training again to resume.")
+
+
+def _forward_stop(cancel: threading.Event, conn: Any, proc: Any) -> None:
+    while proc.is_alive():
+        if cancel.wait(0.2):
+            try:
+                conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+            return
+
+
+def _log_to(path) -> None:
+    """Send this process's stdout and stderr (Python's and C's) to `path`: on the app's terminal,
+    a library's warning would be drawn over the UI."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
+def _error(name: str, message: str) -> HyprError:
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, HyprError):
+        return cls(message)
+    return HyprError(message)
+
+
+def _child(conn: Any, paths: "Paths", model: str, adapter: str, config: "TrainConfig",
+           explicit: tuple[str, ...]) -> None:
+    """The job, in the child. Everything it reports goes through `conn`."""
+    from hyprstream_tui.engine.train.job import TrainJob
+    from hyprstream_tui.store import Store
+
+    _log_to(paths.home / "logs" / "training.log")
+    cancel = threading.Event()
+    send_lock = threading.Lock()
+
+    def listen() -> None:
+        try:
+            while conn.recv()[0] != "stop":
+                pass
+        except (EOFError, OSError):
+            pass  # the parent went away: stop as if asked
+        cancel.set()
+
+    def send(*message: Any) -> None:
+        with send_lock:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):
+                cancel.set()  # nobody is listening any more: finish the step and commit
+
+    threading.Thread(target=listen, daemon=True).start()
+    try:
+        job = TrainJob(Store(paths), model, adapter, config, on_event=lambda e: send("event", e),
+                       cancel=cancel, explicit=explicit)
+        send("done", job.run())
+    except HyprError as exc:
+        send("error", type(exc).__name__, exc.message)
+    except BaseException as exc:  # noqa: BLE001 - a bug: reported as one line, the parent raises it
+        send("error", "HyprError", f"Training failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,35 @@
+"""Imported once by the training forkserver (see `process`): lower its priority, then import what
+every training job needs, so each job forks ready to load its model.
+
+Importing this module anywhere else lowers the calling thread's priority: only the forkserver
+imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+BACKGROUND_NICE = 10
+
+try:  # the forkserver's children (the jobs) inherit it
+    os.nice(BACKGROUND_NICE)
+except (AttributeError, OSError):  # pragma: no cover - not on this platform / not allowed
+    pass
+
+# The forkserver shares the app's terminal: an import-time warning would be drawn over the UI.
+# (Each job sends its own output to $HYPRSTREAM_HOME/logs/training.log.)
+_null = os.open(os.devnull, os.O_WRONLY)
+os.dup2(_null, 1)
+os.dup2(_null, 2)
+os.close(_null)
+
+_transformers = importlib.import_module("transformers")
+for _name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast"):
+    getattr(_transformers, _name)  # resolve the lazy modules now, not in each job
+_peft = importlib.import_module("peft")
+for _name in ("LoraConfig", "get_peft_model", "set_peft_model_state_dict", "get_peft_model_state_dict"):
+    getattr(_peft, _name)
+for _module in ("safetensors.torch", "hyprstream_tui.engine.loader", "hyprstream_tui.engine.train.job",
+                "hyprstream_tui.engine.train.loop", "hyprstream_tui.store"):
+    importlib.import_module(_module)
