@@ -199,6 +199,20 @@ def under_load(home: Path, keys: int, threads: int, timeout: float) -> dict:
     return {"key_to_repaint_s": pct(latencies, 1000.0), "keys": keys, "keys_not_shown": missed, **inside}
 
 
+def wait_for_training_to_let_go(home: Path, timeout: float = 120.0) -> None:
+    """The app trains in a child process, which finishes its step and commits when the app exits:
+    wait for it before the temp folder goes."""
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+    from hyprstream_tui.store.locks import is_locked
+
+    store = Store(Paths.from_env(home))
+    lock = store.train_lock_path(MODEL, store.resolve_adapter(MODEL, ADAPTER).uuid)
+    deadline = time.monotonic() + timeout
+    while is_locked(lock) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def pct(xs: list[float], scale: float) -> dict:
     if not xs:
         return {}
@@ -241,6 +255,19 @@ def child_load(ready: str, stop: str, out: str) -> None:
                 raise TimeoutError("benchmark setup timed out")
             await asyncio.sleep(0.05)
         return value
+
+    import gc
+
+    gc_pauses: list[tuple[float, int, float]] = []  # (start, generation, seconds)
+    gc_started = [0.0]
+
+    def gc_clock(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_started[0] = time.monotonic()
+        else:
+            gc_pauses.append((gc_started[0], info["generation"], time.monotonic() - gc_started[0]))
+
+    gc.callbacks.append(gc_clock)
 
     class LoadApp(HyprApp):
         lags: list[tuple[float, float]] = []
@@ -292,8 +319,12 @@ def child_load(ready: str, stop: str, out: str) -> None:
                     chat.send("Go on")
             elapsed = time.monotonic() - t0
             lags = [lag for start, lag in self.lags if start >= t0]
+            pauses = [p for start, gen, p in gc_pauses if start >= t0]
+            full = [p for start, gen, p in gc_pauses if start >= t0 and gen == 2]
             reply = chat.log_view.last_reply()
-            result = {"event_loop_lag_ms": pct(lags, 1000.0), "seconds": round(elapsed, 1),
+            result = {"event_loop_lag_ms": pct(lags, 1000.0),
+                      "gc_pauses_ms": pct(pauses, 1000.0), "gc_full_collections_ms": pct(full, 1000.0),
+                      "seconds": round(elapsed, 1),
                       "train_steps_per_s": round((job.step - step0) / elapsed, 3),
                       "reply_chars": len(reply.text) if reply else 0, "token_deltas": chat.log_view.deltas - tokens0,
                       "token_deltas_per_s": round((chat.log_view.deltas - tokens0) / elapsed, 2),
@@ -338,6 +369,7 @@ def main() -> None:
             result.update(first_paint(home, args.paint_runs, args.threads))
         if not args.skip_load:
             result.update(under_load(home, args.keys, args.threads, args.timeout))
+            wait_for_training_to_let_go(home)
     if args.json:
         print(json.dumps(result, indent=2))
         return
