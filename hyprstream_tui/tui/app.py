@@ -174,4 +174,20 @@ class HyprApp(App[int]):
 def run_app(*, home: str | Path | None = None, remote: str | None = None) -> int:
     app = HyprApp(home=home, remote=remote)
     app.run()
+    _wait_for_training()
     return int(app.return_code or 0)
+
+
+def _wait_for_training() -> None:
+    """Training runs in child processes, asked to stop when the app closes: say why the terminal
+    waits while they finish their step and commit."""
+    import multiprocessing
+    import sys
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    print("hyprstream: training stops after its current step and commits a checkpoint...",
+          file=sys.stderr, flush=True)
+    for child in children:
+        child.join()
