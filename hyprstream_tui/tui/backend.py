@@ -33,6 +33,7 @@ class Backend:
         self._conversations: ConversationStore | None = None
         self._engine: Any = None
         self._heavy_lock = threading.Lock()
+        self._engine_lock = threading.Lock()
         self._heavy_done = False
         self._running: dict[threading.Event, str] = {}  # cancel token -> what it stops
         # Held while a job loads weights. transformers sets torch's process-wide default dtype while
@@ -75,13 +76,16 @@ class Backend:
 
     @property
     def engine(self) -> Any:
-        if not self.remote:
-            self.heavy()
-        with self._lock:
+        """Created on first use; starting the engine's process can take seconds (the forkserver
+        imports torch first), so it has a lock of its own and the store stays usable meanwhile."""
+        store = self.store
+        with self._engine_lock:
             if self._engine is None:
                 from hyprstream_tui.tui.engine_link import make_engine
 
-                self._engine = make_engine(self.store, remote=self.remote)
+                engine = make_engine(store, remote=self.remote)
+                with self._lock:
+                    self._engine = engine
             return self._engine
 
     def warm_up(self) -> None:
@@ -91,7 +95,10 @@ class Backend:
 
         self.store  # noqa: B018 - pygit2
         warm()
-        self.heavy()
+        if not self.remote:
+            self.engine  # noqa: B018 - the engine's process, forked once torch is loaded there
+        # What the app keeps for its lifetime (Textual, pygit2): out of the collector's sight.
+        gc.freeze()
 
     # ---- jobs that must stop when the app does ---------------------------------------------------
     @contextmanager
@@ -171,8 +178,7 @@ class Backend:
         engine = self.engine
         with self._job(cancel, "a chat reply"):
             return run_in_background(run_chats, engine, specs, messages, params, request_ids=request_ids,
-                                     on_event=on_event, cancel=cancel,
-                                     load_gate=None if self.remote else self.load_gate)
+                                     on_event=on_event, cancel=cancel)
 
     def chat_targets(self, model: str | None) -> tuple[list[str], str | None, list[str], set[str], int]:
         """What can answer: (models, the chosen model, its adapters, those without weights, window).

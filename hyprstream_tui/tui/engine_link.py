@@ -39,11 +39,13 @@ def preload() -> None:
 
 
 def make_engine(store: Any, *, remote: str | None = None) -> Any:
+    """The engine the TUI talks to: a server with `--remote`, else an Engine in a child process
+    (so this process never runs, or imports, torch)."""
     if remote:
         return RemoteEngine(remote)
-    from hyprstream_tui.engine.engine import Engine
+    from hyprstream_tui.engine.child import ChildEngine
 
-    return Engine(store=store)
+    return ChildEngine(store.paths)
 
 
 def run_chats(engine: Any, specs: Sequence[str], messages: Sequence[Mapping[str, str]], params: Any, *,

@@ -1,5 +1,6 @@
-"""Imported once by the training forkserver (see `process`): lower its priority, then import what
-every training job needs, so each job forks ready to load its model.
+"""Imported once by the forkserver of the TUI's child processes (training jobs, see `process`, and
+the engine, see `engine.child`): lower its priority, then import what every child needs, so each
+forks ready to load its model.
 
 Importing this module anywhere else lowers the calling thread's priority: only the forkserver
 imports it.
@@ -38,5 +39,6 @@ _peft = importlib.import_module("peft")
 for _name in ("LoraConfig", "get_peft_model", "set_peft_model_state_dict", "get_peft_model_state_dict"):
     getattr(_peft, _name)
 for _module in ("safetensors.torch", "hyprstream_tui.engine.loader", "hyprstream_tui.engine.train.job",
-                "hyprstream_tui.engine.train.loop", "hyprstream_tui.store"):
+                "hyprstream_tui.engine.train.loop", "hyprstream_tui.store", "hyprstream_tui.engine.engine",
+                "hyprstream_tui.engine.generate", "hyprstream_tui.engine.chat"):
     importlib.import_module(_module)

@@ -1,0 +1,207 @@
+"""The engine in a child process, for the TUI: the same `chat` and jobs as `Engine`, over a pipe.
+
+With generation in the UI's process, its Python thread (between torch's kernels) holds the
+interpreter lock, and when the OS has that nice'd thread off a core the event loop waits for it:
+keys took up to tens of milliseconds to be drawn. In a child process the UI's interpreter is the
+event loop's alone, and the UI process never imports torch at all.
+
+The child forks from the training forkserver (`engine.train.process`: torch and transformers
+loaded, nice +10) and runs an ordinary `Engine` on its own `Store`. Requests go down the pipe;
+every event comes back as the engine's own frozen dataclass, and GenerationDone or
+GenerationError completes the parent's job (the error as the same HyprError class). A parent that
+goes away closes the pipe, and the child cancels its requests and exits.
+
+Never imports torch here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from hyprstream_tui import errors
+from hyprstream_tui.engine.events import GenerationDone, GenerationError
+from hyprstream_tui.errors import HyprError
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.params import SamplingParams
+    from hyprstream_tui.settings import Paths
+
+_ids = itertools.count(1)
+
+
+class ChildJob:
+    """A request running in the child: cancel it, wait for it, or take its result."""
+
+    def __init__(self, request_id: str, send: Callable[[tuple], None]) -> None:
+        self.request_id = request_id
+        self._send = send
+        self._finished = threading.Event()
+        self.done: GenerationDone | None = None
+        self.error: BaseException | None = None
+        self.callback_error: BaseException | None = None
+
+    def cancel(self) -> None:
+        if not self.finished:
+            try:
+                self._send(("cancel", self.request_id))
+            except HyprError:
+                pass  # the process is gone: the job fails on its own
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._finished.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> GenerationDone:
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"Request {self.request_id} is still running.")
+        if self.error is not None:
+            raise self.error
+        assert self.done is not None
+        return self.done
+
+
+class ChildEngine:
+    """An `Engine` running in a child process; `chat`, `unload` and `close` as the Engine's."""
+
+    def __init__(self, paths: "Paths") -> None:
+        from hyprstream_tui.engine.train.process import _ensure_running, context
+
+        ctx = context()
+        _ensure_running()
+        self._conn, theirs = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(theirs, paths), name="hyprstream-engine",
+                                 daemon=True)
+        self._proc.start()
+        theirs.close()
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._jobs: dict[str, tuple[ChildJob, Callable[[Any], None]]] = {}
+        self._gone: str | None = None
+        threading.Thread(target=self._read, name="hyprstream-engine-events", daemon=True).start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError) as exc:
+                raise HyprError("The engine process has stopped: restart hyprstream.") from exc
+
+    def chat(self, spec: str, messages: Sequence[Mapping[str, str]], params: "SamplingParams", *,
+             on_event: Callable[[Any], None] | None = None, request_id: str | None = None) -> ChildJob:
+        rid = request_id or f"child-{next(_ids)}"
+        job = ChildJob(rid, self._send)
+        with self._lock:
+            if self._gone is not None:
+                raise HyprError(self._gone)
+            self._jobs[rid] = (job, on_event or (lambda _e: None))
+        self._send(("chat", rid, spec, [dict(m) for m in messages], params))
+        return job
+
+    def unload(self, name: str | None = None) -> None:
+        self._send(("unload", name))
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        try:
+            self._send(("close",))
+        except HyprError:
+            pass
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                event = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                entry = self._jobs.get(getattr(event, "request_id", None))
+                if entry is not None and isinstance(event, (GenerationDone, GenerationError)):
+                    del self._jobs[event.request_id]
+            if entry is None:
+                continue
+            job, on_event = entry
+            try:
+                on_event(event)
+            except Exception as exc:  # as in Engine: a failing callback ends its request
+                job.callback_error = exc
+                job.cancel()
+            if isinstance(event, GenerationDone):
+                job.done = event
+                job.error = job.callback_error
+                job._finished.set()
+            elif isinstance(event, GenerationError):
+                job.error = job.callback_error or _error(event.kind, event.message)
+                job._finished.set()
+        message = "The engine process stopped (see $HYPRSTREAM_HOME/logs/engine.log): restart hyprstream."
+        with self._lock:
+            self._gone = message
+            pending, self._jobs = list(self._jobs.values()), {}
+        for job, _ in pending:
+            job.error = HyprError(message)
+            job._finished.set()
+
+
+def _error(kind: str, message: str) -> BaseException:
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, HyprError):
+        return cls(message)
+    return RuntimeError(message)  # "bug": the engine's own one-line report
+
+
+def _serve(conn: Any, paths: "Paths") -> None:
+    """The child: an Engine answering requests from `conn` until it closes."""
+    from hyprstream_tui.engine.engine import Engine
+    from hyprstream_tui.engine.train.process import _log_to
+    from hyprstream_tui.store import Store
+
+    _log_to(paths.home / "logs" / "engine.log")
+    engine = Engine(store=Store(paths))
+    send_lock = threading.Lock()
+    jobs: dict[str, Any] = {}
+
+    def send(event: Any) -> None:
+        with send_lock:
+            try:
+                conn.send(event)
+            except (OSError, ValueError):
+                pass  # the parent is gone: the read loop below ends and cancels everything
+        if isinstance(event, (GenerationDone, GenerationError)):
+            jobs.pop(event.request_id, None)
+
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "chat":
+                _, rid, spec, messages, params = message
+                try:
+                    jobs[rid] = engine.chat(spec, messages, params, on_event=send, request_id=rid)
+                except HyprError as exc:
+                    send(GenerationError(request_id=rid, message=exc.message, kind=type(exc).__name__,
+                                         exit_code=exc.exit_code))
+            elif kind == "cancel":
+                job = jobs.get(message[1])
+                if job is not None:
+                    job.cancel()
+            elif kind == "unload":
+                engine.unload(message[1])
+            elif kind == "close":
+                break
+    finally:
+        engine.close()
