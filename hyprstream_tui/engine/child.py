@@ -5,8 +5,8 @@ interpreter lock, and when the OS has that nice'd thread off a core the event lo
 keys took up to tens of milliseconds to be drawn. In a child process the UI's interpreter is the
 event loop's alone, and the UI process never imports torch at all.
 
-The child forks from the training forkserver (`engine.train.process`: torch and transformers
-loaded, nice +10) and runs an ordinary `Engine` on its own `Store`. Requests go down the pipe;
+The child forks from the forkserver of `engine.forkserver` (torch and transformers loaded, lower
+priority) and runs an ordinary `Engine` on its own `Store`. Requests go down the pipe;
 every event comes back as the engine's own frozen dataclass, and GenerationDone or
 GenerationError completes the parent's job (the error as the same HyprError class). A parent that
 goes away closes the pipe, and the child cancels its requests and exits.
@@ -20,8 +20,9 @@ import itertools
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from hyprstream_tui import errors
+from hyprstream_tui.engine.engine import GenerationJob
 from hyprstream_tui.engine.events import GenerationDone, GenerationError
+from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error
 from hyprstream_tui.errors import HyprError
 
 if TYPE_CHECKING:
@@ -31,15 +32,12 @@ if TYPE_CHECKING:
 _ids = itertools.count(1)
 
 
-class ChildJob:
-    """A request running in the child: cancel it, wait for it, or take its result."""
+class ChildJob(GenerationJob):
+    """A request running in the child: the Engine's job, whose cancel goes down the pipe."""
 
     def __init__(self, request_id: str, send: Callable[[tuple], None]) -> None:
-        self.request_id = request_id
+        super().__init__(request_id)
         self._send = send
-        self._finished = threading.Event()
-        self.done: GenerationDone | None = None
-        self.error: BaseException | None = None
         self.callback_error: BaseException | None = None
 
     def cancel(self) -> None:
@@ -49,30 +47,12 @@ class ChildJob:
             except HyprError:
                 pass  # the process is gone: the job fails on its own
 
-    @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._finished.wait(timeout)
-
-    def result(self, timeout: float | None = None) -> GenerationDone:
-        if not self._finished.wait(timeout):
-            raise TimeoutError(f"Request {self.request_id} is still running.")
-        if self.error is not None:
-            raise self.error
-        assert self.done is not None
-        return self.done
-
 
 class ChildEngine:
     """An `Engine` running in a child process; `chat`, `unload` and `close` as the Engine's."""
 
     def __init__(self, paths: "Paths") -> None:
-        from hyprstream_tui.engine.train.process import _ensure_running, context
-
         ctx = context()
-        _ensure_running()
         self._conn, theirs = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(theirs, paths), name="hyprstream-engine",
                                  daemon=True)
@@ -143,7 +123,8 @@ class ChildEngine:
                 job.error = job.callback_error
                 job._finished.set()
             elif isinstance(event, GenerationError):
-                job.error = job.callback_error or _error(event.kind, event.message)
+                job.error = job.callback_error or rebuild_error(event.kind, event.message) \
+                    or RuntimeError(event.message)  # "bug": the engine's own one-line report
                 job._finished.set()
         message = "The engine process stopped (see $HYPRSTREAM_HOME/logs/engine.log): restart hyprstream."
         with self._lock:
@@ -154,20 +135,12 @@ class ChildEngine:
             job._finished.set()
 
 
-def _error(kind: str, message: str) -> BaseException:
-    cls = getattr(errors, kind, None)
-    if isinstance(cls, type) and issubclass(cls, HyprError):
-        return cls(message)
-    return RuntimeError(message)  # "bug": the engine's own one-line report
-
-
 def _serve(conn: Any, paths: "Paths") -> None:
     """The child: an Engine answering requests from `conn` until it closes."""
     from hyprstream_tui.engine.engine import Engine
-    from hyprstream_tui.engine.train.process import _log_to
     from hyprstream_tui.store import Store
 
-    _log_to(paths.home / "logs" / "engine.log")
+    log_to(paths.home / "logs" / "engine.log")
     engine = Engine(store=Store(paths))
     send_lock = threading.Lock()
     jobs: dict[str, Any] = {}

@@ -184,7 +184,7 @@ def _wait_for_training() -> None:
     import multiprocessing
     import sys
 
-    children = multiprocessing.active_children()
+    children = [c for c in multiprocessing.active_children() if not c.daemon]  # the engine is daemon
     if not children:
         return
     print("hyprstream: training stops after its current step and commits a checkpoint...",

@@ -36,10 +36,6 @@ class Backend:
         self._engine_lock = threading.Lock()
         self._heavy_done = False
         self._running: dict[threading.Event, str] = {}  # cancel token -> what it stops
-        # Held while a job loads weights. transformers sets torch's process-wide default dtype while
-        # it builds a model; a load overlapping another load or a generation in this process can
-        # leave tensors (or the default itself) in the wrong dtype. Jobs load one at a time.
-        self.load_gate = threading.Lock()
 
     # ---- lazily created services ---------------------------------------------------------------
     @property
@@ -91,7 +87,7 @@ class Backend:
     def warm_up(self) -> None:
         """Import the heavy libraries in the background once the first frame is on screen, and start
         the process training jobs fork from."""
-        from hyprstream_tui.engine.train.process import warm
+        from hyprstream_tui.engine.forkserver import warm
 
         self.store  # noqa: B018 - pygit2
         warm()
@@ -162,8 +158,7 @@ class Backend:
         self.heavy()
         tmp = self.paths.cache / f"demo-{uuid.uuid4().hex[:8]}"
         try:
-            with self.load_gate:
-                build_demo_model(tmp)
+            build_demo_model(tmp)
             return self.store.import_model(tmp, name=DEMO_NAME)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -173,12 +168,11 @@ class Backend:
              request_ids: Sequence[str], on_event: Callable[[Any], None], cancel: threading.Event) -> list[Any]:
         """Answer `messages` once per spec (compare mode: two), streaming events; returns GenerationDone each."""
         from hyprstream_tui.tui.engine_link import run_chats
-        from hyprstream_tui.tui.priority import run_in_background
 
         engine = self.engine
-        with self._job(cancel, "a chat reply"):
-            return run_in_background(run_chats, engine, specs, messages, params, request_ids=request_ids,
-                                     on_event=on_event, cancel=cancel)
+        with self._job(cancel, "a chat reply"):  # the work runs in the engine's process (or server)
+            return run_chats(engine, specs, messages, params, request_ids=request_ids, on_event=on_event,
+                             cancel=cancel)
 
     def chat_targets(self, model: str | None) -> tuple[list[str], str | None, list[str], set[str], int]:
         """What can answer: (models, the chosen model, its adapters, those without weights, window).

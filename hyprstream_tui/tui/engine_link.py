@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urljoin
 
 from hyprstream_tui.engine.events import GenerationDone, Provenance, Timings, TokenDelta
-from hyprstream_tui.errors import Cancelled, HubError, HyprError
+from hyprstream_tui.errors import HubError, HyprError
 
 
 def is_token(event: object) -> bool:
@@ -49,32 +49,11 @@ def make_engine(store: Any, *, remote: str | None = None) -> Any:
 
 
 def run_chats(engine: Any, specs: Sequence[str], messages: Sequence[Mapping[str, str]], params: Any, *,
-              request_ids: Sequence[str], on_event: Callable[[Any], None], cancel: threading.Event,
-              load_gate: threading.Lock | None = None) -> list[GenerationDone]:
-    """Start one generation per spec, pass `cancel` on to them, and wait for all.
-
-    `load_gate` is held until every request has said something (its model and adapter are loaded
-    by then): see Backend.load_gate."""
-    started = {rid: threading.Event() for rid in request_ids}
-
-    def relay(event: Any) -> None:
-        flag = started.get(getattr(event, "request_id", None))
-        if flag is not None:
-            flag.set()
-        on_event(event)
-
-    while load_gate is not None and not load_gate.acquire(timeout=0.1):
-        if cancel.is_set():  # stopped while another job was loading its weights
-            raise Cancelled("Stopped before the reply started.")
-    try:
-        jobs = [engine.chat(spec, messages, params, on_event=relay, request_id=rid)
-                for spec, rid in zip(specs, request_ids)]
-        for rid, job in zip(request_ids, jobs):
-            while not (started[rid].wait(0.05) or job.finished or cancel.is_set()):
-                pass
-    finally:
-        if load_gate is not None:
-            load_gate.release()
+              request_ids: Sequence[str], on_event: Callable[[Any], None],
+              cancel: threading.Event) -> list[GenerationDone]:
+    """Start one generation per spec, pass `cancel` on to them, and wait for all."""
+    jobs = [engine.chat(spec, messages, params, on_event=on_event, request_id=rid)
+            for spec, rid in zip(specs, request_ids)]
     try:
         while not all(job.finished for job in jobs):
             if cancel.wait(0.05):

@@ -1,9 +1,10 @@
 """Keeping the UI ahead of the work it starts.
 
-Generation and training run torch on every core; the event loop needs a few milliseconds of CPU
-now and then, and the GIL when it wants it. So heavy work runs in its own thread at a lower CPU
-priority (nice +10: the threads torch starts from it inherit that), and the interpreter hands the
-GIL over every millisecond instead of every five. Set HYPRSTREAM_TUI_YIELD=0 to turn both off.
+Generation and training run in child processes (`engine.child`, `engine.train.process`); what
+heavy work stays in this process (the warm-up after the first paint, which starts their
+forkserver and its children with it) runs in its own thread at a lower CPU priority (nice +10:
+the threads and processes it starts inherit that), and the interpreter hands the GIL over every
+millisecond instead of every five. Set HYPRSTREAM_TUI_YIELD=0 to turn both off.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
@@ -53,10 +52,6 @@ def test_errors_come_back_as_the_same_class(engines):
 
 def test_cancel_ends_the_reply_in_the_child(engines):
     child, _ = engines
-    job = child.chat("tiny", MESSAGES, SamplingParams(temperature=1.0, seed=1, max_tokens=400))
-    time.sleep(0.2)
-    job.cancel()
-    assert job.result(timeout=60).finish_reason in ("cancelled", "eos", "length")
     jobs = []
     first = threading.Event()
     jobs.append(child.chat("tiny", MESSAGES, SamplingParams(temperature=1.0, seed=1, max_tokens=400),
@@ -67,7 +62,7 @@ def test_cancel_ends_the_reply_in_the_child(engines):
     assert done.finish_reason == "cancelled" and done.completion_tokens < 400
 
 
-def test_closing_ends_the_process(tmp_path, tiny_qwen2):
+def test_closing_ends_the_process(tmp_path):
     from hyprstream_tui.settings import Paths
 
     child = ChildEngine(Paths.from_env(tmp_path / "home"))

@@ -16,7 +16,8 @@ from hyprstream_tui.engine.train.job import (
     TrainStep,
     train_status,
 )
-from hyprstream_tui.engine.train.process import _child, context, run_training
+from hyprstream_tui.engine.forkserver import context
+from hyprstream_tui.engine.train.process import _child, run_training
 from hyprstream_tui.errors import InvalidInput
 from tests.train.helpers import FAST
 

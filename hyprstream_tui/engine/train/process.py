@@ -6,69 +6,26 @@ a core: a key press could wait tens of milliseconds to be drawn. In a child proc
 keeps its interpreter to itself, a crash in the job cannot take the app down, and the job's
 threads run at a lower priority (nice +10) than the UI.
 
-Children fork from multiprocessing's forkserver, which imports torch, transformers, PEFT and the
-training loop once (`warm()`, in the background after the first paint) at nice +10, so a job
-starts as fast as it would in-process and every job inherits the lower priority. Events cross as
-the job's own frozen dataclasses; a stop request crosses the other way, and a parent that goes
-away counts as one: the child finishes its step, commits and exits.
+Children fork from the forkserver of `engine.forkserver` (torch, transformers, PEFT and the
+training loop already imported, lower priority), so a job starts as fast as it would in-process.
+Events cross as the job's own frozen dataclasses; a stop request crosses the other way, and a
+parent that goes away counts as one: the child finishes its step, commits and exits.
 
-Never imports torch here: only the forkserver and its children do (through `warm_child`).
+Never imports torch here: only the forkserver and its children do.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Collection
 
-from hyprstream_tui import errors
+from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error
 from hyprstream_tui.errors import HyprError
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.train.config import TrainConfig
     from hyprstream_tui.engine.train.job import TrainEvent, TrainFinished
     from hyprstream_tui.settings import Paths
-
-PRELOAD = ["hyprstream_tui.engine.train.warm_child"]
-_lock = threading.Lock()
-_context: Any = None
-
-
-def context() -> Any:
-    """The forkserver context, its preload set (once per process)."""
-    global _context
-    with _lock:
-        if _context is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(PRELOAD)
-            _context = ctx
-        return _context
-
-
-def warm() -> None:
-    """Start the forkserver now (it imports torch and the training loop in its own process)."""
-    context()
-    _ensure_running()
-
-
-def _ensure_running() -> None:
-    """Start the forkserver (and multiprocessing's resource tracker) unless running.
-
-    Both hand their child `sys.stderr.fileno()`; inside a Textual app `sys.stderr` is the app's
-    print capture, whose descriptor is not a real one, so the real stderr stands in for the call."""
-    from multiprocessing import forkserver
-
-    with _lock:
-        saved = sys.stderr
-        if sys.__stderr__ is not None:
-            sys.stderr = sys.__stderr__
-        try:
-            forkserver.ensure_running()
-        finally:
-            sys.stderr = saved
-
 
 def run_training(paths: "Paths", model: str, adapter: str, config: "TrainConfig", *,
                  on_event: Callable[["TrainEvent"], None], cancel: threading.Event,
@@ -78,7 +35,6 @@ def run_training(paths: "Paths", model: str, adapter: str, config: "TrainConfig"
     Events reach `on_event` (from this thread) as they happen; returns the job's TrainFinished, or
     raises the HyprError the job raised (the same class and message as in-process)."""
     ctx = context()
-    _ensure_running()
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(theirs, paths, model, adapter, config, tuple(explicit)),
                        name=f"hyprstream-train-{adapter}", daemon=False)
@@ -114,7 +70,7 @@ def run_training(paths: "Paths", model: str, adapter: str, config: "TrainConfig"
     if outcome is not None and outcome[0] == "done":
         return outcome[1]
     if outcome is not None and outcome[0] == "error":
-        raise _error(outcome[1], outcome[2])
+        raise rebuild_error(outcome[1], outcome[2]) or HyprError(outcome[2])
     what = "was stopped" if cancel_sent else "ended"
     raise HyprError(f"The training process {what} without a result (exit code {proc.exitcode}): "
                     f"the last checkpoint is kept; start the training again to resume.")
@@ -130,33 +86,13 @@ def _forward_stop(cancel: threading.Event, conn: Any, proc: Any) -> None:
             return
 
 
-def _log_to(path) -> None:
-    """Send this process's stdout and stderr (Python's and C's) to `path`: on the app's terminal,
-    a library's warning would be drawn over the UI."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    except OSError:
-        fd = os.open(os.devnull, os.O_WRONLY)
-    for target in (1, 2):
-        os.dup2(fd, target)
-    os.close(fd)
-
-
-def _error(name: str, message: str) -> HyprError:
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, HyprError):
-        return cls(message)
-    return HyprError(message)
-
-
 def _child(conn: Any, paths: "Paths", model: str, adapter: str, config: "TrainConfig",
            explicit: tuple[str, ...]) -> None:
     """The job, in the child. Everything it reports goes through `conn`."""
     from hyprstream_tui.engine.train.job import TrainJob
     from hyprstream_tui.store import Store
 
-    _log_to(paths.home / "logs" / "training.log")
+    log_to(paths.home / "logs" / "training.log")
     cancel = threading.Event()
     send_lock = threading.Lock()
 

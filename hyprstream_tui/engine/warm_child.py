@@ -1,6 +1,5 @@
-"""Imported once by the forkserver of the TUI's child processes (training jobs, see `process`, and
-the engine, see `engine.child`): lower its priority, then import what every child needs, so each
-forks ready to load its model.
+"""Imported once by the forkserver of the TUI's child processes (`engine.forkserver`): lower its
+priority, then import what every child needs, so each forks ready to load its model.
 
 Importing this module anywhere else lowers the calling thread's priority: only the forkserver
 imports it.
