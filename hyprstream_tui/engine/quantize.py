@@ -6,6 +6,10 @@ Every `nn.Linear` (the output layer included) is replaced, with one of PyTorch's
   the fastest int8 path on CPUs without native bf16;
 - bf16 activations (`--dtype bfloat16`): weight-only int8 through `aten._weight_int8pack_mm`
   (gpt-fast's int8 path), activations stay bf16.
+With fp32 activations, the projections that read the same input (a layer's q/k/v, an MLP's
+gate/up) are quantized as one weight, `FusedInt8`, and each projection's module (`Int8Part`) is a
+slice of its product: one fbgemm call where there were three (or two), rows, scales and results
+unchanged (tests), no weight stored twice.
 Norms and attention run in the activation dtype. The token embedding stays bf16 (a lookup reads
 one row), which keeps a tied 150k-row table from doubling in fp32.
 
@@ -45,20 +49,87 @@ class Bf16Embedding(torch.nn.Module):
         return rows.to(self.dtype)
 
 
-def int8_linear(linear: torch.nn.Linear) -> DynamicLinear:
-    """A dynamic-quantized replacement for `linear`, weights int8 per output channel."""
-    weight = linear.weight.detach().float()  # [out, in]
+def int8_linear(*linears: torch.nn.Linear) -> DynamicLinear:
+    """A dynamic-quantized replacement for `linears` (their output rows in turn: one product for
+    several projections of the same input), weights int8 per output channel."""
+    weight = torch.cat([lin.weight.detach().float() for lin in linears])  # [out, in]
     scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()  # [out]
     zero_points = torch.zeros_like(scales, dtype=torch.long)  # [out]
-    bias = None if linear.bias is None else linear.bias.detach().float()
+    if all(lin.bias is None for lin in linears):
+        bias = None
+    else:
+        bias = torch.cat([torch.zeros(lin.out_features) if lin.bias is None
+                          else lin.bias.detach().float() for lin in linears])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's notice that eager quantization is moving
         qweight = torch.quantize_per_channel(
             weight, scales, zero_points, axis=0, dtype=torch.qint8
         )
-        qlinear = DynamicLinear(linear.in_features, linear.out_features, dtype=torch.qint8)
+        qlinear = DynamicLinear(linears[0].in_features, weight.shape[0], dtype=torch.qint8)
     qlinear.set_weight_bias(qweight, bias)
     return qlinear
+
+
+class FusedInt8(torch.nn.Module):
+    """Projections of one input as one int8 product (a layer's q/k/v, an MLP's gate/up).
+
+    Each projection is an `Int8Part` holding this module. The first part computes the whole
+    product; the parts after it slice the same result when called with the same tensor (the
+    layers of these architectures call them in turn with one input and never modify it in
+    place); any other call computes anew. The last part lets the result go.
+    """
+
+    def __init__(self, linears: list[torch.nn.Linear]) -> None:
+        super().__init__()
+        self.linear = int8_linear(*linears)
+        self.sizes = [lin.out_features for lin in linears]
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        last = self._last
+        if index > 0 and last is not None and last[0] is x:
+            y = last[1]
+        else:
+            y = self.linear(x)
+        self._last = None if index == len(self.sizes) - 1 else (x, y)
+        start = sum(self.sizes[:index])
+        return y[..., start : start + self.sizes[index]]
+
+
+class Int8Part(torch.nn.Module):
+    """One projection of a `FusedInt8`: x -> its rows of the fused product."""
+
+    def __init__(self, fused: FusedInt8, index: int) -> None:
+        super().__init__()
+        self.fused = fused
+        self.index = index
+        self.in_features = fused.linear.in_features
+        self.out_features = fused.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return self.fused.part(x, self.index)
+
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
+
+
+def fuse_int8(model: torch.nn.Module) -> int:
+    """Replace each group of `FUSED` projections (plain `nn.Linear`, same input size) by the
+    parts of one `FusedInt8`; return how many groups."""
+    count = 0
+    for module in list(model.modules()):
+        for names in FUSED:
+            linears = [getattr(module, name, None) for name in names]
+            if not all(type(lin) is torch.nn.Linear for lin in linears):
+                continue
+            if len({lin.in_features for lin in linears}) != 1:
+                continue
+            fused = FusedInt8(linears)
+            for index, name in enumerate(names):
+                setattr(module, name, Int8Part(fused, index))
+            del linears
+            count += 1
+    return count
 
 
 class Int8WeightOnlyLinear(torch.nn.Module):
@@ -94,6 +165,8 @@ def quantize_int8(model: torch.nn.Module, *, dtype: str = "float32") -> torch.nn
     scale = getattr(embed, "embed_scale", None)  # Gemma scales every row
     embedding = Bf16Embedding(embed.weight.detach(), padding_idx=embed.padding_idx, dtype=act,
                               scale=None if scale is None else float(scale))
+    if act == torch.float32:
+        fuse_int8(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:

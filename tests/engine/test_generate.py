@@ -182,6 +182,27 @@ def test_int8_quantization_stays_close(tiny_models, dtype, arch):
     assert _ours(q8, full.tokenizer.encode(PROMPT))  # and it generates
 
 
+def test_fused_int8_parts_equal_separate_int8_layers():
+    from hyprstream_tui.engine.quantize import FusedInt8, Int8Part, int8_linear
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, n, bias=b) for n, b in ((96, True), (32, False), (32, True))]
+    fused = FusedInt8(linears)
+    parts = [Int8Part(fused, i) for i in range(3)]
+    alone = [int8_linear(lin) for lin in linears]
+    with torch.inference_mode():
+        for rows in (1, 7, 40):  # a decode step, a short prompt, a prefill
+            x = torch.randn(1, rows, 64)
+            for part, single in zip(parts, alone):
+                assert torch.equal(part(x), single(x))
+            # parts called out of turn, or with another input, compute their own product
+            y = torch.randn(1, rows, 64)
+            assert torch.equal(parts[2](y), alone[2](y))
+            assert torch.equal(parts[0](x), alone[0](x)) and torch.equal(parts[1](y), alone[1](y))
+            assert fused._last is not None
+            assert torch.equal(parts[2](x), alone[2](x)) and fused._last is None  # let go
+
+
 def test_int8_refuses_adapters_with_a_clear_error(tiny_models, tiny_adapters):
     from hyprstream_tui.errors import InvalidInput
 

@@ -50,6 +50,24 @@ def test_lean_step_gives_the_same_logits_as_the_model(tiny_models, arch, how):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_layers_run_fused_in_the_lean_step(tiny_models, arch):
+    from hyprstream_tui.engine.quantize import Int8Part
+
+    lm = load_model(ModelSource(name=arch, path=tiny_models[arch]), LoadOptions(quantize="int8"))
+    attn = lm.model.model.layers[0].self_attn
+    assert all(type(m) is Int8Part and m.fused is attn.q_proj.fused
+               for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    with torch.inference_mode():
+        cache = new_cache(lm.model)
+        prefill(lm.model, torch.tensor([[5, 6, 7]]), torch.arange(3).unsqueeze(0), cache)
+        decoder = LeanDecoder.build(lm.model, cache, 3, 4)
+    plans = [entry[-1] for entry in decoder.layers]
+    assert all(plan is not None for plan in plans)  # every layer takes the direct int8 calls
+    assert plans[0].qkv_sizes == [attn.q_proj.out_features, attn.k_proj.out_features,
+                                  attn.v_proj.out_features]
+
+
 def test_lean_step_with_an_adapter_gives_the_same_logits(tiny_models, tiny_adapters):
     lm = load_model(ModelSource(name="llama", path=tiny_models["llama"]), LoadOptions())
     ids = lm.tokenizer.encode(PROMPT)
