@@ -12,10 +12,15 @@ safetensors in a temp folder. Cases, each in fp32 and bf16:
   ours-exact  ours with the plain bf16 prefill kernel (bf16 only, where the two differ): the
               same prefill as generate, so its greedy tokens must equal generate's
   ours-int8   ours with `--quantize int8`
-generate and ours alternate in one process per dtype (fair on a shared machine); int8 runs in its
-own process, so its peak RSS is its own. It prints prefill time for the prompt, decode tokens/s, peak RSS, whether
-greedy tokens match `generate`, the int8 quality cost against fp32 (logits, perplexity on a text)
-and the memory-bandwidth roofline (weight bytes read per token / measured bandwidth).
+Prefill: one whole run (prompt to tokens) of each case. Decode: rounds in which each case decodes
+in turn from its own copy of one prefilled prefix (the prompt but its last token), so the cases
+start from the same state and run next to each other in time: the ratio within a round holds on a
+shared machine whose speed moves, and it is reported as the median over rounds. generate and ours
+share one process per dtype; int8 runs in its own process with generate bf16 beside it (peak RSS
+taken before that reference loads). It prints prefill time for the prompt, decode tokens/s, peak
+RSS, whether greedy tokens match `generate`, the int8 quality cost against fp32 (logits,
+perplexity on a text) and the memory-bandwidth roofline (weight bytes read per token / measured
+bandwidth).
 """
 
 from __future__ import annotations
@@ -91,8 +96,9 @@ class _Clock:
         pass
 
 
-def time_generate(model, ids: list[int], new: int) -> tuple[float, float, list[int]]:
-    """(prefill s, decode s for new-1 tokens, tokens) of one greedy `generate` call."""
+def time_generate(model, ids: list[int], new: int, cache=None) -> tuple[float, float, list[int]]:
+    """(prefill s, decode s for new-1 tokens, tokens) of one greedy `generate` call; `cache`
+    holds a prefix of the prompt already (generate runs only the rest)."""
     import torch
 
     x = torch.tensor([ids])
@@ -101,12 +107,13 @@ def time_generate(model, ids: list[int], new: int) -> tuple[float, float, list[i
         started = time.perf_counter()
         out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
                              eos_token_id=None, pad_token_id=0, max_new_tokens=new,
-                             min_new_tokens=new, streamer=clock)
+                             min_new_tokens=new, streamer=clock, past_key_values=cache)
     # clock.times: [prompt, token 1 (after prefill), ..., token new]
     return clock.times[1] - started, clock.times[-1] - clock.times[1], out[0, len(ids):].tolist()
 
 
-def time_ours(model, ids: list[int], new: int, lean: bool = True) -> tuple[float, float, list[int]]:
+def time_ours(model, ids: list[int], new: int, lean: bool = True,
+              cache=None) -> tuple[float, float, list[int]]:
     from hyprstream_tui.engine import generate
     from hyprstream_tui.engine.params import SamplingParams
 
@@ -115,25 +122,22 @@ def time_ours(model, ids: list[int], new: int, lean: bool = True) -> tuple[float
     try:
         tokens = list(generate.generate_tokens(
             model, ids, SamplingParams(temperature=0, max_tokens=new), eos_ids=frozenset(),
-            generator=None, stats=stats))
+            generator=None, stats=stats, cache=cache))
     finally:
         generate.LEAN = True
     return stats.prefill_s, stats.decode_s, tokens
 
 
-def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) -> dict:
-    """generate and ours on the same loaded weights, alternating, best of `rounds` each.
-
-    Alternating makes both see the same machine: on a shared CPU the ratio stays meaningful
-    when absolute figures move. For `generate`, layers our loader swapped for a faster prefill
-    kernel are switched back to plain `nn.Linear`, so it runs exactly as transformers loads it.
-    """
+def load(folder: Path, dtype: str, quantize: str | None = None):
+    """The engine's loader; returns (model, plain) where plain(True) switches the layers it gave a
+    faster prefill kernel back to `nn.Linear`, as transformers loads them."""
     import torch
 
     from hyprstream_tui.engine.kernels import RowsFirstLinear, UpcastPrefillLinear
     from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 
-    lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder), LoadOptions(dtype=dtype))
+    lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder),
+                    LoadOptions(dtype=dtype, quantize=quantize))
     swapped = [(m, type(m)) for m in lm.model.modules()
                if isinstance(m, (UpcastPrefillLinear, RowsFirstLinear))]
 
@@ -141,34 +145,99 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
         for module, ours in swapped:
             module.__class__ = torch.nn.Linear if on else ours
 
-    runs = {"generate": (lambda: time_generate(lm.model, ids, new), True),
-            "ours": (lambda: time_ours(lm.model, ids, new), False),
-            "ours-plain": (lambda: time_ours(lm.model, ids, new, lean=False), False)}
-    if any(cls is UpcastPrefillLinear for _, cls in swapped):  # ours with the bf16 prefill too
-        runs["ours-exact"] = (lambda: time_ours(lm.model, ids, new), True)
-    best = {name: [float("inf"), float("inf"), None] for name in runs}
+    plain.exact_prefill_differs = any(cls is UpcastPrefillLinear for _, cls in swapped)
+    return lm.model, plain
+
+
+def prefix_cache(model, ids: list[int]):
+    """The KV cache of the prompt but its last token, through `model(...)` as loaded."""
+    import torch
+
+    from hyprstream_tui.engine.generate import new_cache
+
+    cache = new_cache(model)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids[:-1]]), cache=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def decode_rounds(runs: dict, rounds: int, new: int) -> dict:
+    """Each run decodes from its own copy of a prefilled prefix, in turn, `rounds` times:
+    {name: {"rates": [tok/s per round], "tokens": tokens}}. Runs next to each other see the same
+    machine, so the ratio of two runs within a round holds when the machine's speed moves."""
+    import copy
+
+    out = {name: {"rates": [], "tokens": None} for name in runs}
     for _ in range(rounds):
-        for name, (run, use_plain) in runs.items():
-            plain(use_plain)
-            prefill, decode, tokens = run()
-            b = best[name]
-            b[0], b[1], b[2] = min(b[0], prefill), min(b[1], decode), tokens
-    nbytes = weight_bytes(lm.model)
-    return {name: {"prefill_s": p, "decode_tok_s": (new - 1) / d, "tokens": t,
-                   "weight_bytes": nbytes} for name, (p, d, t) in best.items()}
+        for name, (run, prefix, setup) in runs.items():
+            setup()
+            _prefill, decode, tokens = run(copy.deepcopy(prefix))
+            out[name]["rates"].append((new - 1) / decode)
+            out[name]["tokens"] = tokens
+    return out
+
+
+def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) -> dict:
+    """generate and ours on the same loaded weights.
+
+    Prefill: one whole run of each (prompt to `new` tokens). Decode: `rounds` rounds, each case
+    in turn, all from one prefix (the prompt but its last token) prefilled once with generate's
+    kernels, so the decode loops start from the same state bit for bit. For `generate`, layers
+    our loader swapped for a faster prefill kernel are switched back to plain `nn.Linear`, so it
+    runs exactly as transformers loads it.
+    """
+    model, plain = load(folder, dtype)
+    whole = {}
+    for name, use_plain, run in (
+            ("generate", True, lambda: time_generate(model, ids, new)),
+            ("ours", False, lambda: time_ours(model, ids, new)),
+            *([("ours-exact", True, lambda: time_ours(model, ids, new))]
+              if plain.exact_prefill_differs else [])):
+        plain(use_plain)
+        whole[name] = run()
+    plain(True)
+    prefix = prefix_cache(model, ids)
+    decoded = decode_rounds({
+        "generate": (lambda c: time_generate(model, ids, new, c), prefix, lambda: plain(True)),
+        "ours": (lambda c: time_ours(model, ids, new, cache=c), prefix, lambda: plain(False)),
+        "ours-plain": (lambda c: time_ours(model, ids, new, lean=False, cache=c), prefix,
+                       lambda: plain(False)),
+    }, rounds, new)
+    nbytes = weight_bytes(model)
+    rows = {}
+    for name, (prefill_s, decode_s, tokens) in whole.items():
+        rows[name] = {"prefill_s": prefill_s, "whole_tokens": tokens, "weight_bytes": nbytes,
+                      "whole_rate": (new - 1) / decode_s}
+        if name in decoded:
+            rows[name].update(decoded[name])
+    rows["ours-plain"] = {**decoded["ours-plain"], "weight_bytes": nbytes}
+    rows["ours"]["ratio_to"] = {"generate": _ratios(decoded["ours"], decoded["generate"])}
+    rows["ours-plain"]["ratio_to"] = {"generate": _ratios(decoded["ours-plain"], decoded["generate"])}
+    return rows
 
 
 def run_int8(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) -> dict:
-    from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
+    """ours --quantize int8, then, in rounds beside it, generate in bf16 on the same weights (the
+    target's reference). Peak RSS is taken before the reference loads."""
+    model, _ = load(folder, dtype, quantize="int8")
+    prefill_s, _decode, tokens = time_ours(model, ids, new)
+    rss = peak_rss_mb()
+    prefix = prefix_cache(model, ids)
+    ref, ref_plain = load(folder, "bfloat16")
+    ref_plain(True)
+    ref_prefix = prefix_cache(ref, ids)
+    decoded = decode_rounds({
+        "ours-int8": (lambda c: time_ours(model, ids, new, cache=c), prefix, lambda: None),
+        "generate-bf16": (lambda c: time_generate(ref, ids, new, c), ref_prefix, lambda: None),
+    }, rounds, new)
+    row = {"prefill_s": prefill_s, "whole_tokens": tokens, "weight_bytes": weight_bytes(model),
+           "peak_rss_mb": rss, **decoded["ours-int8"],
+           "ratio_to": {"generate bfloat16": _ratios(decoded["ours-int8"], decoded["generate-bf16"])}}
+    return {"ours-int8": row}
 
-    lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder),
-                    LoadOptions(dtype=dtype, quantize="int8"))
-    best = [float("inf"), float("inf"), None]
-    for _ in range(rounds):
-        prefill, decode, tokens = time_ours(lm.model, ids, new)
-        best = [min(best[0], prefill), min(best[1], decode), tokens]
-    return {"ours-int8": {"prefill_s": best[0], "decode_tok_s": (new - 1) / best[1],
-                          "tokens": best[2], "weight_bytes": weight_bytes(lm.model)}}
+
+def _ratios(a: dict, b: dict) -> list[float]:
+    return [x / y for x, y in zip(a["rates"], b["rates"])]
 
 
 def weight_bytes(model) -> int:
@@ -261,36 +330,61 @@ def spawn(args: argparse.Namespace, folder: Path, case: str, dtype: str) -> dict
 
 
 def report(args: argparse.Namespace, rows: dict, bw: dict, quality_rows: dict) -> None:
-    """rows: {(name, dtype): result}; every result has prefill_s, decode_tok_s, tokens, ..."""
+    """rows: {(name, dtype): result}; see run_pair and run_int8."""
+    import statistics
+
+    med = statistics.median
     bandwidth = max(bw["read_gbs"], bw["copy_gbs"])
     print(f"\nQwen2.5-0.5B-Instruct architecture, random weights; {args.threads} threads; "
-          f"prompt {args.prompt} tokens, decode {args.new}; best of {args.rounds} (alternating)")
+          f"prompt {args.prompt} tokens, decode {args.new}; decode: median of {args.rounds} "
+          "rounds, cases in turn")
     print(f"measured bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s\n")
-    head = (f"{'case':<22}{'prefill s':>10}{'decode tok/s':>14}{'x generate':>12}"
-            f"{'x gen bf16':>12}{'peak RSS MB':>13}{'GB/token':>10}{'roofline':>10}"
-            f"{'same tokens':>13}")
+    head = (f"{'case':<22}{'prefill s':>10}{'decode tok/s':>14}{'x generate':>18}"
+            f"{'x gen bf16':>18}{'peak RSS MB':>13}{'GB/token':>10}{'roofline':>10}"
+            f"{'same tokens':>13}{'whole run':>11}")
     print(head)
     print("-" * len(head))
-    bf16 = rows.get(("generate", "bfloat16"))
+    gen_bf16 = rows.get(("generate", "bfloat16"))
+
+    def ratio(r: dict, key: str, base: dict | None) -> str:
+        paired = r.get("ratio_to", {}).get(key)
+        if paired:  # measured in rounds beside the reference: median [lowest-highest]
+            return f"{med(paired):.2f} [{min(paired):.2f}-{max(paired):.2f}]"
+        if base and "rates" in base and "rates" in r and r is not base:
+            return f"~{med(r['rates']) / med(base['rates']):.2f}"  # another process, other times
+        return "1.00" if r is base else "-"
+
+    def same(mine: list | None, theirs: list | None) -> str:
+        if mine is None or theirs is None:
+            return "-"
+        return "yes" if mine == theirs else f"{_prefix(mine, theirs)}/{len(mine)}"
+
     for (name, dtype), r in rows.items():
         base = rows.get(("generate", dtype))
         gb = r["weight_bytes"] / 1e9
-        speedup = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
-        vs_bf16 = r["decode_tok_s"] / bf16["decode_tok_s"] if bf16 else float("nan")
-        same = "-" if not base else ("yes" if r["tokens"] == base["tokens"] else
-                                     f"{_prefix(r['tokens'], base['tokens'])}/{len(r['tokens'])}")
-        print(f"{name + ' ' + dtype:<22}{r['prefill_s']:>10.2f}{r['decode_tok_s']:>14.2f}"
-              f"{speedup:>12.2f}{vs_bf16:>12.2f}{r['peak_rss_mb']:>13.0f}{gb:>10.3f}"
-              f"{bandwidth / gb:>10.1f}{same:>13}")
+        prefill = f"{r['prefill_s']:.2f}" if "prefill_s" in r else "-"
+        rate = med(r["rates"]) if "rates" in r else r["whole_rate"]  # ours-exact: its one run
+        decode_same = same(r.get("tokens"), base["tokens"]) if base and "int8" not in name else "-"
+        whole_same = same(r.get("whole_tokens"), base.get("whole_tokens") if base else None) \
+            if r is not base else "-"
+        print(f"{name + ' ' + dtype:<22}{prefill:>10}{rate:>14.2f}"
+              f"{ratio(r, 'generate', base):>18}{ratio(r, 'generate bfloat16', gen_bf16):>18}"
+              f"{r['peak_rss_mb']:>13.0f}{gb:>10.3f}{bandwidth / gb:>10.1f}{decode_same:>13}"
+              f"{whole_same:>11}")
     for dtype, q in quality_rows.items():
         print(f"\nint8 ({dtype} activations) vs fp32 on a {q['tokens']}-token text: "
               f"max |dlogit| {q['max_abs_logit_diff']:.3f}, mean |dlogit| "
               f"{q['mean_abs_logit_diff']:.4f} (logit std {q['logit_std']:.3f}), top-1 agreement "
               f"{q['top1_agreement']:.1%}, perplexity {q['ppl_fp32']:.1f} -> {q['ppl_int8']:.1f}")
-    print("\nroofline: decode tok/s if every weight byte were read once per token at the measured "
-          "bandwidth.\nsame tokens: greedy tokens equal generate's in the same dtype (n/128: "
-          "equal for the first n).\ngenerate and ours share one process per dtype (same peak RSS); "
-          "ours-exact is ours with\nthe bf16 prefill kernel instead of the fp32 one.")
+    print(f"""
+x generate, x gen bf16: the median over rounds of (this case's rate / the reference's rate in the
+  same round), [lowest-highest]; ~ marks a ratio of medians measured in another process.
+roofline: decode tok/s if every weight byte were read once per token at the measured bandwidth.
+same tokens: the {args.new} greedy tokens decoded from one shared prefilled prefix equal generate's
+  (n/{args.new}: equal for the first n); whole run: prompt to tokens, each case with its own prefill
+  (ours prefills bf16 through fp32 kernels, ours-exact through generate's bf16 kernels).
+ours-plain: ours with decode steps through model(...) instead of the lean decoder.
+ours-exact: decodes as ours does; its decode rate is that of its one whole run.""")
 
 
 def _prefix(a: list, b: list) -> int:
@@ -305,7 +399,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4, help="decode rounds (each case in turn)")
     p.add_argument("--only", action="append", default=[],
                    help="pair-float32, int8-float32, pair-bfloat16 or int8-bfloat16 (repeatable)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -328,7 +422,7 @@ def main() -> None:
             result = spawn(args, folder, case, dtype)
             rss = result.pop("peak_rss_mb")
             for name, row in result.items():
-                rows[(name, dtype)] = {**row, "peak_rss_mb": rss}
+                rows[(name, dtype)] = {"peak_rss_mb": rss, **row}
         quality_rows = {}
         if not args.only or any("int8" in o for o in args.only):
             for dtype in ("float32", "bfloat16"):

@@ -10,10 +10,10 @@ frame is rendered and written as it would be for a user; this script plays the u
   footer's mode keys), wall time; and, inside the app, the CPU seconds the process had used by its
   first frame (independent of what else the machine runs) and whether torch was imported by then
   (it must not be).
-- Under load: the app opens the Training screen and starts training adapter `bench` (LoRA r=8 on
+- Under load (`--slow-ms` adds a diagnosis of the slowest keys): the app opens the Training screen and starts training adapter `bench` (LoRA r=8 on
   q,v; batch 2 x 64 tokens), then opens Chat and asks for an 8000-token reply (the random model's
   tokenizer has no end-of-text, so it streams until stopped). Once both run, this script types
-  `z` into the chat input N times, 150-400 ms apart, and times each key from the write to the pty
+  `¤` into the chat input N times, 150-400 ms apart, and times each key from the write to the pty
   to the first frame that shows it (a backspace clears it again). Inside the app an asyncio task
   sleeps 10 ms in a loop and records how late it wakes up: the event loop's lag.
 
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 MODEL, ADAPTER = "half-b", "bench"
 SIZE = (100, 30)
+KEY = "¤".encode()  # typed into the chat input; rare enough not to arrive in the reply's text
 ANSI = re.compile(rb"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[PX^_][^\x1b]*\x1b\\|[@-Z\\-_])")
 
 
@@ -84,6 +85,7 @@ class Terminal:
         self.master = master
         self.chunks: list[tuple[float, bytes]] = []
         self._lock = threading.Lock()
+        self._watch: tuple | None = None  # (since, needle, [time seen], event): see send_and_wait
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -92,10 +94,15 @@ class Terminal:
                 data = os.read(self.master, 65536)
             except OSError:
                 return
+            now = time.monotonic()
             if not data:
                 return
             with self._lock:
-                self.chunks.append((time.monotonic(), data))
+                self.chunks.append((now, data))
+                watch = self._watch
+            if watch is not None and watch[1] in ANSI.sub(b"", data):
+                watch[2].append(now)
+                watch[3].set()
 
     def write(self, data: bytes) -> float:
         now = time.monotonic()
@@ -120,6 +127,19 @@ class Terminal:
             seen = len(chunks)
             time.sleep(0.001)
         return None
+
+    def send_and_wait(self, data: bytes, needle: bytes, timeout: float) -> tuple[float, float | None]:
+        """Write `data`; return (when written, when the first chunk showing `needle` came back, or
+        None). The reader thread spots the chunk and stamps it, so waiting costs this process no
+        CPU (a waiting loop that scans the output would compete with the app for the CPU)."""
+        watch = (0.0, needle, [], threading.Event())
+        with self._lock:
+            self._watch = watch
+        sent = self.write(data)
+        watch[3].wait(timeout)
+        with self._lock:
+            self._watch = None
+        return sent, (watch[2][0] if watch[2] else None)
 
     def close(self) -> None:
         """Kill the app and everything it started (the training forkserver, which may still be
@@ -169,11 +189,11 @@ def first_paint(home: Path, runs: int, threads: int) -> dict:
 
 
 # ---- under load ------------------------------------------------------------------------------------
-def under_load(home: Path, keys: int, threads: int, timeout: float) -> dict:
+def under_load(home: Path, keys: int, threads: int, timeout: float, slow_ms: float = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ready, stop, out = Path(tmp, "ready"), Path(tmp, "stop"), Path(tmp, "out.json")
         term = Terminal([sys.executable, __file__, "--child", "load", "--ready", str(ready), "--stop", str(stop),
-                         "--out", str(out)], child_env(home, threads))
+                         "--out", str(out), "--slow-ms", str(slow_ms)], child_env(home, threads))
         try:
             deadline = time.monotonic() + timeout
             while not ready.exists():
@@ -184,15 +204,15 @@ def under_load(home: Path, keys: int, threads: int, timeout: float) -> dict:
                                      + (status.read_text() if status.exists() else "none")
                                      + (("\n" + log.read_text()) if log.exists() else ""))
                 time.sleep(0.1)
-            latencies, missed = [], 0
+            latencies, missed, spans = [], 0, []
             rng = random.Random(0)
             for _ in range(keys):
-                sent = term.write(b"z")
-                shown = term.wait_for(sent, b"z", timeout=5)
+                sent, shown = term.send_and_wait(KEY, KEY, timeout=5)
                 if shown is None:
                     missed += 1
                 else:
                     latencies.append(shown - sent)
+                    spans.append((sent, shown))
                 time.sleep(0.05)
                 term.write(b"\x7f")
                 time.sleep(rng.uniform(0.1, 0.35))
@@ -202,7 +222,35 @@ def under_load(home: Path, keys: int, threads: int, timeout: float) -> dict:
             inside = json.loads(out.read_text()) if out.exists() else {}
         finally:
             term.close()
-    return {"key_to_repaint_s": pct(latencies, 1000.0), "keys": keys, "keys_not_shown": missed, **inside}
+    slow = inside.pop("slow_callbacks", None)
+    result = {"key_to_repaint_s": pct(latencies, 1000.0), "keys": keys, "keys_not_shown": missed, **inside}
+    if slow is not None:
+        result["slow_callbacks"] = slow_report(slow, spans, slow_ms)
+    return result
+
+
+def slow_report(slow: list, spans: list[tuple[float, float]], slow_ms: float) -> dict:
+    """What the app's event loop ran, in callbacks of `slow_ms` or more, while the slowest keys
+    waited for their frame."""
+    from collections import Counter
+
+    spans = sorted(spans, key=lambda span: span[1] - span[0], reverse=True)
+    worst = spans[: max(1, len(spans) // 20)]  # the slowest 5% of keys
+    during = Counter()
+    most: dict[str, float] = {}
+    hit = 0
+    for sent, shown in worst:
+        found = [(what, took) for start, took, what in slow if start < shown and start + took > sent]
+        hit += bool(found)
+        for what, took in found:
+            during[what] += 1
+            most[what] = max(most.get(what, 0.0), took * 1000)
+    overall = Counter(what for _, _, what in slow)
+    return {"threshold_ms": slow_ms, "n": len(slow),
+            "slowest_keys": [round((b - a) * 1000, 1) for a, b in worst],
+            "slowest_keys_overlapping_one": hit,
+            "during_slowest_keys": [(what, n, round(most[what], 1)) for what, n in during.most_common(6)],
+            "overall": overall.most_common(6)}
 
 
 def wait_for_training_to_let_go(home: Path, timeout: float = 120.0) -> None:
@@ -246,7 +294,7 @@ def child_paint(out: str) -> None:
     PaintApp().run()
 
 
-def child_load(ready: str, stop: str, out: str) -> None:
+def child_load(ready: str, stop: str, out: str, slow_ms: float = 0) -> None:
     import logging
 
     logging.basicConfig(filename=out + ".log", level=logging.ERROR)  # worker tracebacks, if any
@@ -275,6 +323,26 @@ def child_load(ready: str, stop: str, out: str) -> None:
             gc_pauses.append((gc_started[0], info["generation"], time.monotonic() - gc_started[0]))
 
     gc.callbacks.append(gc_clock)
+
+    slow: list[tuple[float, float, str]] = []  # (start, seconds, what) of slow event-loop callbacks
+    if slow_ms:
+        from asyncio import events
+
+        run = events.Handle._run
+
+        def timed(handle) -> None:
+            start = time.monotonic()
+            run(handle)
+            took = time.monotonic() - start
+            if took * 1000 >= slow_ms:
+                callback = getattr(handle, "_callback", None)
+                task = getattr(callback, "__self__", None)
+                what = (f"{task.get_coro().__qualname__} {task.get_name()}"
+                        if isinstance(task, asyncio.Task)
+                        else getattr(callback, "__qualname__", repr(callback)))
+                slow.append((start, took, what))
+
+        events.Handle._run = timed
 
     class LoadApp(HyprApp):
         lags: list[tuple[float, float]] = []
@@ -336,6 +404,8 @@ def child_load(ready: str, stop: str, out: str) -> None:
                       "reply_chars": len(reply.text) if reply else 0, "token_deltas": chat.log_view.deltas - tokens0,
                       "token_deltas_per_s": round((chat.log_view.deltas - tokens0) / elapsed, 2),
                       "app_errors": list(self.errors)}
+            if slow_ms:
+                result["slow_callbacks"] = [item for item in slow if item[0] >= t0]
             Path(out).write_text(json.dumps(result))
             os._exit(0)  # the jobs are daemon threads; a checkpoint on the way out is not measured
 
@@ -353,6 +423,9 @@ def main() -> None:
     ap.add_argument("--skip-paint", action="store_true")
     ap.add_argument("--skip-load", action="store_true", help="first paint only")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--slow-ms", type=float, default=0,
+                    help="note event-loop callbacks that take this long or more, and which ran while the "
+                         "slowest keys waited (a diagnosis; the timing adds a little to every callback)")
     ap.add_argument("--child", choices=("paint", "load"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--ready", help=argparse.SUPPRESS)
@@ -361,7 +434,7 @@ def main() -> None:
     if args.child == "paint":
         return child_paint(args.out)
     if args.child == "load":
-        return child_load(args.ready, args.stop, args.out)
+        return child_load(args.ready, args.stop, args.out, args.slow_ms)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.plain:
         os.environ["HYPRSTREAM_TUI_YIELD"] = "0"
@@ -375,7 +448,7 @@ def main() -> None:
         if not args.skip_paint:
             result.update(first_paint(home, args.paint_runs, args.threads))
         if not args.skip_load:
-            result.update(under_load(home, args.keys, args.threads, args.timeout))
+            result.update(under_load(home, args.keys, args.threads, args.timeout, args.slow_ms))
             wait_for_training_to_let_go(home)
     if args.json:
         print(json.dumps(result, indent=2))

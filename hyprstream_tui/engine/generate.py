@@ -83,8 +83,13 @@ def generate_tokens(
     generator: torch.Generator | None,
     cancel: CancelToken = NeverCancel(),
     stats: GenerationStats | None = None,
+    cache=None,
 ) -> Iterator[int]:
-    """Yield up to params.max_tokens new token ids; stop at EOS (not yielded) or on cancel."""
+    """Yield up to params.max_tokens new token ids; stop at EOS (not yielded) or on cancel.
+
+    `cache`: a KV cache (`new_cache`) already holding the first positions of this prompt, computed
+    earlier; prefill runs only the rest (at least one token) and the cache is extended in place.
+    """
     stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
     n_prompt, max_new = len(prompt_ids), params.max_tokens
@@ -93,11 +98,15 @@ def generate_tokens(
     seen[:n_prompt] = torch.tensor(prompt_ids, dtype=torch.long)
     positions = torch.arange(n_prompt + max_new, device=device).unsqueeze(0)  # [1, S + N]
     token = torch.empty(1, 1, dtype=torch.long, device=device)  # [1, 1]
-    cache = new_cache(model)
+    cached = 0 if cache is None else cache.get_seq_length()
+    if cached >= n_prompt:
+        raise ValueError(f"the cache holds {cached} positions of a {n_prompt}-token prompt: at "
+                         "least its last token must run")
+    cache = new_cache(model) if cache is None else cache
     with torch.inference_mode():
         started = time.perf_counter()
-        input_ids = seen[:n_prompt].unsqueeze(0).to(device)  # [1, S]
-        logits = prefill(model, input_ids, positions[:, :n_prompt], cache)
+        input_ids = seen[cached:n_prompt].unsqueeze(0).to(device)  # [1, S - cached]
+        logits = prefill(model, input_ids, positions[:, cached:n_prompt], cache)
         lean = LeanDecoder.build(model, cache, n_prompt, max_new) if LEAN else None
         if lean is not None:
             cache = None  # its keys and values now live in the lean decoder's buffers

@@ -117,3 +117,21 @@ def test_other_attention_implementations_keep_the_plain_path(tiny_models):
         cache = new_cache(model)
         prefill(model.eval(), torch.tensor([[5, 6, 7]]), torch.arange(3).unsqueeze(0), cache)
     assert LeanDecoder.build(model, cache, 3, 4) is None
+
+
+def test_generation_from_a_prefilled_prefix_equals_a_whole_run(tiny_models):
+    lm = load_model(ModelSource(name="llama", path=tiny_models["llama"]), LoadOptions())
+    ids = lm.tokenizer.encode(PROMPT)
+    params = SamplingParams(temperature=0, max_tokens=24)
+
+    def run(cache=None) -> list[int]:
+        return list(generate_tokens(lm.model, ids, params, eos_ids=frozenset(), generator=None,
+                                    cache=cache))
+
+    whole = run()
+    cache = new_cache(lm.model)
+    with torch.inference_mode():
+        prefill(lm.model, torch.tensor([ids[:-3]]), torch.arange(len(ids) - 3).unsqueeze(0), cache)
+    assert run(cache) == whole
+    with pytest.raises(ValueError, match="last token"):
+        run(cache)  # the cache now holds the whole prompt and more
