@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Iterable
 
+from textual import events
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -17,8 +19,11 @@ from textual.worker import Worker, WorkerState
 
 from hyprstream_tui.errors import Cancelled, HyprError
 from hyprstream_tui.tui.backend import Backend
+from hyprstream_tui.tui.batch import TYPING_S
+
+IDLE_S = 1.0  # no key for this long: the user is not typing (a full collection may run)
 from hyprstream_tui.tui.messages import Target, TargetChanged
-from hyprstream_tui.tui.priority import SwitchInterval
+from hyprstream_tui.tui.priority import Collections, SwitchInterval
 from hyprstream_tui.tui.screens.dialogs import ConfirmDialog, ErrorDialog
 from hyprstream_tui.tui.screens.models import ModelsScreen
 
@@ -69,9 +74,28 @@ class HyprApp(App[int]):
         self.errors: list[str] = []  # every error shown, newest last (tests and the log read it)
         self._warm_up = warm_up
         self._switch_interval = SwitchInterval()
+        self.collections = Collections()
+        self.last_key = float("-inf")  # time.monotonic() of the last key press
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key):
+            self.last_key = time.monotonic()
+            if self.collections.due():  # once this key's frame is drawn
+                self.call_after_refresh(self.collections.collect)
+        await super().on_event(event)
+
+    def _collect_when_idle(self) -> None:
+        if not self.typing(IDLE_S):
+            self.collections.collect()
+
+    def typing(self, within: float = TYPING_S) -> bool:
+        """A key came within the last `within` seconds: redraws that can wait, wait."""
+        return time.monotonic() - self.last_key < within
 
     def on_mount(self) -> None:
         self._switch_interval.__enter__()
+        self.collections.__enter__()
+        self.set_interval(IDLE_S, self._collect_when_idle)
 
     def on_ready(self) -> None:
         """The first frame is on the terminal: now load what it did not need (imports hold the GIL,
@@ -92,6 +116,7 @@ class HyprApp(App[int]):
 
     def on_unmount(self) -> None:
         self._switch_interval.__exit__()
+        self.collections.__exit__()
         self.backend.close()
 
     async def action_quit(self) -> None:

@@ -6,6 +6,7 @@ send a reply to an adapter's training set."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from textual.widgets import Footer, Header, Input, Label, Select
 from textual.worker import Worker, WorkerState
 
 from hyprstream_tui.errors import InvalidInput
-from hyprstream_tui.tui.batch import UI_HZ
+from hyprstream_tui.tui.batch import TYPING_GAP_S, TYPING_HZ, UI_HZ
 from hyprstream_tui.tui.messages import TargetChanged
 from hyprstream_tui.tui.targets import label_of, spec_of
 from hyprstream_tui.tui.screens.base import HyprScreen
@@ -72,6 +73,7 @@ class ChatScreen(ConversationActions, HyprScreen):
         self.conversation_id: int | None = None
         self.request: Request | None = None
         self.window = 0
+        self._shown = 0.0  # time.monotonic() when streamed text was last drawn
         self.untrained: set[str] = set()  # adapters without a checkpoint: nothing to load yet
         self.generations = 0  # requests started (tests wait on it)
 
@@ -259,7 +261,15 @@ class ChatScreen(ConversationActions, HyprScreen):
                                                dropped=meta.get("dropped_messages", 0))
 
     async def _drain(self) -> None:
-        for event in await self.log_view.drain():
+        """Every 1/UI_HZ s; while the user types, replies are redrawn at TYPING_HZ only, in a pause
+        between keys: a redraw of a streaming reply takes the event loop for 5 to 30 ms, and a key
+        that comes meanwhile waits for it."""
+        now = time.monotonic()
+        show = not self.hypr.typing() or (
+            now - self._shown >= 1 / TYPING_HZ and not self.hypr.typing(TYPING_GAP_S))
+        if show:
+            self._shown = now
+        for event in await self.log_view.drain(show=show):
             dropped = getattr(event, "dropped_messages", None)
             if dropped is not None and hasattr(event, "window"):
                 self.query_one(ContextMeter).set_usage(dropped=dropped, window=event.window)

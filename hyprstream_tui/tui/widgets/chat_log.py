@@ -19,6 +19,12 @@ class ChatLog(VerticalScroll):
         self.pending: dict[str, ChatMessage] = {}  # request id -> streaming reply
         self.show_provenance = False
         self.deltas = 0  # token deltas received (tests check that replies stream)
+        self._unshown: set[ChatMessage] = set()  # replies with text drain has not drawn yet
+
+    def on_mount(self) -> None:
+        # Stay at the end as replies grow, scrolled in the frame that draws the new text (not
+        # in a second one after it); scrolling up lets go, scrolling back to the end holds again.
+        self.anchor()
 
     # ---- building ------------------------------------------------------------------------------
     def clear_log(self) -> None:
@@ -104,8 +110,9 @@ class ChatLog(VerticalScroll):
             message.toggle_provenance(show)
 
     # ---- streaming -----------------------------------------------------------------------------
-    async def drain(self) -> list[Any]:
-        """Apply buffered engine events; returns the non-token events for the screen."""
+    async def drain(self, *, show: bool = True) -> list[Any]:
+        """Apply buffered engine events; returns the non-token events for the screen. With
+        show=False, streamed text is kept for a later drain (or the reply's end) to draw."""
         from hyprstream_tui.tui.engine_link import is_token
 
         others, touched = [], set()
@@ -117,12 +124,11 @@ class ChatLog(VerticalScroll):
                 self.deltas += 1
             else:
                 others.append(event)
-        if touched:
-            at_end = self.max_scroll_y - self.scroll_y <= 2
-            for reply in touched:
+        self._unshown |= touched
+        if show and self._unshown:
+            touched, self._unshown = self._unshown, set()
+            for reply in touched:  # the anchor keeps the end in view, in the same frame
                 await reply.flush()
-            if at_end:
-                self.call_after_refresh(self.scroll_end, animate=False)
         return others
 
     async def finish(self, request_id: str, *, text: str | None, meta: dict[str, Any] | None) -> ChatMessage | None:
