@@ -127,7 +127,6 @@ def fuse_int8(model: torch.nn.Module) -> int:
             fused = FusedInt8(linears)
             for index, name in enumerate(names):
                 setattr(module, name, Int8Part(fused, index))
-            del linears
             count += 1
     return count
 

@@ -19,9 +19,7 @@ from textual.worker import Worker, WorkerState
 
 from hyprstream_tui.errors import Cancelled, HyprError
 from hyprstream_tui.tui.backend import Backend
-from hyprstream_tui.tui.batch import TYPING_S
-
-IDLE_S = 1.0  # no key for this long: the user is not typing (a full collection may run)
+from hyprstream_tui.tui.batch import IDLE_S, TYPING_S
 from hyprstream_tui.tui.messages import Target, TargetChanged
 from hyprstream_tui.tui.priority import Collections, SwitchInterval
 from hyprstream_tui.tui.screens.dialogs import ConfirmDialog, ErrorDialog

@@ -29,6 +29,7 @@ class ChatLog(VerticalScroll):
     # ---- building ------------------------------------------------------------------------------
     def clear_log(self) -> None:
         self.pending.clear()
+        self._unshown.clear()
         self.events.drain()
         self.remove_children()
 
@@ -134,6 +135,7 @@ class ChatLog(VerticalScroll):
     async def finish(self, request_id: str, *, text: str | None, meta: dict[str, Any] | None) -> ChatMessage | None:
         reply = self.pending.pop(request_id, None)
         if reply is not None:
+            self._unshown.discard(reply)
             await reply.finish(text=text, meta=meta)
             reply.toggle_provenance(self.show_provenance)
         return reply
