@@ -129,8 +129,9 @@ def time_ours(model, ids: list[int], new: int, lean: bool = True,
 
 
 def load(folder: Path, dtype: str, quantize: str | None = None):
-    """The engine's loader; returns (model, plain) where plain(True) switches the layers it gave a
-    faster prefill kernel back to `nn.Linear`, as transformers loads them."""
+    """The engine's loader; returns (model, plain, prefill_differs): plain(True) switches the
+    layers it gave a faster prefill kernel back to `nn.Linear`, as transformers loads them, and
+    prefill_differs says whether any of those kernels computes differently (bf16 through fp32)."""
     import torch
 
     from hyprstream_tui.engine.kernels import RowsFirstLinear, UpcastPrefillLinear
@@ -145,8 +146,7 @@ def load(folder: Path, dtype: str, quantize: str | None = None):
         for module, ours in swapped:
             module.__class__ = torch.nn.Linear if on else ours
 
-    plain.exact_prefill_differs = any(cls is UpcastPrefillLinear for _, cls in swapped)
-    return lm.model, plain
+    return lm.model, plain, any(cls is UpcastPrefillLinear for _, cls in swapped)
 
 
 def prefix_cache(model, ids: list[int]):
@@ -186,13 +186,13 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
     our loader swapped for a faster prefill kernel are switched back to plain `nn.Linear`, so it
     runs exactly as transformers loads it.
     """
-    model, plain = load(folder, dtype)
+    model, plain, prefill_differs = load(folder, dtype)
+    cases = [("generate", True, lambda: time_generate(model, ids, new)),
+             ("ours", False, lambda: time_ours(model, ids, new))]
+    if prefill_differs:  # ours with generate's prefill kernel too
+        cases.append(("ours-exact", True, lambda: time_ours(model, ids, new)))
     whole = {}
-    for name, use_plain, run in (
-            ("generate", True, lambda: time_generate(model, ids, new)),
-            ("ours", False, lambda: time_ours(model, ids, new)),
-            *([("ours-exact", True, lambda: time_ours(model, ids, new))]
-              if plain.exact_prefill_differs else [])):
+    for name, use_plain, run in cases:
         plain(use_plain)
         whole[name] = run()
     plain(True)
@@ -219,11 +219,11 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
 def run_int8(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) -> dict:
     """ours --quantize int8, then, in rounds beside it, generate in bf16 on the same weights (the
     target's reference). Peak RSS is taken before the reference loads."""
-    model, _ = load(folder, dtype, quantize="int8")
+    model, _, _ = load(folder, dtype, quantize="int8")
     prefill_s, _decode, tokens = time_ours(model, ids, new)
     rss = peak_rss_mb()
     prefix = prefix_cache(model, ids)
-    ref, ref_plain = load(folder, "bfloat16")
+    ref, ref_plain, _ = load(folder, "bfloat16")
     ref_plain(True)
     ref_prefix = prefix_cache(ref, ids)
     decoded = decode_rounds({

@@ -85,7 +85,7 @@ class Terminal:
         self.master = master
         self.chunks: list[tuple[float, bytes]] = []
         self._lock = threading.Lock()
-        self._watch: tuple | None = None  # (since, needle, [time seen], event): see send_and_wait
+        self._watch: tuple | None = None  # (needle, [time seen], event): see send_and_wait
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -100,9 +100,9 @@ class Terminal:
             with self._lock:
                 self.chunks.append((now, data))
                 watch = self._watch
-            if watch is not None and watch[1] in ANSI.sub(b"", data):
-                watch[2].append(now)
-                watch[3].set()
+            if watch is not None and watch[0] in ANSI.sub(b"", data):
+                watch[1].append(now)
+                watch[2].set()
 
     def write(self, data: bytes) -> float:
         now = time.monotonic()
@@ -132,14 +132,14 @@ class Terminal:
         """Write `data`; return (when written, when the first chunk showing `needle` came back, or
         None). The reader thread spots the chunk and stamps it, so waiting costs this process no
         CPU (a waiting loop that scans the output would compete with the app for the CPU)."""
-        watch = (0.0, needle, [], threading.Event())
+        watch = (needle, [], threading.Event())
         with self._lock:
             self._watch = watch
         sent = self.write(data)
-        watch[3].wait(timeout)
+        watch[2].wait(timeout)
         with self._lock:
             self._watch = None
-        return sent, (watch[2][0] if watch[2] else None)
+        return sent, (watch[1][0] if watch[1] else None)
 
     def close(self) -> None:
         """Kill the app and everything it started (the training forkserver, which may still be
