@@ -19,6 +19,7 @@ from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
 from hyprstream_tui.errors import HyprError
+from hyprstream_tui.tui.widgets.text_input import TextInput
 
 
 class ErrorDialog(ModalScreen[None]):
@@ -104,7 +105,7 @@ class FormDialog(ModalScreen[Any]):
                     if f.multiline:
                         yield TextArea(f.value, id=f"field-{f.name}", classes="field-area", show_line_numbers=False)
                     else:
-                        yield Input(f.value, placeholder=f.placeholder, id=f"field-{f.name}")
+                        yield TextInput(f.value, placeholder=f.placeholder, id=f"field-{f.name}")
             yield Static("", id="form-error", classes="form-error", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button(self.submit_label, variant="primary", id="submit")

@@ -11,6 +11,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Input, Label, Static
 
 from hyprstream_tui.errors import InvalidInput
+from hyprstream_tui.tui.widgets.text_input import TextInput
 
 FIELDS = (
     ("temperature", "temperature", "0.7"),
@@ -29,9 +30,9 @@ class ParamsPanel(VerticalScroll):
         yield Label("Parameters", classes="panel-title")
         for key, label, value in FIELDS:
             yield Label(label, classes="field-label")
-            yield Input(value, id=f"param-{key}", classes="param", compact=True)
+            yield TextInput(value, id=f"param-{key}", classes="param", compact=True)
         yield Label("system prompt", classes="field-label")
-        yield Input("", id="param-system", placeholder="(none)", compact=True)
+        yield TextInput("", id="param-system", placeholder="(none)", compact=True)
         yield Static("", id="params-error", classes="form-error", markup=False)
 
     def raw(self) -> dict[str, str]:
