@@ -13,8 +13,9 @@ frame is rendered and written as it would be for a user; this script plays the u
 - Under load (`--slow-ms` adds a diagnosis of the slowest keys): the app opens the Training screen and starts training adapter `bench` (LoRA r=8 on
   q,v; batch 2 x 64 tokens), then opens Chat and asks for an 8000-token reply (the random model's
   tokenizer has no end-of-text, so it streams until stopped). Once both run, this script types
-  `¤` into the chat input N times, 150-400 ms apart, and times each key from the write to the pty
-  to the first frame that shows it (a backspace clears it again). Inside the app an asyncio task
+  `¤` into the chat input N times and a backspace after each (50 ms after `¤` is shown; the next
+  `¤` 100-350 ms after the backspace is shown), and times every key from the write to the pty to
+  the first frame that shows it: the `¤`, or the input's placeholder once it is empty again. Inside the app an asyncio task
   sleeps 10 ms in a loop and records how late it wakes up: the event loop's lag.
 
 Targets (issue 5): lag and key-to-repaint p99 under 50 ms; first paint under 1 s.
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 MODEL, ADAPTER = "half-b", "bench"
 SIZE = (100, 30)
 KEY = "¤".encode()  # typed into the chat input; rare enough not to arrive in the reply's text
+EMPTY = b"enter sends"  # the chat input's placeholder: drawn once a backspace has emptied it
 ANSI = re.compile(rb"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[PX^_][^\x1b]*\x1b\\|[@-Z\\-_])")
 
 
@@ -204,18 +206,17 @@ def under_load(home: Path, keys: int, threads: int, timeout: float, slow_ms: flo
                                      + (status.read_text() if status.exists() else "none")
                                      + (("\n" + log.read_text()) if log.exists() else ""))
                 time.sleep(0.1)
-            latencies, missed, spans = [], 0, []
+            latencies, erases, missed, spans = [], [], 0, []
             rng = random.Random(0)
             for _ in range(keys):
-                sent, shown = term.send_and_wait(KEY, KEY, timeout=5)
-                if shown is None:
-                    missed += 1
-                else:
-                    latencies.append(shown - sent)
-                    spans.append((sent, shown))
-                time.sleep(0.05)
-                term.write(b"\x7f")
-                time.sleep(rng.uniform(0.1, 0.35))
+                for data, needle, took in ((KEY, KEY, latencies), (b"\x7f", EMPTY, erases)):
+                    sent, shown = term.send_and_wait(data, needle, timeout=5)
+                    if shown is None:
+                        missed += 1
+                    else:
+                        took.append(shown - sent)
+                        spans.append((sent, shown))
+                    time.sleep(0.05 if data == KEY else rng.uniform(0.1, 0.35))
             stop.touch()
             while not out.exists() and term.proc.poll() is None:
                 time.sleep(0.1)
@@ -223,9 +224,14 @@ def under_load(home: Path, keys: int, threads: int, timeout: float, slow_ms: flo
         finally:
             term.close()
     slow = inside.pop("slow_callbacks", None)
-    result = {"key_to_repaint_s": pct(latencies, 1000.0), "keys": keys, "keys_not_shown": missed, **inside}
+    frames = inside.pop("slow_frames", [])
+    full = inside.pop("gc_full", [])
+    result = {"key_to_repaint_s": pct(latencies + erases, 1000.0),
+              "typed_key_ms": pct(latencies, 1000.0), "backspace_ms": pct(erases, 1000.0),
+              "keys": 2 * keys, "keys_not_shown": missed, **inside}
     if slow is not None:
         result["slow_callbacks"] = slow_report(slow, spans, slow_ms)
+        result["slow_frames"] = slow_report(frames + [(s, p, "full gc") for s, p in full], spans, slow_ms)
     return result
 
 
@@ -239,9 +245,13 @@ def slow_report(slow: list, spans: list[tuple[float, float]], slow_ms: float) ->
     during = Counter()
     most: dict[str, float] = {}
     hit = 0
+    keys = []
     for sent, shown in worst:
         found = [(what, took) for start, took, what in slow if start < shown and start + took > sent]
         hit += bool(found)
+        keys.append((round((shown - sent) * 1000, 1),
+                     [(what, round(took * 1000, 1), round((start - sent) * 1000, 1))
+                      for start, took, what in slow if start < shown and start + took > sent]))
         for what, took in found:
             during[what] += 1
             most[what] = max(most.get(what, 0.0), took * 1000)
@@ -250,7 +260,8 @@ def slow_report(slow: list, spans: list[tuple[float, float]], slow_ms: float) ->
             "slowest_keys": [round((b - a) * 1000, 1) for a, b in worst],
             "slowest_keys_overlapping_one": hit,
             "during_slowest_keys": [(what, n, round(most[what], 1)) for what, n in during.most_common(6)],
-            "overall": overall.most_common(6)}
+            "overall": overall.most_common(6),
+            "slowest_keys_waited_behind": keys[:8]}  # (ms, [(what, ms, started ms after the key)])
 
 
 def wait_for_training_to_let_go(home: Path, timeout: float = 120.0) -> None:
@@ -294,6 +305,13 @@ def child_paint(out: str) -> None:
     PaintApp().run()
 
 
+PROFILE = None
+if os.environ.get("TUI_LATENCY_PROFILE"):
+    import cProfile
+
+    PROFILE = cProfile.Profile()
+
+
 def child_load(ready: str, stop: str, out: str, slow_ms: float = 0) -> None:
     import logging
 
@@ -325,6 +343,7 @@ def child_load(ready: str, stop: str, out: str, slow_ms: float = 0) -> None:
     gc.callbacks.append(gc_clock)
 
     slow: list[tuple[float, float, str]] = []  # (start, seconds, what) of slow event-loop callbacks
+    frames: list[tuple[float, float, str]] = []  # (start, seconds, what it redrew) of slow frames
     if slow_ms:
         from asyncio import events
 
@@ -343,6 +362,27 @@ def child_load(ready: str, stop: str, out: str, slow_ms: float = 0) -> None:
                 slow.append((start, took, what))
 
         events.Handle._run = timed
+
+        from textual.screen import Screen
+
+        update = Screen._on_timer_update
+
+        def traced_update(screen) -> None:
+            """What each slow frame redrew: a new layout, a scroll, or which widgets."""
+            flags = "".join(name[1] for name in ("_layout_required", "_scroll_required", "_repaint_required")
+                            if getattr(screen, name))
+            dirty = sorted({type(widget).__name__ for widget in screen._dirty_widgets})
+            start = time.monotonic()
+            if PROFILE is not None:
+                PROFILE.enable()
+            update(screen)
+            if PROFILE is not None:
+                PROFILE.disable()
+            took = time.monotonic() - start
+            if took * 1000 >= slow_ms:
+                frames.append((start, took, f"{flags or '-'} {'+'.join(dirty[:4])}"))
+
+        Screen._on_timer_update = traced_update
 
     class LoadApp(HyprApp):
         lags: list[tuple[float, float]] = []
@@ -406,6 +446,10 @@ def child_load(ready: str, stop: str, out: str, slow_ms: float = 0) -> None:
                       "app_errors": list(self.errors)}
             if slow_ms:
                 result["slow_callbacks"] = [item for item in slow if item[0] >= t0]
+                result["slow_frames"] = [item for item in frames if item[0] >= t0]
+                if PROFILE is not None:
+                    PROFILE.dump_stats(os.environ["TUI_LATENCY_PROFILE"])
+                result["gc_full"] = [(start, p) for start, gen, p in gc_pauses if start >= t0 and gen == 2]
             Path(out).write_text(json.dumps(result))
             os._exit(0)  # the jobs are daemon threads; a checkpoint on the way out is not measured
 
