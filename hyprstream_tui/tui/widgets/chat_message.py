@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from textual.app import ComposeResult
@@ -11,6 +12,25 @@ from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from hyprstream_tui.tui.conversations import format_provenance
+from hyprstream_tui.tui.widgets.stream_tail import StreamTail
+
+_FENCE = re.compile(r" {0,3}(```|~~~)")
+
+
+def block_end(text: str, fenced: bool) -> tuple[int, bool]:
+    """Where the complete Markdown blocks of `text` end: just after its last blank line outside a
+    code fence (0 if none), and whether a fence is open there. `fenced`: one is open at the start.
+    An imperfect guess costs nothing in the end: Markdown re-parses its last block as text comes."""
+    cut, cut_fenced, pos = 0, fenced, 0
+    for line in text.splitlines(keepends=True):
+        pos += len(line)
+        if not line.endswith("\n"):
+            break  # not complete yet
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and not line.strip() and pos > 1:
+            cut, cut_fenced = pos, fenced
+    return cut, cut_fenced
 
 
 class ChatMessage(Vertical):
@@ -23,11 +43,15 @@ class ChatMessage(Vertical):
         self.updates = 0  # how many batches of text reached the body (tests check batching)
         self._pending = ""  # streamed text not yet shown
         self._stream: MarkdownStream | None = None
+        self._tail = ""  # shown text of the block being written (in the StreamTail, not yet in Markdown)
+        self._fenced = False  # a code fence is open at the end of what Markdown has
 
     def compose(self) -> ComposeResult:
         yield Label(self.label or self.role, classes="message-role")
         if self.role == "assistant":
             yield Markdown(self.text, classes="message-body")
+            if self.streaming:
+                yield StreamTail(classes="message-tail")
         else:
             yield Static(self.text, classes="message-body", markup=False)
         yield Static(format_provenance(self.meta) if self.meta else "", classes="provenance", markup=False)
@@ -42,7 +66,9 @@ class ChatMessage(Vertical):
 
     async def flush(self) -> None:
         """Show the text that arrived since the last call (the screen calls this a few times a
-        second). Markdown is appended, not re-parsed: only the last block is rebuilt."""
+        second). While the reply streams, the block being written grows in a `StreamTail` (a
+        repaint of a few lines), and each block goes to Markdown once it is complete: Markdown
+        appends it, it does not parse the reply again."""
         if not self._pending or not self.is_mounted:
             return
         text, self._pending = self._pending, ""
@@ -51,21 +77,46 @@ class ChatMessage(Vertical):
         if not isinstance(body, Markdown):
             body.update(self.text)
             return
+        tails = self.query(StreamTail)
+        if not tails:
+            await self._to_markdown(body, text)
+            return
+        tail = tails.first()
+        pending = self._tail + text
+        cut, self._fenced = block_end(pending, self._fenced)
+        if cut:
+            await self._to_markdown(body, pending[:cut])
+            self._tail = pending[cut:]
+            tail.set_text(self._tail)
+        else:
+            self._tail = pending
+            tail.append(text)
+
+    async def _to_markdown(self, body: Markdown, text: str) -> None:
         if self._stream is None:
             self._stream = Markdown.get_stream(body)
         await self._stream.write(text)
 
     async def finish(self, *, text: str | None = None, meta: dict[str, Any] | None = None) -> None:
+        """The reply is complete: `text` (when given) is its final text, `meta` its provenance.
+        Both are set before the screen work starts, so readers never see a half-finished reply."""
+        replaced = text is not None and text != self.text
+        if replaced:
+            self.text = text
+        if meta is not None:
+            self.meta = dict(meta)
         await self.flush()
+        if self._tail:
+            await self._to_markdown(self.query_one(".message-body", Markdown), self._tail)
+            self._tail = ""
+        await self.query(StreamTail).remove()
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
-        if text is not None and text != self.text:
-            self.text = text
-            await self.query_one(".message-body", Markdown).update(text)
+        if replaced:
+            await self.query_one(".message-body", Markdown).update(self.text)
         self.remove_class("streaming")
         if meta is not None:
-            self.meta = dict(meta)
             self.query_one(".provenance", Static).update(format_provenance(self.meta))
 
     def toggle_provenance(self, show: bool) -> None:
