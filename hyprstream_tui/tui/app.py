@@ -74,13 +74,37 @@ class HyprApp(App[int]):
         self._switch_interval = SwitchInterval()
         self.collections = Collections()
         self.last_key = float("-inf")  # time.monotonic() of the last key press
+        self._key_handled = False  # a key's handler has run; its frame is the next one displayed
 
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key):
             self.last_key = time.monotonic()
-            if self.collections.due():  # once this key's frame is drawn
-                self.call_after_refresh(self.collections.collect)
+            await super().on_event(event)  # hands the key to the focused widget's queue
+            (self.focused or self.screen).call_later(self._mark_key_handled)  # runs after that key
+            return
         await super().on_event(event)
+
+    def _mark_key_handled(self) -> None:
+        self._key_handled = True
+
+    def post_display_hook(self) -> None:
+        """A frame is on the terminal. The first one after a key's handler ran shows that key:
+        now the next key is as far away as it will be, so the work that a key must not wait for
+        runs now (`_after_key`). (`call_after_refresh` is too early for this: it can run before
+        the key's frame, when the screen has not yet heard that the input needs one.)"""
+        if self._key_handled:
+            self._key_handled = False
+            self.call_later(self._after_key)
+
+    def _after_key(self) -> None:
+        """One piece of held-back work per key: a full collection when one is due, else the
+        screen's (a chat redraws a streaming reply)."""
+        if self.collections.due():
+            self.collections.collect()
+        else:
+            after_key = getattr(self.screen, "after_key", None)
+            if after_key is not None:
+                after_key()
 
     def _collect_when_idle(self) -> None:
         if not self.typing(IDLE_S):

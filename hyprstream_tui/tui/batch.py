@@ -12,9 +12,8 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 UI_HZ = 8  # updates per second per widget, at most
-TYPING_HZ = 1  # how often a streaming reply is redrawn while the user types (input comes first)
+TYPING_HZ = 1  # how often a streaming reply is redrawn while the user types: right after a key's frame
 TYPING_S = 0.5  # "types": a key within this many seconds
-TYPING_GAP_S = 0.08  # and then only in a pause between keys this long
 IDLE_S = 1.0  # no key for this long: the user is not typing (a full collection may run)
 
 

@@ -13,6 +13,7 @@ from textual.widgets import Input
 from hyprstream_tui.engine.events import TokenDelta
 from hyprstream_tui.tui.app import HyprApp
 from hyprstream_tui.tui.widgets.chat_log import ChatLog
+from hyprstream_tui.tui.widgets.stream_tail import StreamTail
 
 pytestmark = pytest.mark.asyncio
 
@@ -113,3 +114,53 @@ async def test_full_collections_run_when_the_app_chooses_and_python_gets_its_own
         await pilot.pause(1.2)
         assert app.collections.count == 2
     assert gc.get_threshold() == before
+
+
+class KeyOrderApp(HyprApp):
+    """Records, in order, each key's handling by the chat input, each frame displayed, and each
+    run of the work held back for after a key's frame."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.order: list[str] = []
+
+    def post_display_hook(self) -> None:
+        self.order.append("frame")
+        super().post_display_hook()
+
+    def _after_key(self) -> None:
+        self.order.append("after key")
+        super()._after_key()
+
+
+async def test_work_held_back_from_a_key_runs_after_its_frame_and_a_typed_reply_is_drawn_then(home):
+    app = KeyOrderApp(home=home, warm_up=False)
+    app.demo_offered = True
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.switch_mode("chat")
+        await pilot.pause()
+        screen = app.screen
+        prompt = screen.query_one("#chat-input", Input)
+        prompt.focus()
+        await pilot.pause()
+        prompt.watch(prompt, "value", lambda _value: app.order.append("key"), init=False)
+        reply = screen.log_view.add_replies(["model"], ["r"])[0]
+        await pilot.pause()
+        for word in WORDS[:5]:
+            screen.log_view.events.push(TokenDelta(request_id="r", text=word, tokens=1))
+        app.last_key = time.monotonic()  # the user types: the chat's timer holds the text back
+        await screen._drain()
+        assert reply.updates == 0 and reply.text == "".join(WORDS[:5])
+
+        app.order.clear()
+        screen._shown -= 1  # the last redraw was a second ago
+        await pilot.press("x")
+        await pilot.pause()
+        assert app.order.index("key") < app.order.index("frame") < app.order.index("after key")
+        assert app.order.count("after key") == 1
+        assert reply.updates == 1  # drawn right after the key's frame
+        shown = reply.query_one(".message-body").source + reply.query_one(StreamTail).text
+        assert shown == "".join(WORDS[:5])
+        await pilot.press("y")
+        await pilot.pause()
+        assert reply.updates == 1  # not again within 1 / TYPING_HZ

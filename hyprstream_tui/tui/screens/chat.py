@@ -19,7 +19,7 @@ from textual.widgets import Footer, Header, Input, Label, Select
 from textual.worker import Worker, WorkerState
 
 from hyprstream_tui.errors import InvalidInput
-from hyprstream_tui.tui.batch import TYPING_GAP_S, TYPING_HZ, UI_HZ
+from hyprstream_tui.tui.batch import TYPING_HZ, UI_HZ
 from hyprstream_tui.tui.messages import TargetChanged
 from hyprstream_tui.tui.targets import label_of, spec_of
 from hyprstream_tui.tui.screens.base import HyprScreen
@@ -28,6 +28,7 @@ from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, PickDialog
 from hyprstream_tui.tui.widgets.chat_log import ChatLog
 from hyprstream_tui.tui.widgets.context_meter import ContextMeter
 from hyprstream_tui.tui.widgets.params_panel import ParamsPanel
+from hyprstream_tui.tui.widgets.text_input import TextInput
 
 BASE = "__base__"
 
@@ -87,7 +88,7 @@ class ChatScreen(ConversationActions, HyprScreen):
             with Vertical(id="chat-main"):
                 yield ChatLog(id="chat-log")
                 yield ContextMeter(id="chat-meter")
-                yield Input(placeholder="Message (enter sends, esc stops)", id="chat-input")
+                yield TextInput(placeholder="Message (enter sends, esc stops)", id="chat-input")
             yield ParamsPanel(id="chat-params")
         yield Footer(compact=True)
 
@@ -260,19 +261,24 @@ class ChatScreen(ConversationActions, HyprScreen):
         self.query_one(ContextMeter).set_usage(used=usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
                                                dropped=meta.get("dropped_messages", 0))
 
-    async def _drain(self) -> None:
-        """Every 1/UI_HZ s; while the user types, replies are redrawn at TYPING_HZ only, in a pause
-        between keys: a redraw of a streaming reply takes the event loop for 5 to 30 ms, and a key
-        that comes meanwhile waits for it."""
-        now = time.monotonic()
-        show = not self.hypr.typing() or (
-            now - self._shown >= 1 / TYPING_HZ and not self.hypr.typing(TYPING_GAP_S))
+    async def _drain(self, show: bool | None = None) -> None:
+        """Every 1/UI_HZ s. A redraw of a streaming reply takes the event loop for 5 to 30 ms and
+        a key that comes meanwhile waits for it, so while the user types the text is held back
+        here and drawn by `after_key`."""
+        if show is None:
+            show = not self.hypr.typing()
         if show:
-            self._shown = now
+            self._shown = time.monotonic()
         for event in await self.log_view.drain(show=show):
             dropped = getattr(event, "dropped_messages", None)
             if dropped is not None and hasattr(event, "window"):
                 self.query_one(ContextMeter).set_usage(dropped=dropped, window=event.window)
+
+    def after_key(self) -> None:
+        """A key's frame is on the terminal (`HyprApp._after_key`): while the user types, held-back
+        reply text is drawn here, at TYPING_HZ at most."""
+        if self.log_view.streaming and time.monotonic() - self._shown >= 1 / TYPING_HZ:
+            self.call_later(self._drain, True)
 
     def worker_finished(self, worker: Worker, state: WorkerState) -> None:
         if worker.group == "chat":
