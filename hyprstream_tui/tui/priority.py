@@ -4,8 +4,8 @@ Generation and training run in child processes (`engine.child`, `engine.train.pr
 heavy work stays in this process (the warm-up after the first paint, which starts their
 forkserver and its children with it) runs in its own thread at a lower CPU priority (nice +10:
 the threads and processes it starts inherit that), and the interpreter hands the GIL over every
-millisecond instead of every five. Full garbage collections, which stop the event loop for 15 to
-25 ms, run where a key is least likely to wait for them (`Collections`). Set
+millisecond instead of every five. Full garbage collections, which stop the event loop for 4 to
+20 ms, run where a key is least likely to wait for them (`Collections`). Set
 HYPRSTREAM_TUI_YIELD=0 to turn all of it off.
 """
 
@@ -82,11 +82,12 @@ class Collections:
     """Full collections at moments of the app's choosing while it runs.
 
     A full collection of what the app builds after its warm-up (widgets, rendered lines) takes
-    15 to 25 ms with a chat and a training running, and Python starts one wherever an allocation
+    4 to 20 ms with a chat and a training running, and Python starts one wherever an allocation
     tips its counters: often in the middle of drawing a frame, so a key pressed then waits for
     both. While the app runs, Python's own full collections are off (young generations are
     collected as usual) and the app runs one every `EVERY_S` seconds when the user is not typing,
-    or right after a key's frame is drawn (the moment the next key is furthest away).
+    or right after a key's frame is on the terminal (the moment the next key is furthest away:
+    `HyprApp.post_display_hook`).
     """
 
     EVERY_S = 10.0
