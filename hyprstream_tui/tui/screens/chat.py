@@ -262,9 +262,10 @@ class ChatScreen(ConversationActions, HyprScreen):
                                                dropped=meta.get("dropped_messages", 0))
 
     async def _drain(self, show: bool | None = None) -> None:
-        """Every 1/UI_HZ s. A redraw of a streaming reply takes the event loop for 5 to 30 ms and
-        a key that comes meanwhile waits for it, so while the user types the text is held back
-        here and drawn by `after_key`."""
+        """Every 1/UI_HZ s. A redraw of a streaming reply is mostly a repaint of a few lines, but
+        when the reply needs more lines, or a finished block becomes Markdown, it lays the screen
+        out (10 to 40 ms under load), and a key that comes meanwhile waits for it. So while the
+        user types the text is held back here and drawn by `after_key`."""
         if show is None:
             show = not self.hypr.typing()
         if show:
