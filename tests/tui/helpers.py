@@ -27,3 +27,16 @@ async def wait_for(pilot, condition: Callable[[], object], *, timeout: float = 6
             return value
         await pilot.pause(0.05)
     raise AssertionError(f"timed out waiting for {what}; errors {pilot.app.errors}; screen:\n{screen_text(pilot.app)}")
+
+
+def count_layouts(screen) -> list[int]:
+    """Count the screen's layouts (every widget arranged again) from now on: read `[0]`."""
+    count = [0]
+    refresh_layout = screen._refresh_layout
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return refresh_layout(*args, **kwargs)
+
+    screen._refresh_layout = counted
+    return count

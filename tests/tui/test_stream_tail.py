@@ -13,6 +13,7 @@ from hyprstream_tui.engine.events import TokenDelta
 from hyprstream_tui.tui.widgets.chat_log import ChatLog
 from hyprstream_tui.tui.widgets.chat_message import block_end
 from hyprstream_tui.tui.widgets.stream_tail import STEP, StreamTail, wrap
+from tests.tui.helpers import count_layouts
 from tests.tui.test_chat_log import LogApp
 
 PIECES = ["a", "bb", "ccc ", "  ", "\n", "d" * 22, "世界", "é ", " ", "x\n\n", "longwordlongwordlongword "]
@@ -50,18 +51,6 @@ async def _stream(pilot, log: ChatLog, text: str) -> None:
     await pilot.pause()
 
 
-def _layouts(screen) -> list[int]:
-    count = [0]
-    refresh_layout = screen._refresh_layout
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return refresh_layout(*args, **kwargs)
-
-    screen._refresh_layout = counted
-    return count
-
-
 @pytest.mark.asyncio
 async def test_a_streaming_reply_grows_in_its_tail_and_reaches_markdown_block_by_block():
     app = LogApp()
@@ -74,7 +63,7 @@ async def test_a_streaming_reply_grows_in_its_tail_and_reaches_markdown_block_by
         width = tail.size.width
 
         await _stream(pilot, log, "word ")  # the first text: the tail takes its first lines
-        layouts = _layouts(app.screen)
+        layouts = count_layouts(app.screen)
         words = 0
         while tail.line_count < 3 * STEP:
             await _stream(pilot, log, "word ")

@@ -9,6 +9,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Input, Static
 
 from hyprstream_tui.tui.widgets.text_input import TextInput
+from tests.tui.helpers import count_layouts
 
 pytestmark = pytest.mark.asyncio
 
@@ -24,19 +25,6 @@ class InputsApp(App):
         yield Input(id="textual")
 
 
-def _layouts(screen) -> list[int]:
-    """Count the screen's layouts from now on."""
-    count = [0]
-    refresh_layout = screen._refresh_layout
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return refresh_layout(*args, **kwargs)
-
-    screen._refresh_layout = counted
-    return count
-
-
 async def test_typing_in_a_text_input_does_not_lay_out_the_screen():
     app = InputsApp()
     async with app.run_test(size=(60, 20)) as pilot:
@@ -44,7 +32,7 @@ async def test_typing_in_a_text_input_does_not_lay_out_the_screen():
         for widget in (textual, ours):
             widget.focus()
             await pilot.pause()
-            layouts = _layouts(app.screen)
+            layouts = count_layouts(app.screen)
             await pilot.press(*"hello")
             await pilot.pause()
             widget.layouts = layouts[0]
