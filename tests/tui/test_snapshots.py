@@ -184,3 +184,28 @@ def test_training_screen_at_80x24(snap_compare, snapshot_home):
         _dump(app)
 
     assert snap_compare(_app(snapshot_home), terminal_size=(80, 24), run_before=run_before)
+
+
+def test_chat_screen_while_a_reply_streams_at_80x24(snap_compare, snapshot_home):
+    """A finished paragraph is Markdown; the one still being written is plain text below it."""
+    from hyprstream_tui.engine.events import TokenDelta
+
+    async def run_before(pilot):
+        app = pilot.app
+        await pilot.press("f2")
+        chat = await wait_for(pilot, lambda: app.screen.MODE == "chat" and app.screen.model and app.screen)
+        log = chat.log_view
+        log.add_user("Tell me about Zorbia.")
+        log.add_replies(["tiny-demo"], ["r"])
+        await pilot.pause()
+        for text in ("Zorbia is a **small** country by the sea. Its capital is `Quillon`.\n\n",
+                     "The people of Zorbia fish in the morning and tell stories in the evening; their "
+                     "**boats** are painted blue"):
+            log.events.push(TokenDelta(request_id="r", text=text, tokens=1))
+            await log.drain()
+            await pilot.pause()
+        _steady(app)
+        await pilot.pause(0.3)
+        _dump(app)
+
+    assert snap_compare(_app(snapshot_home), terminal_size=(80, 24), run_before=run_before)

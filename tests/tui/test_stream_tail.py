@@ -66,14 +66,16 @@ async def test_a_streaming_reply_grows_in_its_tail_and_reaches_markdown_block_by
         layouts = count_layouts(app.screen)
         words = 0
         while tail.line_count < 3 * STEP:
-            await _stream(pilot, log, "word ")
+            await _stream(pilot, log, f"w{words * 7} ")  # words of 2 to 4 letters
             words += 1
         # repaints in place; a layout only each time it needs STEP more lines
         # it grew from STEP lines to 3 * STEP: two layouts of the screen each time (Textual lays out
         # again once sizes settle), and none for the other hundred-odd updates, which repainted
         assert tail.layouts == 2 and layouts[0] <= 4 and words > 100
+        # every word is on screen whole: the lines fit the width inside the padding
         lines = [tail.render_line(y).text.rstrip() for y in range(tail.line_count)]
-        assert " ".join(lines).split() == tail.text.split() and all(cell_len(line) <= width for line in lines)
+        assert " ".join(lines).split() == tail.text.split()
+        assert max(cell_len(line) for line in lines) > width - 6 and width == reply.size.width - 2
         assert body.source == ""  # a paragraph still being written stays in the tail
 
         first = tail.text

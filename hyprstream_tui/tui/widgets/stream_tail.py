@@ -98,9 +98,10 @@ class StreamTail(Widget):
         if not self.text:
             self._changed(0)
 
-    def on_resize(self, event: Resize) -> None:
-        if event.size.width and event.size.width != self._width:
-            self._width = event.size.width
+    def on_resize(self, _event: Resize) -> None:
+        width = self.size.width  # the content's width (the event's size includes the padding)
+        if width and width != self._width:
+            self._width = width
             self._lines = wrap(self.text, 0, self._width) if self.text else []
             self._changed(0)
 
