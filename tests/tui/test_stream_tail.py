@@ -83,12 +83,12 @@ async def test_a_streaming_reply_grows_in_its_tail_and_reaches_markdown_block_by
         await pilot.pause()
         assert body.source == first + "end.\n\n"  # the complete paragraph went to Markdown
         assert tail.text == "```python\nx = 1\n\n"  # a blank line inside a code fence does not cut
-        await _stream(pilot, log, "y = 2\n```\n\nlast words")
+        await _stream(pilot, log, "y = 2\n```\n\nlast\x1b[2J words\r")
         await pilot.pause()
-        assert tail.text == "last words"
+        assert tail.text == "last[2J words"  # control characters never reach the terminal
 
         await log.finish("r", text=None, meta={"model": "m"})
         await pilot.pause()
-        assert body.source == reply.text == first + "end.\n\n```python\nx = 1\n\ny = 2\n```\n\nlast words"
+        assert body.source == reply.text == first + "end.\n\n```python\nx = 1\n\ny = 2\n```\n\nlast\x1b[2J words\r"
         assert not reply.query(StreamTail)  # the finished reply is Markdown only
         assert reply.meta == {"model": "m"}

@@ -22,6 +22,7 @@ from textual.widget import Widget
 
 STEP = 4  # lines of height reserved at a time
 _WORD = re.compile(r"\S+\s*|\s+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # never written to the terminal as they are
 
 
 def wrap(text: str, start: int, width: int) -> list[tuple[int, int]]:
@@ -81,7 +82,7 @@ class StreamTail(Widget):
             self.append(text)
 
     def append(self, delta: str) -> None:
-        delta = delta.replace("\r", "").replace("\t", "    ")
+        delta = _CONTROL.sub("", delta.replace("\t", "    "))
         if not delta:
             return
         self.text += delta
