@@ -89,6 +89,9 @@ async def test_a_streaming_reply_grows_in_its_tail_and_reaches_markdown_block_by
 
         await log.finish("r", text=None, meta={"model": "m"})
         await pilot.pause()
-        assert body.source == reply.text == first + "end.\n\n```python\nx = 1\n\ny = 2\n```\n\nlast\x1b[2J words\r"
+        whole = first + "end.\n\n```python\nx = 1\n\ny = 2\n```\n\nlast\x1b[2J words\r"
+        assert reply.text == whole  # kept as written (saved, exported)
+        assert body.source == whole.replace("\x1b", "").replace("\r", "")  # drawn without controls
+        assert not any("\x1b" in strip.text for strip in app.screen._compositor.render_strips())
         assert not reply.query(StreamTail)  # the finished reply is Markdown only
         assert reply.meta == {"model": "m"}

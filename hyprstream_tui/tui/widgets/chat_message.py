@@ -12,7 +12,7 @@ from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from hyprstream_tui.tui.conversations import format_provenance
-from hyprstream_tui.tui.widgets.stream_tail import StreamTail
+from hyprstream_tui.tui.widgets.stream_tail import StreamTail, printable
 
 _FENCE = re.compile(r" {0,3}(```|~~~)")
 
@@ -49,11 +49,11 @@ class ChatMessage(Vertical):
     def compose(self) -> ComposeResult:
         yield Label(self.label or self.role, classes="message-role")
         if self.role == "assistant":
-            yield Markdown(self.text, classes="message-body")
+            yield Markdown(printable(self.text), classes="message-body")
             if self.streaming:
                 yield StreamTail(classes="message-tail")
         else:
-            yield Static(self.text, classes="message-body", markup=False)
+            yield Static(printable(self.text), classes="message-body", markup=False)
         yield Static(format_provenance(self.meta) if self.meta else "", classes="provenance", markup=False)
 
     @property
@@ -75,7 +75,7 @@ class ChatMessage(Vertical):
         self.updates += 1
         body = self.query_one(".message-body")
         if not isinstance(body, Markdown):
-            body.update(self.text)
+            body.update(printable(self.text))
             return
         tails = self.query(StreamTail)
         if not tails:
@@ -95,7 +95,7 @@ class ChatMessage(Vertical):
     async def _to_markdown(self, body: Markdown, text: str) -> None:
         if self._stream is None:
             self._stream = Markdown.get_stream(body)
-        await self._stream.write(text)
+        await self._stream.write(printable(text))
 
     async def finish(self, *, text: str | None = None, meta: dict[str, Any] | None = None) -> None:
         """The reply is complete: `text` (when given) is its final text, `meta` its provenance.
@@ -114,7 +114,7 @@ class ChatMessage(Vertical):
             await self._stream.stop()
             self._stream = None
         if replaced:
-            await self.query_one(".message-body", Markdown).update(self.text)
+            await self.query_one(".message-body", Markdown).update(printable(self.text))
         self.remove_class("streaming")
         if meta is not None:
             self.query_one(".provenance", Static).update(format_provenance(self.meta))

@@ -22,7 +22,13 @@ from textual.widget import Widget
 
 STEP = 4  # lines of height reserved at a time
 _WORD = re.compile(r"\S+\s*|\s+")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # never written to the terminal as they are
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """`text` without control characters but newline and tab: what a model or a user wrote may hold
+    an escape sequence, and Textual would write it to the terminal as it is."""
+    return _CONTROL.sub("", text)
 
 
 def wrap(text: str, start: int, width: int) -> list[tuple[int, int]]:
@@ -82,7 +88,7 @@ class StreamTail(Widget):
             self.append(text)
 
     def append(self, delta: str) -> None:
-        delta = _CONTROL.sub("", delta.replace("\t", "    "))
+        delta = printable(delta).replace("\t", "    ")
         if not delta:
             return
         self.text += delta
