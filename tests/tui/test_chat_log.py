@@ -28,7 +28,8 @@ class LogApp(App):
         yield Input(id="chat-input")
 
 
-async def _stream(pilot, log: ChatLog, words: list[str], *, show: bool = True) -> None:
+async def stream(pilot, log: ChatLog, words: list[str], *, show: bool = True) -> None:
+    """Push `words` as token deltas of reply "r", drain them into the log and let it draw."""
     for word in words:
         log.events.push(TokenDelta(request_id="r", text=word, tokens=1))
     await log.drain(show=show)
@@ -43,19 +44,19 @@ async def test_a_streaming_reply_stays_in_view_until_the_user_scrolls_up():
         reply = log.add_replies(["model"], ["r"])[0]
         await pilot.pause()
         for start in range(0, 300, 30):
-            await _stream(pilot, log, WORDS[start : start + 30])
+            await stream(pilot, log, WORDS[start : start + 30])
         assert log.max_scroll_y > 10  # the reply is taller than the view
         assert log.scroll_y == log.max_scroll_y  # and its end is in view
 
         log.scroll_to(y=0, animate=False)  # the user scrolls up to read
         await pilot.pause()
         for start in range(300, 450, 30):
-            await _stream(pilot, log, WORDS[start : start + 30])
+            await stream(pilot, log, WORDS[start : start + 30])
         assert log.scroll_y == 0 and log.max_scroll_y > 10  # streaming does not pull them down
 
         log.scroll_end(animate=False)  # back at the end: it follows again
         await pilot.pause()
-        await _stream(pilot, log, WORDS[450:600])
+        await stream(pilot, log, WORDS[450:600])
         assert log.scroll_y == log.max_scroll_y
         await log.finish("r", text=None, meta=None)
         assert reply.text == "".join(WORDS)
@@ -67,14 +68,14 @@ async def test_text_held_back_while_typing_is_drawn_later_and_none_is_lost():
         log = app.query_one(ChatLog)
         reply = log.add_replies(["model"], ["r"])[0]
         await pilot.pause()
-        await _stream(pilot, log, WORDS[:5])
+        await stream(pilot, log, WORDS[:5])
         assert reply.updates == 1
-        await _stream(pilot, log, WORDS[5:10], show=False)
-        await _stream(pilot, log, WORDS[10:15], show=False)
+        await stream(pilot, log, WORDS[5:10], show=False)
+        await stream(pilot, log, WORDS[10:15], show=False)
         assert reply.updates == 1 and reply.text == "".join(WORDS[:15])  # kept, not drawn
         await log.drain()  # nothing new arrived, but held text is drawn now
         assert reply.updates == 2
-        await _stream(pilot, log, WORDS[15:20], show=False)
+        await stream(pilot, log, WORDS[15:20], show=False)
         await log.finish("r", text=None, meta=None)  # the reply's end draws what was held
         body = reply.query_one(".message-body")
         assert body.source == "".join(WORDS[:20])

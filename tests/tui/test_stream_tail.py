@@ -9,12 +9,11 @@ import random
 import pytest
 from rich.cells import cell_len
 
-from hyprstream_tui.engine.events import TokenDelta
 from hyprstream_tui.tui.widgets.chat_log import ChatLog
 from hyprstream_tui.tui.widgets.chat_message import block_end
 from hyprstream_tui.tui.widgets.stream_tail import STEP, StreamTail, wrap
 from tests.tui.helpers import count_layouts
-from tests.tui.test_chat_log import LogApp
+from tests.tui.test_chat_log import LogApp, stream
 
 PIECES = ["a", "bb", "ccc ", "  ", "\n", "d" * 22, "世界", "é ", " ", "x\n\n", "longwordlongwordlongword "]
 
@@ -45,12 +44,6 @@ def test_blocks_end_at_a_blank_line_outside_code_fences():
     assert block_end("one\n\n", False) == (5, False)
 
 
-async def _stream(pilot, log: ChatLog, text: str) -> None:
-    log.events.push(TokenDelta(request_id="r", text=text, tokens=1))
-    await log.drain()
-    await pilot.pause()
-
-
 @pytest.mark.asyncio
 async def test_a_streaming_reply_grows_in_its_tail_and_reaches_markdown_block_by_block():
     app = LogApp()
@@ -62,11 +55,11 @@ async def test_a_streaming_reply_grows_in_its_tail_and_reaches_markdown_block_by
         body = reply.query_one(".message-body")
         width = tail.size.width
 
-        await _stream(pilot, log, "word ")  # the first text: the tail takes its first lines
+        await stream(pilot, log, ["word "])  # the first text: the tail takes its first lines
         layouts = count_layouts(app.screen)
         words = 0
         while tail.line_count < 3 * STEP:
-            await _stream(pilot, log, f"w{words * 7} ")  # words of 2 to 4 letters
+            await stream(pilot, log, [f"w{words * 7} "])  # words of 2 to 4 letters
             words += 1
         # repaints in place; a layout only each time it needs STEP more lines
         # it grew from STEP lines to 3 * STEP: two layouts of the screen each time (Textual lays out
@@ -79,11 +72,11 @@ async def test_a_streaming_reply_grows_in_its_tail_and_reaches_markdown_block_by
         assert body.source == ""  # a paragraph still being written stays in the tail
 
         first = tail.text
-        await _stream(pilot, log, "end.\n\n```python\nx = 1\n\n")
+        await stream(pilot, log, ["end.\n\n```python\nx = 1\n\n"])
         await pilot.pause()
         assert body.source == first + "end.\n\n"  # the complete paragraph went to Markdown
         assert tail.text == "```python\nx = 1\n\n"  # a blank line inside a code fence does not cut
-        await _stream(pilot, log, "y = 2\n```\n\nlast\x1b[2J words\r")
+        await stream(pilot, log, ["y = 2\n```\n\nlast\x1b[2J words\r"])
         await pilot.pause()
         assert tail.text == "last[2J words"  # control characters never reach the terminal
 

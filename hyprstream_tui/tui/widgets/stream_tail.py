@@ -77,15 +77,13 @@ class StreamTail(Widget):
     }}
     """
 
-    def __init__(self, text: str = "", **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.text = ""
         self._lines: list[tuple[int, int]] = []
         self._width = 0  # what the lines are wrapped at (0: not yet laid out)
         self._height = STEP  # lines reserved (at least STEP, in steps of STEP)
         self.layouts = 0  # height changes, each a layout of the screen (tests)
-        if text:
-            self.append(text)
 
     def append(self, delta: str) -> None:
         delta = printable(delta).replace("\t", "    ")
