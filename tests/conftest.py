@@ -17,6 +17,21 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config) -> None:
+    """Tests that use no `home` still write somewhere (the native kernel's build cache,
+    `engine.gemv`): a folder of this run's, never the user's ~/.cache/hyprstream."""
+    import tempfile
+
+    config._hyprstream_home = tempfile.mkdtemp(prefix="hyprstream-test-home-")
+    os.environ["HYPRSTREAM_HOME"] = config._hyprstream_home
+
+
+def pytest_unconfigure(config) -> None:
+    import shutil
+
+    shutil.rmtree(getattr(config, "_hyprstream_home", ""), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_src(tmp_path_factory) -> Path:
     """A tiny real Qwen2 model folder (safetensors + config + tokenizer), built once."""
