@@ -5,6 +5,8 @@ product is several times slower than converting the weight to fp32 and using fp3
 one-row product of a decode step is fastest in bf16 (it reads half the bytes). `UpcastPrefillLinear`
 runs inputs of many rows (a prompt's prefill) in fp32 and rounds the result back to bf16; decode
 steps keep the bf16 kernel. Both accumulate in fp32, so results agree to bf16 rounding.
+`GemvLinear` runs a one-row bf16 product (a decode step) through `engine.gemv`'s C kernel where
+that kernel is available: torch's bits, read faster. `UpcastPrefillLinear` is one too.
 
 `RowsFirstLinear` is for fp32 weights: for a few rows (a decode batch of a server, a short
 prompt), MKL's x @ W^T runs several times slower than the same product written as (W @ x^T)^T
@@ -20,15 +22,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hyprstream_tui.engine import gemv
+
 UPCAST_MIN_ROWS = 16  # below this many rows, bf16 is as fast (measured: 2-core AVX2 EPYC)
 
 
-class UpcastPrefillLinear(torch.nn.Linear):
-    """An `nn.Linear` whose many-row bf16 products run in fp32 (same weights, same module)."""
+class GemvLinear(torch.nn.Linear):
+    """A bf16 `nn.Linear` whose one-row products run through `engine.gemv` where it is available
+    (same bits as torch's kernel; see there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        if x.numel() == self.in_features:
+            native = gemv.kernel()
+            if native is not None and native.fits(x, self.weight, self.bias):
+                return native.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class UpcastPrefillLinear(GemvLinear):
+    """A `GemvLinear` whose many-row bf16 products run in fp32 (same weights, same module)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         if x.dtype != torch.bfloat16 or x.numel() < UPCAST_MIN_ROWS * self.in_features:
-            return F.linear(x, self.weight, self.bias)
+            return super().forward(x)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
 
@@ -44,8 +60,16 @@ def _switch(model: torch.nn.Module, dtype: torch.dtype, cls: type[torch.nn.Linea
 
 
 def upcast_prefill(model: torch.nn.Module) -> int:
-    """Switch every plain bf16 `nn.Linear` of `model` to `UpcastPrefillLinear`; return how many."""
+    """Switch every plain bf16 `nn.Linear` of `model` to `UpcastPrefillLinear`; return how many.
+    Builds and checks the one-row kernel now, so the first decode step does not wait for it."""
+    gemv.kernel()
     return _switch(model, torch.bfloat16, UpcastPrefillLinear)
+
+
+def native_gemv(model: torch.nn.Module) -> int:
+    """Switch every plain bf16 `nn.Linear` of `model` to `GemvLinear`; return how many."""
+    gemv.kernel()
+    return _switch(model, torch.bfloat16, GemvLinear)
 
 
 ROWS_FIRST_MAX_ROWS = 64  # measured faster from 2 up to 64 rows; beyond, the plain kernel

@@ -4,7 +4,9 @@ A decode step through `model(...)` also pays for transformers' glue: the cache o
 concatenates every layer's keys and values anew each step, masks are built and discarded, and
 each layer goes through kwargs plumbing. On the Qwen2.5-0.5B shape in bf16 on this CPU that glue
 is small next to torch's bf16 kernels (matrix products about two thirds of a step, attention a
-sixth): `benchmarks/decode.py`, paired rounds, gives 1.04x `generate` (1.01-1.13 over rounds).
+sixth). Torch's one-row bf16 product is slow here, so `kernels.GemvLinear` runs it through
+`engine.gemv`'s C kernel (torch's bits): `benchmarks/decode.py`, paired rounds, gives 1.34x
+`generate` (1.27-1.39 over rounds), 1.05x with torch's kernel.
 With int8 weights the step also calls fbgemm directly on fused weights (see below).
 `LeanDecoder` runs the same computation for one token at a time with:
 - the model's own modules for everything that holds weights (norms, q/k/v/o projections, MLP,

@@ -211,6 +211,10 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         from hyprstream_tui.engine.kernels import upcast_prefill
 
         upcast_prefill(model)
+    elif dtype == "bfloat16" and device == "cpu":
+        from hyprstream_tui.engine.kernels import native_gemv
+
+        native_gemv(model)
     elif dtype == "float32" and device == "cpu":
         from hyprstream_tui.engine.kernels import rows_first
 
