@@ -9,8 +9,10 @@ safetensors in a temp folder. Cases, each in fp32 and bf16:
               loaded by the engine's loader (bf16 prefill through fp32 on CPUs without bf16),
               decode steps through engine.lean.LeanDecoder
   ours-plain  ours with decode steps through model(...) instead of the lean decoder
+  ours-torch-gemv  ours (bf16) with torch's one-row kernel rather than engine.gemv's C kernel
   ours-exact  ours with the plain bf16 prefill kernel (bf16 only, where the two differ): the
-              same prefill as generate, so its greedy tokens must equal generate's
+              same prefill as generate, so its greedy tokens must equal generate's (decode
+              steps as ours: the lean decoder, engine.gemv's one-row kernel)
   ours-int8   ours with `--quantize int8`
 Prefill: one whole run (prompt to tokens) of each case. Decode: rounds in which each case decodes
 in turn from its own copy of one prefilled prefix (the prompt but its last token), so the cases
@@ -134,17 +136,18 @@ def load(folder: Path, dtype: str, quantize: str | None = None):
     prefill_differs says whether any of those kernels computes differently (bf16 through fp32)."""
     import torch
 
-    from hyprstream_tui.engine.kernels import RowsFirstLinear, UpcastPrefillLinear
+    from hyprstream_tui.engine.kernels import GemvLinear, RowsFirstLinear, UpcastPrefillLinear
     from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 
     lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder),
                     LoadOptions(dtype=dtype, quantize=quantize))
     swapped = [(m, type(m)) for m in lm.model.modules()
-               if isinstance(m, (UpcastPrefillLinear, RowsFirstLinear))]
+               if isinstance(m, (GemvLinear, RowsFirstLinear))]
 
-    def plain(on: bool) -> None:
+    def plain(on: bool, cls: type | None = None) -> None:
+        """on: every swapped layer a plain `nn.Linear` (or `cls`); off: the loader's classes."""
         for module, ours in swapped:
-            module.__class__ = torch.nn.Linear if on else ours
+            module.__class__ = (cls or torch.nn.Linear) if on else ours
 
     return lm.model, plain, any(cls is UpcastPrefillLinear for _, cls in swapped)
 
@@ -186,23 +189,39 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
     our loader swapped for a faster prefill kernel are switched back to plain `nn.Linear`, so it
     runs exactly as transformers loads it.
     """
+    from hyprstream_tui.engine import gemv
+    from hyprstream_tui.engine.kernels import GemvLinear
+
     model, plain, prefill_differs = load(folder, dtype)
+    native = dtype == "bfloat16" and gemv.kernel() is not None
+
+    def ours_setup(use_gemv: bool):
+        def setup() -> None:
+            plain(False)
+            gemv.set_enabled(use_gemv)
+        return setup
+
     cases = [("generate", True, lambda: time_generate(model, ids, new)),
              ("ours", False, lambda: time_ours(model, ids, new))]
-    if prefill_differs:  # ours with generate's prefill kernel too
+    if prefill_differs:  # ours with generate's prefill kernel too (and ours's one-row kernel)
         cases.append(("ours-exact", True, lambda: time_ours(model, ids, new)))
     whole = {}
     for name, use_plain, run in cases:
-        plain(use_plain)
+        plain(use_plain, GemvLinear if name == "ours-exact" else None)
         whole[name] = run()
     plain(True)
     prefix = prefix_cache(model, ids)
-    decoded = decode_rounds({
+    runs = {
         "generate": (lambda c: time_generate(model, ids, new, c), prefix, lambda: plain(True)),
-        "ours": (lambda c: time_ours(model, ids, new, cache=c), prefix, lambda: plain(False)),
+        "ours": (lambda c: time_ours(model, ids, new, cache=c), prefix, ours_setup(True)),
         "ours-plain": (lambda c: time_ours(model, ids, new, lean=False, cache=c), prefix,
-                       lambda: plain(False)),
-    }, rounds, new)
+                       ours_setup(True)),
+    }
+    if native:  # the same loop with torch's one-row kernel: what the C kernel adds
+        runs["ours-torch-gemv"] = (lambda c: time_ours(model, ids, new, cache=c), prefix,
+                                   ours_setup(False))
+    decoded = decode_rounds(runs, rounds, new)
+    gemv.set_enabled(True)
     nbytes = weight_bytes(model)
     rows = {}
     for name, (prefill_s, decode_s, tokens) in whole.items():
@@ -210,9 +229,13 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
                       "whole_rate": (new - 1) / decode_s}
         if name in decoded:
             rows[name].update(decoded[name])
-    rows["ours-plain"] = {**decoded["ours-plain"], "weight_bytes": nbytes}
-    rows["ours"]["ratio_to"] = {"generate": _ratios(decoded["ours"], decoded["generate"])}
-    rows["ours-plain"]["ratio_to"] = {"generate": _ratios(decoded["ours-plain"], decoded["generate"])}
+    for name in ("ours-plain", "ours-torch-gemv"):
+        if name in decoded:
+            rows[name] = {**decoded[name], "weight_bytes": nbytes}
+    for name in ("ours", "ours-plain", "ours-torch-gemv"):
+        if name in decoded:
+            rows[name]["ratio_to"] = {"generate": _ratios(decoded[name], decoded["generate"])}
+    rows["gemv"] = gemv.status()
     return rows
 
 
@@ -339,7 +362,7 @@ def report(args: argparse.Namespace, rows: dict, bw: dict, quality_rows: dict) -
           f"prompt {args.prompt} tokens, decode {args.new}; decode: median of {args.rounds} "
           "rounds, cases in turn")
     print(f"measured bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s\n")
-    head = (f"{'case':<22}{'prefill s':>10}{'decode tok/s':>14}{'x generate':>18}"
+    head = (f"{'case':<26}{'prefill s':>10}{'decode tok/s':>14}{'x generate':>18}"
             f"{'x gen bf16':>18}{'peak RSS MB':>13}{'GB/token':>10}{'roofline':>10}"
             f"{'same tokens':>13}{'whole run':>11}")
     print(head)
@@ -367,7 +390,7 @@ def report(args: argparse.Namespace, rows: dict, bw: dict, quality_rows: dict) -
         decode_same = same(r.get("tokens"), base["tokens"]) if base and "int8" not in name else "-"
         whole_same = same(r.get("whole_tokens"), base.get("whole_tokens") if base else None) \
             if r is not base else "-"
-        print(f"{name + ' ' + dtype:<22}{prefill:>10}{rate:>14.2f}"
+        print(f"{name + ' ' + dtype:<26}{prefill:>10}{rate:>14.2f}"
               f"{ratio(r, 'generate', base):>18}{ratio(r, 'generate bfloat16', gen_bf16):>18}"
               f"{r['peak_rss_mb']:>13.0f}{gb:>10.3f}{bandwidth / gb:>10.1f}{decode_same:>13}"
               f"{whole_same:>11}")
@@ -384,6 +407,7 @@ same tokens: the {args.new} greedy tokens decoded from one shared prefilled pref
   (n/{args.new}: equal for the first n); whole run: prompt to tokens, each case with its own prefill
   (ours prefills bf16 through fp32 kernels, ours-exact through generate's bf16 kernels).
 ours-plain: ours with decode steps through model(...) instead of the lean decoder.
+ours-torch-gemv: ours with torch's one-row bf16 kernel instead of engine.gemv's C kernel.
 ours-exact: decodes as ours does; its decode rate is that of its one whole run.""")
 
 
@@ -421,6 +445,8 @@ def main() -> None:
             print(f"running {case} {dtype}...", flush=True)
             result = spawn(args, folder, case, dtype)
             rss = result.pop("peak_rss_mb")
+            if "gemv" in result:
+                print(f"  {result.pop('gemv')}")
             for name, row in result.items():
                 rows[(name, dtype)] = {"peak_rss_mb": rss, **row}
         quality_rows = {}
