@@ -235,7 +235,8 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
     for name in ("ours", "ours-plain", "ours-torch-gemv"):
         if name in decoded:
             rows[name]["ratio_to"] = {"generate": _ratios(decoded[name], decoded["generate"])}
-    rows["gemv"] = gemv.status()
+    if dtype == "bfloat16":
+        rows["gemv"] = gemv.status()
     return rows
 
 
