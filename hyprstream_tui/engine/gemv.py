@@ -104,6 +104,8 @@ def set_enabled(on: bool) -> None:
 
 def status() -> str:
     """One line: whether decode steps use the kernel, and why not."""
+    if _state.get("off"):
+        return "native bf16 GEMV: off (turned off in this process)"
     k = kernel()
     return f"native bf16 GEMV: on ({k.path})" if k is not None else f"native bf16 GEMV: off ({_state['why']})"
 
@@ -118,10 +120,14 @@ def _load() -> tuple[Kernel | None, str]:
         return None, f"torch's CPU capability is {capability}, not AVX2"
     try:
         path = _build()
+        try:
+            k = Kernel(path)
+        except (OSError, AttributeError):  # a damaged cached file: build it once more
+            path.unlink(missing_ok=True)
+            path = _build()
+            k = Kernel(path)
     except BuildError as exc:
         return None, str(exc)
-    try:
-        k = Kernel(path)
     except (OSError, AttributeError) as exc:
         return None, f"cannot load {path}: {exc}"
     bad = self_check(k)

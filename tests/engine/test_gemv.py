@@ -192,6 +192,25 @@ def test_build_is_cached_and_leaves_no_temp_files(tmp_path, monkeypatch):
     assert [p.name for p in first.parent.iterdir()] == [first.name]
 
 
+@needs_kernel
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPRSTREAM_HOME", str(tmp_path))
+    path = gemv._build()
+    path.write_bytes(b"not a shared library")
+    k, why = gemv._load()
+    assert k is not None and why == "" and k.path == path
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_status_says_when_the_kernel_was_turned_off():
+    gemv.set_enabled(False)
+    try:
+        assert gemv.kernel() is None
+        assert gemv.status() == "native bf16 GEMV: off (turned off in this process)"
+    finally:
+        gemv.set_enabled(True)
+
+
 def test_a_compiler_that_fails_leaves_torchs_kernel_and_no_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPRSTREAM_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # /bin/false: a compiler that fails
