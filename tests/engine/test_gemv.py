@@ -3,6 +3,7 @@ falls back to torch's kernel, with a reason, wherever it cannot be built or trus
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import sys
@@ -21,9 +22,10 @@ from hyprstream_tui.engine.params import SamplingParams
 # kernel skip and say why; on this project's machines (and CI) they run.
 CAN_RUN = (
     sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
-    and torch.backends.cpu.get_cpu_capability() == "AVX2" and shutil.which("cc") is not None
+    and torch.backends.cpu.get_cpu_capability() == "AVX2"
+    and shutil.which(os.environ.get("CC") or "cc") is not None
 )
-needs_kernel = pytest.mark.skipif(not CAN_RUN, reason="needs Linux x86-64, torch at AVX2, and cc")
+needs_kernel = pytest.mark.skipif(not CAN_RUN, reason="needs Linux x86-64, torch at AVX2, and $CC or cc")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
