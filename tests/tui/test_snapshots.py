@@ -104,6 +104,19 @@ def _app(home: Path) -> HyprApp:
     return app
 
 
+async def _settle(pilot) -> None:
+    """Let pending redraws land before the screenshot. A DataTable sizes its columns for new rows
+    on its next idle moment; under load that came after a fixed pause, and a snapshot showed
+    "tiny" in a column still as wide as its header "Name" (the private flag below is that
+    pending resize, read only here)."""
+    from textual.widgets import DataTable
+
+    await wait_for(pilot, lambda: not any(t._require_update_dimensions or t._new_rows
+                                          for t in pilot.app.screen.query(DataTable)),
+                   what="tables to size their columns")
+    await pilot.pause(0.3)
+
+
 def _steady(app) -> None:
     """No blinking cursor in a snapshot."""
     for widget in app.screen.query("Input"):
@@ -120,7 +133,7 @@ def test_models_screen(snap_compare, snapshot_home):
     async def run_before(pilot):
         app = pilot.app
         await wait_for(pilot, lambda: app.screen.table.row_count == 1 and app.screen.query_one("ModelDetail").shown)
-        await pilot.pause(0.3)
+        await _settle(pilot)
         _dump(app)
 
     assert snap_compare(_app(snapshot_home), terminal_size=(100, 30), run_before=run_before)
@@ -135,7 +148,7 @@ def test_chat_screen(snap_compare, snapshot_home):
         await wait_for(pilot, lambda: len(chat.log_view.messages()) == 4, what="the conversation")
         await pilot.press("ctrl+y")
         _steady(app)
-        await pilot.pause(0.3)
+        await _settle(pilot)
         _dump(app)
 
     assert snap_compare(_app(snapshot_home), terminal_size=(100, 30), run_before=run_before)
@@ -148,7 +161,7 @@ def test_training_screen(snap_compare, snapshot_home):
         screen = await wait_for(pilot, lambda: app.screen.MODE == "training" and app.screen.selected
                                 and len(app.screen.selected.checkpoints) == 4 and app.screen)
         _steady(app)
-        await pilot.pause(0.3)
+        await _settle(pilot)
         _dump(app)
         assert screen.query_one("LossPlot").points("loss") == 40
 
@@ -167,7 +180,7 @@ def test_history_screen_comparing_two_checkpoints(snap_compare, snapshot_home):
             history.graph.move_cursor(row=steps[summary])
             await pilot.press("space")
         await wait_for(pilot, lambda: history.query_one("LossPlot").series, what="the comparison")
-        await pilot.pause(0.3)
+        await _settle(pilot)
         _dump(app)
 
     assert snap_compare(_app(snapshot_home), terminal_size=(100, 30), run_before=run_before)
@@ -180,7 +193,7 @@ def test_training_screen_at_80x24(snap_compare, snapshot_home):
         await wait_for(pilot, lambda: app.screen.MODE == "training" and app.screen.selected
                        and len(app.screen.selected.checkpoints) == 4)
         _steady(app)
-        await pilot.pause(0.3)
+        await _settle(pilot)
         _dump(app)
 
     assert snap_compare(_app(snapshot_home), terminal_size=(80, 24), run_before=run_before)
@@ -205,7 +218,7 @@ def test_chat_screen_while_a_reply_streams_at_80x24(snap_compare, snapshot_home)
             await log.drain()
             await pilot.pause()
         _steady(app)
-        await pilot.pause(0.3)
+        await _settle(pilot)
         _dump(app)
 
     assert snap_compare(_app(snapshot_home), terminal_size=(80, 24), run_before=run_before)
