@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hyprstream_tui.store.atomic import tmp_name
+
 SOURCE = Path(__file__).with_name("gemv_bf16.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "HYPRSTREAM_NATIVE_GEMV"
@@ -168,10 +170,9 @@ def _build() -> Path:
     target = folder / f"gemv_bf16-{digest}.so"
     if target.is_file():
         return target
-    fd, tmp = tempfile.mkstemp(prefix=".gemv_bf16-", suffix=".so.tmp", dir=folder)
-    os.close(fd)
+    tmp = tmp_name(target)  # the store's temp names (".<name>.<id>.incomplete")
     try:
-        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+        run = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True,
                              text=True, timeout=BUILD_TIMEOUT_S)
         if run.returncode != 0:
             first = (run.stderr.strip().splitlines() or ["no output"])[0]
@@ -182,8 +183,7 @@ def _build() -> Path:
     except OSError as exc:
         raise BuildError(f"cannot build in {folder}: {exc}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -232,8 +232,7 @@ def self_check(k: Kernel) -> str:
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for x, w, b in check_values(g):
-            ours, theirs = k.linear(x, w, b), F.linear(x, w, b)
-            if not torch.equal(ours.view(torch.int16), theirs.view(torch.int16)):
-                return f"{int((ours.view(torch.int16) != theirs.view(torch.int16)).sum())} of " \
-                       f"{theirs.numel()} values, shape {tuple(w.shape)}"
+            ours, theirs = k.linear(x, w, b).view(torch.int16), F.linear(x, w, b).view(torch.int16)
+            if not torch.equal(ours, theirs):
+                return f"{int((ours != theirs).sum())} of {theirs.numel()} values, shape {tuple(w.shape)}"
     return ""
