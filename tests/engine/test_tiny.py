@@ -101,3 +101,22 @@ def test_tokenizer_asset_regenerates_identically(tmp_path):
 def test_importing_tiny_does_not_import_torch():
     code = "import sys, hyprstream_tui.engine.tiny; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_model_bytes_depend_on_nothing_installed(tmp_path):
+    """The demo model's files hold no library version and no path, and two builds are identical:
+    its commit ids are on the TUI snapshots, so a patch release of transformers must not move them
+    (it did once: `config.save_pretrained` stamped `transformers_version` into config.json)."""
+    from importlib.metadata import version
+
+    from hyprstream_tui.engine.tiny import build_demo_model
+
+    first, second = build_demo_model(tmp_path / "a"), build_demo_model(tmp_path / "b")
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        data = (first / name).read_bytes()
+        assert data == (second / name).read_bytes(), f"{name} differs between two builds"
+        assert b"_version" not in data and str(tmp_path).encode() not in data, name
+        for package in ("transformers", "torch", "tokenizers", "safetensors"):
+            assert f'"{version(package)}"'.encode() not in data, f"{name} holds {package}'s version"
