@@ -8,7 +8,10 @@ KeyboardInterrupt `cli.main` turns into one line after the command's own clean-u
 Two ways Python loses that KeyboardInterrupt, both met by the Ctrl-C tests: raised inside a
 `__del__` or a weakref callback, it is printed as "Exception ignored" and dropped (the command ran
 on); raised inside a library's lazy import, it came back wrapped in another exception (a RuntimeError
-from `__set_name__`). `redelivered()` sends the first kind again, `caused_by_interrupt` spots the second.
+from `__set_name__`), or lost altogether (an ImportError "PyCapsule_Import could not import module
+_socket" when it landed in a C extension's import). `redelivered()` sends the first kind again and
+notes every Ctrl-C it sees; `caused_by_interrupt` takes any exception raised after one for the
+Ctrl-C's doing.
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ def restore(previous: Any) -> None:
     signal.signal(signal.SIGINT, previous)
 
 
+_received = threading.Event()
+
+
+def _noting(signum: int, frame: Any) -> None:
+    _received.set()
+    signal.default_int_handler(signum, frame)
+
+
 def _unraisable(args: Any) -> None:
     if args.exc_type is not None and issubclass(args.exc_type, KeyboardInterrupt):
         # Python dropped it (in a __del__ or callback): deliver it again, once this hook has returned
@@ -62,14 +73,23 @@ def redelivered() -> Iterator[None]:
     """While a command runs: a Ctrl-C that lands where Python would drop it is delivered again."""
     previous = sys.unraisablehook
     sys.unraisablehook = _unraisable
+    handler = None
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handler = signal.signal(signal.SIGINT, _noting)
     try:
         yield
     finally:
         sys.unraisablehook = previous
+        if handler is not None and signal.getsignal(signal.SIGINT) is _noting:
+            signal.signal(signal.SIGINT, handler)
 
 
 def caused_by_interrupt(exc: BaseException) -> bool:
-    """`exc` or what caused it is a KeyboardInterrupt (a library wrapped a Ctrl-C in its own error)."""
+    """`exc` or what caused it is a KeyboardInterrupt (a library wrapped a Ctrl-C in its own error),
+    or it came after a Ctrl-C (the interrupt was lost inside it, e.g. in a C extension's import)."""
+    if _received.is_set():
+        return True
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
