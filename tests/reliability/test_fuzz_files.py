@@ -3,7 +3,9 @@ a memory blow-up; pickle payloads never run.
 
 - In this process (pure Python, no torch): Hypothesis over safetensors files (random bytes, huge
   header lengths, overlapping / out-of-range / non-integer offsets, truncation, unknown dtypes,
-  non-JSON and non-object headers, JSON nested 50 000 deep), config.json and data/samples.jsonl.
+  non-JSON and non-object headers, JSON nested 50 000 deep), GGUF headers (byte flips, hostile
+  counts, lengths, dimensions and offsets, truncation; what we accept, gguf-py's reader reads
+  alike), config.json and data/samples.jsonl.
   Each case: a result or our own HyprError (one line), under a 5 s alarm, and tracemalloc's peak
   must stay within a few times the file's size (nothing is allocated from an untrusted length).
   A safetensors file our check accepts must also load with the reference implementation.
@@ -197,6 +199,65 @@ def test_a_sparse_file_claiming_a_huge_header_costs_nothing(tmp_path):
     with open(path, "r+b") as fh:
         fh.write(struct.pack("<Q", (1 << 30) - 8))
     assert isinstance(typed("safetensors header", read_safetensors_header, path, size=0), InvalidInput)
+
+
+# ---- GGUF --------------------------------------------------------------------------------------------
+def _gguf_string(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def _valid_gguf() -> bytes:
+    """A small well-formed GGUF: a string, a u32, an array of strings, an F32 and a Q8_0 tensor."""
+    kvs = (_gguf_string(b"general.architecture") + struct.pack("<I", 8) + _gguf_string(b"llama")
+           + _gguf_string(b"llama.block_count") + struct.pack("<II", 4, 1)
+           + _gguf_string(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 3)
+           + b"".join(_gguf_string(t) for t in (b"a", b"bc", b"<s>")))
+    tensors = (_gguf_string(b"norm") + struct.pack("<I", 1) + struct.pack("<Q", 8) + struct.pack("<IQ", 0, 0)
+               + _gguf_string(b"w") + struct.pack("<I", 2) + struct.pack("<QQ", 32, 2) + struct.pack("<IQ", 8, 32))
+    head = b"GGUF" + struct.pack("<IQQ", 3, 2, 3) + kvs + tensors
+    return head + b"\0" * (-len(head) % 32) + b"\0" * (32 + 68)
+
+
+VALID_GGUF = _valid_gguf()
+HOSTILE_U64 = [0, 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**63 - 1, 2**64 - 1]
+
+
+@st.composite
+def gguf_files(draw) -> bytes:
+    data = bytearray(VALID_GGUF)
+    kind = draw(st.sampled_from(["random", "flip", "flip", "u64", "u64", "truncate", "valid"]))
+    if kind == "random":
+        return b"GGUF" + draw(st.binary(max_size=300))
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(4, len(data) - 1))] = draw(st.integers(0, 255))
+    elif kind == "u64":  # a count, length, dimension or offset replaced by a hostile value
+        at = draw(st.integers(4, len(data) - 8))
+        data[at:at + 8] = struct.pack("<Q", draw(st.sampled_from(HOSTILE_U64)))
+    elif kind == "truncate":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    return bytes(data)
+
+
+@fuzz(250)
+@given(data=gguf_files())
+def test_gguf_headers_give_a_typed_error_or_a_file_gguf_py_reads(tmp_path_factory, data):
+    import gguf
+
+    from hyprstream_tui.store.gguf import read_gguf_header
+
+    path = tmp_path_factory.getbasetemp() / "fuzz.gguf"
+    path.write_bytes(data)
+    result = typed("gguf header", read_gguf_header, path, size=len(data))
+    if isinstance(result, HyprError):
+        assert isinstance(result, InvalidInput), result
+        return
+    COUNTS["gguf accepted"] += 1
+    reference = gguf.GGUFReader(str(path))  # what we accept, llama.cpp's own Python reader reads alike
+    assert [t.name for t in result.tensors] == [t.name for t in reference.tensors]
+    assert [t.type_name for t in result.tensors] == [t.tensor_type.name for t in reference.tensors]
+    assert [t.shape for t in result.tensors] == [tuple(int(d) for d in t.shape) for t in reference.tensors]
+    assert result.data_offset == reference.data_offset
 
 
 # ---- config.json and samples.jsonl --------------------------------------------------------------------
