@@ -132,9 +132,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model_info)
 
-    p = msub.add_parser("import", help="import a local model folder (config.json + *.safetensors)")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--name", help="store name (default: the folder's name)")
+    p = msub.add_parser("import", help="import a local model folder (config.json + *.safetensors) or a .gguf file")
+    p.add_argument("dir", type=Path, metavar="PATH", help="a Hugging Face model folder, or a GGUF file (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("--name", help="store name (default: the folder's name, or the file's without .gguf)")
     p.add_argument("--link", action="store_true", help="hard-link the weights instead of copying them (same filesystem)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle files (they can run code)")
     p.set_defaults(func=cmd_model_import)
@@ -194,8 +194,17 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_model_import(args: argparse.Namespace) -> int:
+    path = args.dir.expanduser()
+    if path.suffix.lower() == ".gguf" or path.is_file():
+        from hyprstream_tui.engine.gguf import import_gguf
+
+        with ByteProgress("importing") as bar:
+            summary = import_gguf(_store(args), path, name=args.name, progress=bar)
+        print(f"Imported {summary.name}: {summary.architecture}, {human_count(summary.parameters)} params, "
+              f"{summary.dtype}, {human_size(summary.size_bytes)} on disk, commit {summary.head[:7]}")
+        return 0
     with ByteProgress("importing") as bar:
-        summary = _store(args).import_model(args.dir, name=args.name, link=args.link, allow_pickle=args.allow_pickle,
+        summary = _store(args).import_model(path, name=args.name, link=args.link, allow_pickle=args.allow_pickle,
                                             progress=bar)
     print(f"Imported {summary.name}: {summary.architecture}, {human_count(summary.parameters)} params, "
           f"{human_size(summary.size_bytes)} on disk, commit {summary.head[:7]}")

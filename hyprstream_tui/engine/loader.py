@@ -142,7 +142,7 @@ def check_weights(folder: Path, *, allow_pickle: bool, what: str = "model") -> b
     return False
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """No progress bars or warnings on stderr: the TUI owns the terminal."""
     from transformers.utils import logging as hf_logging
 
@@ -176,7 +176,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     from transformers import AutoConfig, AutoModelForCausalLM
 
     started = time.perf_counter()
-    _quiet_transformers()
+    quiet_transformers()
     use_safetensors = check_weights(source.path, allow_pickle=options.allow_pickle)
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, options.quantize)

@@ -137,8 +137,13 @@ class Backend:
 
     def import_model(self, src: str, *, name: str | None, progress: Callable[[Any], None] | None = None) -> "ModelSummary":
         path = Path(src).expanduser()
+        if path.suffix.lower() == ".gguf" or path.is_file():
+            from hyprstream_tui.engine.gguf import import_in_child
+
+            return import_in_child(self.paths, path, name=name or None, progress=progress)
         if not path.is_dir():
-            raise InvalidInput(f"No folder {src!r}: give the path of a model folder (config.json + *.safetensors).")
+            raise InvalidInput(f"No folder or file {src!r}: give a model folder (config.json + *.safetensors) "
+                               "or a .gguf file.")
         return self.store.import_model(path, name=name or None, progress=progress)
 
     def pull_model(self, repo_id: str, *, name: str | None, revision: str, progress: Callable[[Any], None],

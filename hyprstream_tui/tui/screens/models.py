@@ -37,7 +37,7 @@ def _check_import(values: dict[str, str]) -> dict[str, str]:
     from hyprstream_tui.errors import InvalidInput
 
     if not values["path"].strip():
-        raise InvalidInput("Give the folder of a model (config.json and *.safetensors).")
+        raise InvalidInput("Give a model folder (config.json and *.safetensors) or a .gguf file.")
     if values["name"].strip():
         names.model_name(values["name"].strip())
     return {k: v.strip() for k, v in values.items()}
@@ -183,8 +183,9 @@ class ModelsScreen(HyprScreen):
             self.notify("Cancelling: the files already downloaded are kept for the next pull.")
 
     def action_import(self) -> None:
-        fields = [Field("path", "Model folder", placeholder="~/models/my-model"), Field("name", "Name (optional)")]
-        self.app.push_screen(FormDialog("Import a model folder", fields, submit="Import", check=_check_import),
+        fields = [Field("path", "Model folder or .gguf file", placeholder="~/models/my-model or ~/models/model.Q4_K_M.gguf"),
+                  Field("name", "Name (optional)")]
+        self.app.push_screen(FormDialog("Import a model", fields, submit="Import", check=_check_import),
                              self._import_answer)
 
     def _import_answer(self, values: dict | None) -> None:
