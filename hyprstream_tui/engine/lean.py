@@ -7,7 +7,6 @@ is small next to torch's bf16 kernels (matrix products about two thirds of a ste
 sixth). Torch's one-row bf16 product is slow here, so `kernels.GemvLinear` runs it through
 `engine.gemv`'s C kernel (torch's bits): `benchmarks/decode.py`, paired rounds, gives 1.37x
 `generate` (1.32-1.49 over rounds; 1.34x and 1.45x in two other runs), 1.09x with torch's kernel.
-With int8 weights the step also calls fbgemm directly on fused weights (see below).
 `LeanDecoder` runs the same computation for one token at a time with:
 - the model's own modules for everything that holds weights (norms, q/k/v/o projections, MLP,
   output layer), so int8 layers and LoRA adapters work unchanged;
@@ -16,9 +15,8 @@ With int8 weights the step also calls fbgemm directly on fused weights (see belo
 Greedy tokens equal `generate`'s bit for bit (tests, and `benchmarks/decode.py` on the 0.5B
 shape in bf16). Prefill still runs through `model(...)` (one call; its cache is copied in).
 
-With `--quantize int8` (fp32 activations), the step calls fbgemm's op directly on the layer's
-fused q/k/v and gate/up weights (`quantize.FusedInt8`) rather than going through each part's
-module.
+With `--quantize int8` the layer's q/k/v and gate/up parts share one product each
+(`quantize.FusedInt8`): the step calls the parts, which slice it.
 
 Covers the decoder layer transformers writes for Llama, Qwen2, Mistral and Gemma (pre-norm
 attention + MLP, rotary positions); anything else, an attention implementation other than SDPA,
@@ -29,13 +27,8 @@ Imports torch at module level: only `engine.generate` imports this module.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-from hyprstream_tui.engine.quantize import FusedInt8, Int8Part
 
 ARCHITECTURES = frozenset({"llama", "qwen2", "mistral", "gemma"})
 MLPS = frozenset({"LlamaMLP", "Qwen2MLP", "MistralMLP", "GemmaMLP"})  # down(act(gate(x)) * up(x))
@@ -48,65 +41,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
-class Int8Layer(NamedTuple):
-    """One decoder layer's int8 products as fbgemm's packed weights (q/k/v fused, gate/up fused:
-    `quantize.FusedInt8`), called directly."""
-
-    qkv: object
-    qkv_sizes: list[int]
-    o: object
-    gate_up: object
-    gate_up_sizes: list[int]
-    down: object
-    reduce_range: bool
-
-
-def _dynamic(module) -> bool:
-    return type(module) is DynamicLinear and module._packed_params.dtype == torch.qint8
-
-
-def _fused(parts: list) -> FusedInt8 | None:
-    """The `FusedInt8` whose parts `parts` are, in order, or None."""
-    fused = getattr(parts[0], "fused", None)
-    if not isinstance(fused, FusedInt8) or len(fused.sizes) != len(parts):
-        return None
-    if not all(type(p) is Int8Part and p.fused is fused and p.index == i
-               for i, p in enumerate(parts)):
-        return None
-    return fused
-
-
-def int8_layer(layer, attn) -> Int8Layer | None:
-    """The layer's int8 plan, or None where its products are not `quantize_int8`'s fused fp32
-    ones or its MLP is not the gated one."""
-    mlp = getattr(layer, "mlp", None)
-    if type(mlp).__name__ not in MLPS:
-        return None
-    qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-    gate_up = _fused([mlp.gate_proj, mlp.up_proj])
-    if qkv is None or gate_up is None:
-        return None
-    linears = (qkv.linear, attn.o_proj, gate_up.linear, mlp.down_proj)
-    if not all(_dynamic(m) for m in linears) or len({m.version for m in linears}) != 1:
-        return None
-    packed = [m._packed_params._packed_params for m in linears]
-    version = linears[0].version
-    return Int8Layer(packed[0], qkv.sizes, packed[1], packed[2], gate_up.sizes, packed[3],
-                     reduce_range=version is not None and version >= 4)
-
-
 class LeanDecoder:
     """Decode one token at a time for one sequence, after a prefill through `model(...)`."""
 
     def __init__(self, model, layers: list, cache, length: int, capacity: int) -> None:
         self.model = model
         self.inner = model.model
-        self.layers = layers  # [(layer, attn, kv_heads, head_dim, groups, Int8Layer | None)]
+        self.layers = layers  # [(layer, attn, kv_heads, head_dim, groups)]
         self.length = length  # positions filled
         first = cache.layers[0].keys  # [1, kv_heads, length, head_dim]
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        for i, (_, _, kv_heads, head_dim, _, _) in enumerate(layers):
+        for i, (_, _, kv_heads, head_dim, _) in enumerate(layers):
             shape = (1, kv_heads, capacity, head_dim)
             k = torch.empty(shape, dtype=first.dtype, device=first.device)
             v = torch.empty(shape, dtype=first.dtype, device=first.device)
@@ -142,8 +88,7 @@ class LeanDecoder:
             if window is not None and total > window:
                 return None
             groups = attn.num_key_value_groups
-            layers.append((layer, attn, config.num_key_value_heads, attn.head_dim, groups,
-                           int8_layer(layer, attn)))
+            layers.append((layer, attn, config.num_key_value_heads, attn.head_dim, groups))
         keys = cache.layers[0].keys
         if keys is None or keys.shape[0] != 1 or keys.shape[2] != length:
             return None
@@ -165,15 +110,10 @@ class LeanDecoder:
         hidden = self.inner.embed_tokens(token)  # [1, 1, D]
         cos, sin = self.inner.rotary_emb(hidden, position)  # [1, 1, head_dim] each
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, 1, head_dim]
-        linear = torch.ops.quantized.linear_dynamic
-        for i, (layer, attn, _, head_dim, groups, int8) in enumerate(self.layers):
+        for i, (layer, attn, _, head_dim, groups) in enumerate(self.layers):
             residual = hidden
             x = layer.input_layernorm(hidden)
-            if int8 is None:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            else:
-                qkv = linear(x, int8.qkv, reduce_range=int8.reduce_range)
-                q, k, v = qkv.split(int8.qkv_sizes, dim=-1)
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q = q.view(1, 1, -1, head_dim).transpose(1, 2)  # [1, H, 1, hd]
             k = k.view(1, 1, -1, head_dim).transpose(1, 2)  # [1, KV, 1, hd]
             v = v.reshape(1, 1, -1, head_dim).transpose(1, 2)  # [1, KV, 1, hd]
@@ -191,18 +131,8 @@ class LeanDecoder:
                     q, keys[:, :, : p + 1], values[:, :, : p + 1], scale=attn.scaling
                 )
             out = out.transpose(1, 2).reshape(1, 1, -1)  # [1, 1, H * hd]
-            residual = residual + (
-                attn.o_proj(out) if int8 is None
-                else linear(out, int8.o, reduce_range=int8.reduce_range)
-            )
-            x = layer.post_attention_layernorm(residual)
-            if int8 is None:
-                hidden = residual + layer.mlp(x)
-            else:
-                gate_up = linear(x, int8.gate_up, reduce_range=int8.reduce_range)
-                gate, up = gate_up.split(int8.gate_up_sizes, dim=-1)
-                hidden = residual + linear(layer.mlp.act_fn(gate) * up, int8.down,
-                                           reduce_range=int8.reduce_range)
+            residual = residual + attn.o_proj(out)
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(residual))
         self.length = p + 1
         hidden = self.inner.norm(hidden)
         return self.model.lm_head(hidden)[0, -1]

@@ -1,15 +1,17 @@
 """`--quantize int8`: int8 weights, one scale per output channel (symmetric, zero point 0).
 
-Every `nn.Linear` (the output layer included) is replaced, with one of PyTorch's own kernels:
-- fp32 activations (the default): fbgemm's dynamically quantized linear
-  (`torch.ao.nn.quantized.dynamic.Linear`), which also quantizes each activation row on the fly;
-  the fastest int8 path on CPUs without native bf16;
-- bf16 activations (`--dtype bfloat16`): weight-only int8 through `aten._weight_int8pack_mm`
-  (gpt-fast's int8 path), activations stay bf16.
-With fp32 activations, the projections that read the same input (a layer's q/k/v, an MLP's
-gate/up) are quantized as one weight, `FusedInt8`, and each projection's module (`Int8Part`) is a
-slice of its product: one fbgemm call where there were three (or two), rows, scales and results
-unchanged (tests), no weight stored twice.
+Every `nn.Linear` (the output layer included) is replaced by a weight-only int8 layer,
+`Int8WeightOnlyLinear`: a decode row goes through `aten._weight_int8pack_mm` (gpt-fast's int8
+path; fp32 activations are rounded to bf16 for it, as torch's fp32 variant of the kernel is tens
+of times slower), a prefill dequantizes the weight once for fp32 BLAS. Activations are never
+quantized: fbgemm's dynamic int8 linear, used before, quantized them too, and on a real model
+with outlier activations (SmolLM2-135M) that raised perplexity on a plain English passage from
+12.9 to 83 (a whole-prompt forward) and to +19% token by token; weight-only int8 stays within
+0.1% (tests/real).
+The projections that read the same input (a layer's q/k/v, an MLP's gate/up) are quantized as one
+weight, `FusedInt8`, and each projection's module (`Int8Part`) is a slice of its product: one
+call where there were three (or two), rows, scales and results unchanged (tests), no weight
+stored twice.
 Norms and attention run in the activation dtype. The token embedding stays bf16 (a lookup reads
 one row), which keeps a tied 150k-row table from doubling in fp32.
 
@@ -18,10 +20,7 @@ Imports torch at module level: only `loader.load_model` imports this module, laz
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from hyprstream_tui.engine.kernels import UPCAST_MIN_ROWS
 
@@ -49,25 +48,16 @@ class Bf16Embedding(torch.nn.Module):
         return rows.to(self.dtype)
 
 
-def int8_linear(*linears: torch.nn.Linear) -> DynamicLinear:
-    """A dynamic-quantized replacement for `linears` (their output rows in turn: one product for
-    several projections of the same input), weights int8 per output channel."""
+def int8_linear(*linears: torch.nn.Linear, dtype: torch.dtype = torch.float32) -> "Int8WeightOnlyLinear":
+    """The int8 replacement for `linears` (their output rows in turn: one product for several
+    projections of the same input), weights int8 per output channel."""
     weight = torch.cat([lin.weight.detach().float() for lin in linears])  # [out, in]
-    scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()  # [out]
-    zero_points = torch.zeros_like(scales, dtype=torch.long)  # [out]
     if all(lin.bias is None for lin in linears):
         bias = None
     else:
         bias = torch.cat([torch.zeros(lin.out_features) if lin.bias is None
                           else lin.bias.detach().float() for lin in linears])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's notice that eager quantization is moving
-        qweight = torch.quantize_per_channel(
-            weight, scales, zero_points, axis=0, dtype=torch.qint8
-        )
-        qlinear = DynamicLinear(linears[0].in_features, weight.shape[0], dtype=torch.qint8)
-    qlinear.set_weight_bias(qweight, bias)
-    return qlinear
+    return Int8WeightOnlyLinear(weight, bias, dtype)
 
 
 class FusedInt8(torch.nn.Module):
@@ -79,9 +69,9 @@ class FusedInt8(torch.nn.Module):
     place); any other call computes anew. The last part lets the result go.
     """
 
-    def __init__(self, linears: list[torch.nn.Linear]) -> None:
+    def __init__(self, linears: list[torch.nn.Linear], *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.linear = int8_linear(*linears)
+        self.linear = int8_linear(*linears, dtype=dtype)
         self.sizes = [lin.out_features for lin in linears]
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -113,7 +103,7 @@ class Int8Part(torch.nn.Module):
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
 
 
-def fuse_int8(model: torch.nn.Module) -> int:
+def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32) -> int:
     """Replace each group of `FUSED` projections (plain `nn.Linear`, same input size) by the
     parts of one `FusedInt8`; return how many groups."""
     count = 0
@@ -124,7 +114,7 @@ def fuse_int8(model: torch.nn.Module) -> int:
                 continue
             if len({lin.in_features for lin in linears}) != 1:
                 continue
-            fused = FusedInt8(linears)
+            fused = FusedInt8(linears, dtype=dtype)
             for index, name in enumerate(names):
                 setattr(module, name, Int8Part(fused, index))
             count += 1
@@ -132,24 +122,28 @@ def fuse_int8(model: torch.nn.Module) -> int:
 
 
 class Int8WeightOnlyLinear(torch.nn.Module):
-    """y = x @ (int8 weight * per-row scale)^T + bias, with x in bf16 (or fp16)."""
+    """y = x @ (int8 weight * per-row scale)^T + bias; x stays in its dtype (fp32, bf16, fp16)."""
 
-    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()  # [out, in]
+        weight = weight.detach().float()  # [out, in]
         scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [out]
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         qweight = (weight / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
         self.register_buffer("weight_int8", qweight)  # [out, in]
         self.register_buffer("scales", scales.to(dtype))  # [out]
-        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self.register_buffer("bias", bias)
+        # fp32 activations: the product runs in bf16 with unit scales, the fp32 scales after it
+        self.register_buffer("ones", torch.ones_like(scales, dtype=torch.bfloat16) if dtype == torch.float32 else None)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         flat = x.reshape(-1, self.in_features)  # [N, in]
         if flat.shape[0] >= UPCAST_MIN_ROWS:  # a prefill: dequantize once, fp32 BLAS
             weight = self.weight_int8.float() * self.scales.float()[:, None]  # [out, in]
             y = torch.nn.functional.linear(flat.float(), weight).to(x.dtype)
+        elif flat.dtype == torch.float32:  # torch's fp32 int8pack kernel is ~50x slower than its bf16 one
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_int8, self.ones)
+            y = y.float() * self.scales  # [N, out]
         else:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)  # [N, out]
         if self.bias is not None:
@@ -164,15 +158,11 @@ def quantize_int8(model: torch.nn.Module, *, dtype: str = "float32") -> torch.nn
     scale = getattr(embed, "embed_scale", None)  # Gemma scales every row
     embedding = Bf16Embedding(embed.weight.detach(), padding_idx=embed.padding_idx, dtype=act,
                               scale=None if scale is None else float(scale))
-    if act == torch.float32:
-        fuse_int8(model)
+    fuse_int8(model, dtype=act)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                replacement = (
-                    int8_linear(child) if act == torch.float32 else Int8WeightOnlyLinear(child, act)
-                )
-                setattr(module, name, replacement)
+                setattr(module, name, int8_linear(child, dtype=act))
                 del child
     model.set_input_embeddings(embedding)
     del embed
@@ -197,10 +187,6 @@ def quantize_int8(model: torch.nn.Module, *, dtype: str = "float32") -> torch.nn
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights a decode step reads (int8 packed weights counted at 1 byte each)."""
     total = 0
-    for module in model.modules():
-        if isinstance(module, DynamicLinear):
-            w, b = module._weight_bias()
-            total += w.numel() + (0 if b is None else b.numel() * 4)
     for tensor in (*model.parameters(), *model.buffers()):
         total += tensor.numel() * tensor.element_size()
     return total
