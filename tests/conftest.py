@@ -62,6 +62,48 @@ def tiny_store(store, tiny_model_src):
     return store
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real model's GGUF (SmolLM2-135M-Instruct, Q4_1), fetched once into its cache."""
+    from tests.realmodel import gguf_path
+
+    return gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory, smollm2_gguf) -> Path:
+    """A home holding the real model as `smollm2`, imported from its GGUF once per run (the real
+    import path). Tests read it; a test that writes takes `real_home`, a copy of its own."""
+    from hyprstream_tui.engine.gguf import import_gguf
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+    from tests.realmodel import MODEL_NAME
+
+    path = tmp_path_factory.mktemp("smollm2") / "home"
+    import_gguf(Store(Paths.from_env(path)), smollm2_gguf, name=MODEL_NAME)
+    return path
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Weights (never written in place: the store replaces files) are hard-linked, the rest copied."""
+    if os.path.getsize(src) > 1 << 20:
+        os.link(src, dst)
+    else:
+        import shutil
+
+        shutil.copy2(src, dst)
+
+
+@pytest.fixture
+def real_home(home, smollm2_home) -> Path:
+    """A fresh home (the `home` fixture's path and environment) holding the real model as
+    `smollm2`: the session's import, copied with its weights hard-linked (same commits)."""
+    import shutil
+
+    shutil.copytree(smollm2_home, home, symlinks=True, copy_function=_link_or_copy)
+    return home
+
+
 @dataclass
 class Result:
     returncode: int
