@@ -7,12 +7,12 @@ safetensors in a temp folder. Cases, each in fp32 and bf16:
   generate    transformers' `generate` (greedy) on the model as `from_pretrained` builds it
   ours        hyprstream's engine loop (engine.generate.generate_tokens) on the same weights,
               loaded by the engine's loader (bf16 prefill through fp32 on CPUs without bf16),
-              decode steps through engine.lean.LeanDecoder
+              decode steps through engine.tuned.lean.LeanDecoder
   ours-plain  ours with decode steps through model(...) instead of the lean decoder
-  ours-torch-gemv  ours (bf16) with torch's one-row kernel rather than engine.gemv's C kernel
+  ours-torch-gemv  ours (bf16) with torch's one-row kernel rather than engine.tuned.gemv's C kernel
   ours-exact  ours with the plain bf16 prefill kernel (bf16 only, where the two differ): the
               same prefill as generate, so its greedy tokens must equal generate's (decode
-              steps as ours: the lean decoder, engine.gemv's one-row kernel)
+              steps as ours: the lean decoder, engine.tuned.gemv's one-row kernel)
   ours-int8   ours with `--quantize int8`
 Prefill: one whole run (prompt to tokens) of each case. Decode: rounds in which each case decodes
 in turn from its own copy of one prefilled prefix (the prompt but its last token), so the cases
@@ -120,13 +120,9 @@ def time_ours(model, ids: list[int], new: int, lean: bool = True,
     from hyprstream_tui.engine.params import SamplingParams
 
     stats = generate.GenerationStats()
-    generate.LEAN = lean
-    try:
-        tokens = list(generate.generate_tokens(
-            model, ids, SamplingParams(temperature=0, max_tokens=new), eos_ids=frozenset(),
-            generator=None, stats=stats, cache=cache))
-    finally:
-        generate.LEAN = True
+    tokens = list(generate.generate_tokens(
+        model, ids, SamplingParams(temperature=0, max_tokens=new), eos_ids=frozenset(),
+        generator=None, stats=stats, cache=cache, tuned=lean))
     return stats.prefill_s, stats.decode_s, tokens
 
 
@@ -136,7 +132,7 @@ def load(folder: Path, dtype: str, quantize: str | None = None):
     prefill_differs says whether any of those kernels computes differently (bf16 through fp32)."""
     import torch
 
-    from hyprstream_tui.engine.kernels import GemvLinear, RowsFirstLinear, UpcastPrefillLinear
+    from hyprstream_tui.engine.tuned.kernels import GemvLinear, RowsFirstLinear, UpcastPrefillLinear
     from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 
     lm = load_model(ModelSource(name="qwen2.5-0.5b-random", path=folder),
@@ -189,8 +185,8 @@ def run_pair(folder: Path, dtype: str, ids: list[int], new: int, rounds: int) ->
     our loader swapped for a faster prefill kernel are switched back to plain `nn.Linear`, so it
     runs exactly as transformers loads it.
     """
-    from hyprstream_tui.engine import gemv
-    from hyprstream_tui.engine.kernels import GemvLinear
+    from hyprstream_tui.engine.tuned import gemv
+    from hyprstream_tui.engine.tuned.kernels import GemvLinear
 
     model, plain, prefill_differs = load(folder, dtype)
     native = dtype == "bfloat16" and gemv.kernel() is not None
@@ -267,7 +263,7 @@ def _ratios(a: dict, b: dict) -> list[float]:
 def weight_bytes(model) -> int:
     """Bytes a decode step reads: every weight once, except the embedding table when it is not
     also the output layer (a lookup reads one row)."""
-    from hyprstream_tui.engine.quantize import weight_bytes as count
+    from hyprstream_tui.engine.tuned.quantize import weight_bytes as count
 
     total = count(model)
     embed = model.get_input_embeddings().weight
@@ -408,7 +404,7 @@ same tokens: the {args.new} greedy tokens decoded from one shared prefilled pref
   (n/{args.new}: equal for the first n); whole run: prompt to tokens, each case with its own prefill
   (ours prefills bf16 through fp32 kernels, ours-exact through generate's bf16 kernels).
 ours-plain: ours with decode steps through model(...) instead of the lean decoder.
-ours-torch-gemv: ours with torch's one-row bf16 kernel instead of engine.gemv's C kernel.
+ours-torch-gemv: ours with torch's one-row bf16 kernel instead of engine.tuned.gemv's C kernel.
 ours-exact: decodes as ours does; its decode rate is that of its one whole run.""")
 
 

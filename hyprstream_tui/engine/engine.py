@@ -298,7 +298,7 @@ class Engine:
         stats = GenerationStats()
         pieces: list[str] = []
         for text in stream_text(lm.model, lm.tokenizer, prompt_ids, params, eos_ids=lm.eos_ids,
-                                generator=generator, cancel=cancel, stats=stats):
+                                generator=generator, cancel=cancel, stats=stats, tuned=lm.options.tuned):
             pieces.append(text)
             emit(TokenDelta(request_id=request.request_id, text=text, tokens=len(stats.token_ids)))
         adapter = source.adapter

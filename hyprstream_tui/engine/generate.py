@@ -2,9 +2,9 @@
 
 Shape of a step (batch 1): prefill runs the whole prompt once and computes the output layer for
 the last position only; each decode step feeds one token at its position and reuses the cache.
-Positions come from one preallocated arange. Decode steps go through `lean.LeanDecoder` (the
-model's own layers over a preallocated cache, without transformers' per-step glue) where the
-architecture allows, else through `model(...)`.
+Positions come from one preallocated arange. With `tuned` (LoadOptions.tuned, the default),
+decode steps go through `tuned.lean.LeanDecoder` (the model's own layers over a preallocated cache,
+without transformers' per-step glue) where the architecture allows, else through `model(...)`.
 
 Imports torch at module level: the engine imports this module lazily, in its worker threads.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 import torch
 
 from hyprstream_tui.engine.detok import IncrementalDetokenizer
-from hyprstream_tui.engine.lean import LeanDecoder
+from hyprstream_tui.engine.tuned.lean import LeanDecoder
 from hyprstream_tui.engine.sampling import sample
 from hyprstream_tui.engine.stops import StopMatcher
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from hyprstream_tui.engine.params import SamplingParams
 
 
-LEAN = True  # decode through LeanDecoder where it applies (benchmarks and tests switch it off)
 
 
 class CancelToken(Protocol):
@@ -84,11 +83,13 @@ def generate_tokens(
     cancel: CancelToken = NeverCancel(),
     stats: GenerationStats | None = None,
     cache=None,
+    tuned: bool = True,
 ) -> Iterator[int]:
     """Yield up to params.max_tokens new token ids; stop at EOS (not yielded) or on cancel.
 
     `cache`: a KV cache (`new_cache`) already holding the first positions of this prompt, computed
     earlier; prefill runs only the rest (at least one token) and the cache is extended in place.
+    `tuned`: decode through the lean step where it applies (False: `model(...)` every step).
     """
     stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
@@ -107,7 +108,7 @@ def generate_tokens(
         started = time.perf_counter()
         input_ids = seen[cached:n_prompt].unsqueeze(0).to(device)  # [1, S - cached]
         logits = prefill(model, input_ids, positions[:, cached:n_prompt], cache)
-        lean = LeanDecoder.build(model, cache, n_prompt, max_new) if LEAN else None
+        lean = LeanDecoder.build(model, cache, n_prompt, max_new) if tuned else None
         if lean is not None:
             cache = None  # its keys and values now live in the lean decoder's buffers
         for i in range(max_new):
@@ -152,6 +153,7 @@ def stream_text(
     generator: torch.Generator | None,
     cancel: CancelToken = NeverCancel(),
     stats: GenerationStats | None = None,
+    tuned: bool = True,
 ) -> Iterator[str]:
     """Text deltas: whole characters only, stop strings held back and never emitted."""
     stats = stats if stats is not None else GenerationStats()
@@ -160,7 +162,8 @@ def stream_text(
     )
     stops = StopMatcher(params.stop)
     tokens = generate_tokens(
-        model, prompt_ids, params, eos_ids=eos_ids, generator=generator, cancel=cancel, stats=stats
+        model, prompt_ids, params, eos_ids=eos_ids, generator=generator, cancel=cancel, stats=stats,
+        tuned=tuned,
     )
     for token_id in tokens:
         text = stops.push(detok.push(token_id))

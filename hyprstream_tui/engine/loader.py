@@ -34,6 +34,9 @@ class LoadOptions:
     # bf16 prompts through fp32 BLAS (None: where the CPU lacks native bf16). About 4x faster
     # prefill there; results differ from the bf16 kernel by bf16 rounding.
     prefill_fp32: bool | None = None
+    # The machine-tuned code of `engine.tuned` (shape-picked kernels, the native bf16 kernel, the
+    # lean decode step). False: torch's and transformers' own paths, for comparisons.
+    tuned: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -204,19 +207,21 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         raise InvalidInput(f"Cannot load {source.name!r}, its files are malformed: {_first_line(exc)}") from None
     model.eval().requires_grad_(False)
     if options.quantize == "int8":
-        from hyprstream_tui.engine.quantize import quantize_int8
+        from hyprstream_tui.engine.tuned.quantize import quantize_int8
 
         quantize_int8(model, dtype=dtype)
-    elif dtype == "bfloat16" and device == "cpu" and _prefill_fp32(options):
-        from hyprstream_tui.engine.kernels import upcast_prefill
+    elif not options.tuned or device != "cpu":
+        pass  # torch's own kernels
+    elif dtype == "bfloat16" and _prefill_fp32(options):
+        from hyprstream_tui.engine.tuned.kernels import upcast_prefill
 
         upcast_prefill(model)
-    elif dtype == "bfloat16" and device == "cpu":
-        from hyprstream_tui.engine.kernels import native_gemv
+    elif dtype == "bfloat16":
+        from hyprstream_tui.engine.tuned.kernels import native_gemv
 
         native_gemv(model)
-    elif dtype == "float32" and device == "cpu":
-        from hyprstream_tui.engine.kernels import rows_first
+    elif dtype == "float32":
+        from hyprstream_tui.engine.tuned.kernels import rows_first
 
         rows_first(model)
     model.to(device)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hyprstream_tui.engine.batch_cache import BatchCache, batchable
+from hyprstream_tui.engine.tuned.batch_cache import BatchCache, batchable
 from hyprstream_tui.engine.batching import IDLE_LINGER_S, RowJoined, RowLeft, Ticket, error_event
 from hyprstream_tui.engine.detok import IncrementalDetokenizer
 from hyprstream_tui.engine.events import GenerationDone, Provenance, Timings, TokenDelta

@@ -1,4 +1,4 @@
-"""engine.gemv: the C one-row bf16 kernel gives torch's bits, is used where it should be, and
+"""engine.tuned.gemv: the C one-row bf16 kernel gives torch's bits, is used where it should be, and
 falls back to torch's kernel, with a reason, wherever it cannot be built or trusted."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyprstream_tui.engine import gemv
+from hyprstream_tui.engine.tuned import gemv
 from hyprstream_tui.engine.generate import generate_tokens
-from hyprstream_tui.engine.kernels import GemvLinear, UpcastPrefillLinear, native_gemv
+from hyprstream_tui.engine.tuned.kernels import GemvLinear, UpcastPrefillLinear, native_gemv
 from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 from hyprstream_tui.engine.params import SamplingParams
 

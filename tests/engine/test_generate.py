@@ -55,7 +55,7 @@ def test_greedy_bf16_matches_generate_on_the_plain_model(tiny_models, arch):
 
 
 def test_upcast_prefill_linear_agrees_with_bf16():
-    from hyprstream_tui.engine.kernels import UpcastPrefillLinear, upcast_prefill
+    from hyprstream_tui.engine.tuned.kernels import UpcastPrefillLinear, upcast_prefill
 
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
@@ -71,7 +71,7 @@ def test_upcast_prefill_linear_agrees_with_bf16():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_rows_first_linear_agrees_with_fp32_and_is_exact_for_one_row(bias):
-    from hyprstream_tui.engine.kernels import RowsFirstLinear, rows_first
+    from hyprstream_tui.engine.tuned.kernels import RowsFirstLinear, rows_first
 
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=bias))
@@ -89,7 +89,7 @@ def test_rows_first_linear_agrees_with_fp32_and_is_exact_for_one_row(bias):
 
 
 def test_loader_uses_rows_first_for_fp32_on_cpu(tiny_models):
-    from hyprstream_tui.engine.kernels import RowsFirstLinear
+    from hyprstream_tui.engine.tuned.kernels import RowsFirstLinear
 
     arch, path = next(iter(tiny_models.items()))
     lm = load_model(ModelSource(name=arch, path=path), LoadOptions(dtype="float32", device="cpu"))
@@ -183,7 +183,7 @@ def test_int8_quantization_stays_close(tiny_models, dtype, arch):
 
 
 def test_fused_int8_parts_equal_separate_int8_layers():
-    from hyprstream_tui.engine.quantize import FusedInt8, Int8Part, int8_linear
+    from hyprstream_tui.engine.tuned.quantize import FusedInt8, Int8Part, int8_linear
 
     torch.manual_seed(0)
     linears = [torch.nn.Linear(64, n, bias=b) for n, b in ((96, True), (32, False), (32, True))]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyprstream_tui.engine import generate as gen
 from hyprstream_tui.engine.generate import decode_one_token, generate_tokens, new_cache, prefill
-from hyprstream_tui.engine.lean import FIRST_CAPACITY, LeanDecoder
+from hyprstream_tui.engine.tuned.lean import FIRST_CAPACITY, LeanDecoder
 from hyprstream_tui.engine.loader import AdapterSource, LoadOptions, ModelSource, load_model
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.engine.tiny import ARCHS
@@ -54,7 +53,7 @@ def test_lean_step_gives_the_same_logits_as_the_model(tiny_models, arch, how):
 def test_int8_layers_run_fused_in_the_lean_step(tiny_models, arch):
     """q/k/v (and gate/up) are parts of one int8 product, and the lean step covers int8 models:
     one call of the fused product per step serves all three parts."""
-    from hyprstream_tui.engine.quantize import FusedInt8, Int8Part
+    from hyprstream_tui.engine.tuned.quantize import FusedInt8, Int8Part
 
     lm = load_model(ModelSource(name=arch, path=tiny_models[arch]), LoadOptions(quantize="int8"))
     attn = lm.model.model.layers[0].self_attn
@@ -87,17 +86,16 @@ def test_lean_step_with_an_adapter_gives_the_same_logits(tiny_models, tiny_adapt
     assert not torch.equal(lean[0], base[0])  # the adapter is in the lean step's products
 
 
-def test_lean_cache_grows_past_its_first_capacity(tiny_models, monkeypatch):
+def test_lean_cache_grows_past_its_first_capacity(tiny_models):
     lm = load_model(ModelSource(name="qwen2", path=tiny_models["qwen2"]), LoadOptions())
     ids = lm.tokenizer.encode(PROMPT)
     params = SamplingParams(temperature=0, max_tokens=FIRST_CAPACITY + 40)
 
-    def run() -> list[int]:
-        return list(generate_tokens(lm.model, ids, params, eos_ids=frozenset(), generator=None))
+    def run(tuned: bool) -> list[int]:
+        return list(generate_tokens(lm.model, ids, params, eos_ids=frozenset(), generator=None, tuned=tuned))
 
-    lean = run()
-    monkeypatch.setattr(gen, "LEAN", False)
-    assert len(lean) == params.max_tokens and lean == run()
+    lean = run(True)
+    assert len(lean) == params.max_tokens and lean == run(False)
 
 
 def test_sliding_window_shorter_than_the_sequence_keeps_the_plain_path():
@@ -141,3 +139,29 @@ def test_generation_from_a_prefilled_prefix_equals_a_whole_run(tiny_models):
     assert run(cache) == whole
     with pytest.raises(ValueError, match="last token"):
         run(cache)  # the cache now holds the whole prompt and more
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tuned_off_loads_plain_layers_and_decodes_without_the_lean_step(tiny_models, dtype, monkeypatch):
+    """LoadOptions(tuned=False): torch's own nn.Linear everywhere and every decode step through
+    model(...); in fp32 the greedy tokens are the tuned path's."""
+    from hyprstream_tui.engine import engine as engine_module
+    from hyprstream_tui.engine import generate
+
+    source = ModelSource(name="qwen2", path=tiny_models["qwen2"])
+    plain = load_model(source, LoadOptions(dtype=dtype, tuned=False))
+    tuned = load_model(source, LoadOptions(dtype=dtype))
+    linears = lambda lm: [type(m) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
+    assert set(linears(plain)) == {torch.nn.Linear}
+    assert set(linears(tuned)) != {torch.nn.Linear}
+    built = []
+    original = generate.LeanDecoder.build
+    monkeypatch.setattr(generate.LeanDecoder, "build", lambda *a: built.append(a) or original(*a))
+    params = SamplingParams(temperature=0, max_tokens=16)
+    engine = engine_module.Engine(options=LoadOptions(dtype=dtype, tuned=False))
+    off = engine.generate(str(tiny_models["qwen2"]), PROMPT, params).result()
+    assert built == [] and len(off.text) > 0
+    on = engine_module.Engine(options=LoadOptions(dtype=dtype)).generate(str(tiny_models["qwen2"]), PROMPT, params).result()
+    assert len(built) == 1
+    if dtype == "float32":
+        assert on.text == off.text

@@ -188,7 +188,7 @@ def test_batch_cache_pads_left_and_trims_when_the_longest_row_leaves():
     import torch
     from transformers import DynamicCache
 
-    from hyprstream_tui.engine.batch_cache import BatchCache, batchable
+    from hyprstream_tui.engine.tuned.batch_cache import BatchCache, batchable
 
     def one_row(length: int, value: float):
         cache = DynamicCache()
@@ -220,7 +220,7 @@ def test_batch_cache_pads_left_and_trims_when_the_longest_row_leaves():
 
 
 def test_a_failing_step_fails_its_rows_and_the_batch_goes_on(engine_f32, models, monkeypatch):
-    from hyprstream_tui.engine import batch_cache
+    from hyprstream_tui.engine.tuned import batch_cache
     from hyprstream_tui.engine.events import GenerationError
 
     model = models["qwen2"]

@@ -5,7 +5,7 @@ product is several times slower than converting the weight to fp32 and using fp3
 one-row product of a decode step is fastest in bf16 (it reads half the bytes). `UpcastPrefillLinear`
 runs inputs of many rows (a prompt's prefill) in fp32 and rounds the result back to bf16; decode
 steps keep the bf16 kernel. Both accumulate in fp32, so results agree to bf16 rounding.
-`GemvLinear` runs a one-row bf16 product (a decode step) through `engine.gemv`'s C kernel where
+`GemvLinear` runs a one-row bf16 product (a decode step) through `engine.tuned.gemv`'s C kernel where
 that kernel is available: torch's bits, read faster. `UpcastPrefillLinear` is one too.
 
 `RowsFirstLinear` is for fp32 weights: for a few rows (a decode batch of a server, a short
@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hyprstream_tui.engine import gemv
+from hyprstream_tui.engine.tuned import gemv
 
 UPCAST_MIN_ROWS = 16  # below this many rows, bf16 is as fast (measured: 2-core AVX2 EPYC)
 
 
 class GemvLinear(torch.nn.Linear):
-    """A bf16 `nn.Linear` whose one-row products run through `engine.gemv` where it is available
+    """A bf16 `nn.Linear` whose one-row products run through `engine.tuned.gemv` where it is available
     (same bits as torch's kernel; see there)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]

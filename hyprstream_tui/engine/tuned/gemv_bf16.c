@@ -14,7 +14,7 @@
  *   - rounded to bf16 to nearest, ties to even; any NaN becomes 0x7FC0.
  * A product of two bf16 values is exact in fp32, so x can be widened to fp32 once per call.
  * K must be a multiple of 64 (torch has tail loops for the rest; the caller falls back to
- * torch there). The Python side checks every result against torch on load (`engine.gemv`).
+ * torch there). The Python side checks every result against torch on load (`engine.tuned.gemv`).
  *
  * What differs from torch is only the speed: x is widened once, not per row, and the next rows
  * are prefetched, which takes a decode step's products from about 11 to about 16 GB/s on a

@@ -5,7 +5,7 @@ concatenates every layer's keys and values anew each step, masks are built and d
 each layer goes through kwargs plumbing. On the Qwen2.5-0.5B shape in bf16 on this CPU that glue
 is small next to torch's bf16 kernels (matrix products about two thirds of a step, attention a
 sixth). Torch's one-row bf16 product is slow here, so `kernels.GemvLinear` runs it through
-`engine.gemv`'s C kernel (torch's bits): `benchmarks/decode.py`, paired rounds, gives 1.37x
+`engine.tuned.gemv`'s C kernel (torch's bits): `benchmarks/decode.py`, paired rounds, gives 1.37x
 `generate` (1.32-1.49 over rounds; 1.34x and 1.45x in two other runs), 1.09x with torch's kernel.
 `LeanDecoder` runs the same computation for one token at a time with:
 - the model's own modules for everything that holds weights (norms, q/k/v/o projections, MLP,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from hyprstream_tui.engine.kernels import UPCAST_MIN_ROWS
+from hyprstream_tui.engine.tuned.kernels import UPCAST_MIN_ROWS
 
 
 class Bf16Embedding(torch.nn.Module):

@@ -16,7 +16,7 @@ call). It is used only where all of these hold, and torch's own kernel runs othe
   values (with and without bias, large, tiny and non-finite values).
 `status()` says which, and why not.
 
-Imports torch at module level: only `engine.kernels` imports this module.
+Imports torch at module level: only `engine.tuned.kernels` imports this module.
 """
 
 from __future__ import annotations

@@ -1,0 +1,16 @@
+"""Machine-tuned code, fenced: everything here makes the engine faster on some hardware and none of
+it changes what a model computes beyond the rounding its docstrings state.
+
+- `kernels`: linear layers that pick the faster kernel for the shape at hand (bf16 prefill through
+  fp32 BLAS on CPUs without native bf16, fp32 rows-first products, the native one-row bf16 kernel);
+- `gemv` + `gemv_bf16.c`: that native kernel, compiled on first use, checked bit for bit against
+  torch's on load, off wherever the check or the compiler fails;
+- `lean`: a decode step for Llama-shaped models without transformers' per-step glue;
+- `quantize`: `--quantize int8`'s weight-only int8 layers;
+- `batch_cache`: the server's shared KV cache for continuous batching.
+
+One switch turns the first three off: `LoadOptions(tuned=False)` loads plain `nn.Linear` layers and
+decodes through `model(...)`, torch's and transformers' own paths (for comparisons and bisecting).
+`--quantize int8` is an option of its own; batching is the server's, not an optimisation to switch.
+Nothing outside `engine` imports this package; the engine imports it lazily (torch at import).
+"""
