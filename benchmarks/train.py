@@ -1,8 +1,11 @@
 """LoRA training speed: our trainer (the TrainJob the CLI runs) against a plain PEFT + torch loop.
 
-    python benchmarks/train.py [--threads 2] [--steps 12] [--checkpoint-every 50] [--dtype float32] [--json]
+    python benchmarks/train.py [--model qwen-shape|smollm2] [--threads 2] [--steps 12] [--checkpoint-every 50]
+                               [--dtype float32] [--json]
 
-Random bf16 weights with the real Qwen2.5-0.5B architecture (no download), trained in bf16 where the
+`--model qwen-shape` (the default): random bf16 weights with the real Qwen2.5-0.5B architecture (no
+download). `--model smollm2`: the real SmolLM2-135M-Instruct, imported from its GGUF (fp32) through
+`hyprstream model import`'s own path (tests/realmodel.py fetches it). Trained in bf16 where the
 CPU has native bf16 (AVX512-BF16/AMX) and in fp32 elsewhere (on AVX2, bf16 matmuls fall back to a
 scalar kernel: seconds per matmul). LoRA r=16 on q,k,v,o, batch 4 x 128 tokens, AdamW, gradient
 clipping, the same data for both. Steps are paired: the reference runs one step inside each of
@@ -114,7 +117,8 @@ class Reference:
         return time.perf_counter() - started
 
 
-def paired_run(store, reference: "Reference", steps: int, dtype: str, checkpoint_every: int) -> dict[str, Any]:
+def paired_run(store, model: str, reference: "Reference", steps: int, dtype: str,
+               checkpoint_every: int) -> dict[str, Any]:
     """Our job for `steps` steps, with one reference step run inside each of our TrainStep events
     (the job waits meanwhile): every step of ours sits next to one of the reference in time, so a
     busy machine slows both alike. Our step time is from the callback's return to the next
@@ -146,7 +150,7 @@ def paired_run(store, reference: "Reference", steps: int, dtype: str, checkpoint
 
     config = TrainConfig(steps=steps + 1000, learning_rate=LR, batch_size=BATCH, max_seq_len=SEQ,
                          checkpoint_every=checkpoint_every, dtype=dtype)
-    TrainJob(store, "qwen-05b", "bench", config, on_event=on_event, cancel=cancel).run()
+    TrainJob(store, model, "bench", config, on_event=on_event, cancel=cancel).run()
     return out
 
 
@@ -156,6 +160,8 @@ def summary(xs: list[float]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen-shape", choices=("qwen-shape", "smollm2"),
+                    help="random Qwen2.5-0.5B-shaped weights, or the real SmolLM2-135M-Instruct")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12, help="paired steps (ours + reference each)")
     ap.add_argument("--checkpoint-every", type=int, default=50)
@@ -175,24 +181,36 @@ def main() -> None:
 
     args.dtype = args.dtype or ("bfloat16" if cpu_has_bf16() else "float32")
     with tempfile.TemporaryDirectory(prefix="hs-train-bench-") as tmp:
-        src = Path(tmp) / "qwen-05b"
-        t = time.perf_counter()
-        build_model(src, "bfloat16", args.layers)  # bf16, as the hub checkpoint is
-        print(f"built the random Qwen2.5-0.5B-shaped model in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         store = Store(Paths.from_env(Path(tmp) / "home"))
-        store.import_model(src, name="qwen-05b", link=True)
-        store.create_adapter("qwen-05b", "bench", rank=RANK, alpha=ALPHA, target_modules=TARGETS)
+        t = time.perf_counter()
+        if args.model == "smollm2":
+            from hyprstream_tui.engine.gguf import import_gguf
+            from tests.realmodel import MODEL_NAME, gguf_path
+
+            name = MODEL_NAME
+            import_gguf(store, gguf_path(), name=name)
+            print(f"imported SmolLM2-135M-Instruct from its GGUF in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        else:
+            name = "qwen-05b"
+            src = Path(tmp) / name
+            build_model(src, "bfloat16", args.layers)  # bf16, as the hub checkpoint is
+            print(f"built the random Qwen2.5-0.5B-shaped model in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            store.import_model(src, name=name, link=True)
+        src = store.model_dir(name)
+        store.create_adapter(name, "bench", rank=RANK, alpha=ALPHA, target_modules=TARGETS)
         rows = samples()
-        add_samples(store, "qwen-05b", "bench", rows)
-        run = paired_run(store, Reference(src, args.dtype, rows), args.steps, args.dtype, args.checkpoint_every)
-        adapter_bytes = len(store.read_file("qwen-05b", store.resolve_adapter("qwen-05b", "bench").tip,
+        add_samples(store, name, "bench", rows)
+        run = paired_run(store, name, Reference(src, args.dtype, rows), args.steps, args.dtype, args.checkpoint_every)
+        adapter_bytes = len(store.read_file(name, store.resolve_adapter(name, "bench").tip,
                                             "adapter/adapter_model.safetensors"))
     ours, ref = run["ours"], run["ref"][: len(run["ours"])]
     ckpt_s = statistics.fmean(run["commits"])
     effective = statistics.fmean(ours) + ckpt_s / 50
     pairs = [o / r for o, r in zip(ours, ref)]
     result = {
-        "threads": args.threads, "dtype": args.dtype, "batch": f"{BATCH}x{SEQ}", "lora": f"r={RANK} {','.join(TARGETS)}",
+        "model": args.model, "threads": args.threads, "dtype": args.dtype,
+        "reference_tokens_per_s": round(BATCH * SEQ / statistics.fmean(ref), 1),
+        "ours_tokens_per_s": round(BATCH * SEQ / effective, 1), "batch": f"{BATCH}x{SEQ}", "lora": f"r={RANK} {','.join(TARGETS)}",
         "reference_s_per_step": summary(ref), "ours_s_per_step": summary(ours),
         "pair_ratio_median": round(statistics.median(pairs), 3),
         "checkpoint_s": round(ckpt_s, 3), "checkpoints": len(run["commits"]),
@@ -203,7 +221,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"LoRA {result['lora']}, batch {result['batch']}, {args.dtype}, {args.threads} threads, {len(ours)} paired steps")
+    print(f"{args.model}: LoRA {result['lora']}, batch {result['batch']}, {args.dtype}, {args.threads} threads, "
+          f"{len(ours)} paired steps")
     print(f"  reference (PEFT + torch): {result['reference_s_per_step']['mean']:.2f} s/step "
           f"(median {result['reference_s_per_step']['median']:.2f})")
     print(f"  ours (TrainJob):          {result['ours_s_per_step']['mean']:.2f} s/step "
@@ -211,6 +230,8 @@ def main() -> None:
     print(f"  checkpoint commit:        {ckpt_s:.2f} s (adapter {result['adapter_mb']} MB + optimizer state, "
           f"{result['checkpoints']} measured)")
     print(f"  ours with a checkpoint every 50 steps: {effective:.2f} s/step, overhead {result['overhead_pct']:+.1f}%")
+    print(f"  tokens/s: reference {result['reference_tokens_per_s']}, ours {result['ours_tokens_per_s']} "
+          f"(checkpoints included)")
 
 if __name__ == "__main__":
     main()
