@@ -61,7 +61,7 @@ def _detach(model, key: str) -> None:
 
 
 def _attach(lm: "LoadedModel", adapter: "AdapterSource") -> None:
-    from hyprstream_tui.engine.loader import check_weights
+    from hyprstream_tui.store.inspect import check_weights
 
     if lm.options.quantize:
         raise InvalidInput(

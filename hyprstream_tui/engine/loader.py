@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hyprstream_tui.errors import InvalidInput, NotFound, UnsafeContent
+from hyprstream_tui.errors import InvalidInput, NotFound
+from hyprstream_tui.store.inspect import check_weights
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE = (None, "int8")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,24 +125,6 @@ def pick_dtype(dtype: str, device: str, quantize: str | None) -> str:
 
 def _prefill_fp32(options: LoadOptions) -> bool:
     return options.prefill_fp32 if options.prefill_fp32 is not None else not cpu_has_bf16()
-
-
-def check_weights(folder: Path, *, allow_pickle: bool, what: str = "model") -> bool:
-    """Whether to read safetensors (True) or pickle (False); refuse pickle unless allowed."""
-    if not folder.is_dir():
-        raise NotFound(f"The {what} folder {str(folder)!r} does not exist.")
-    files = [p.name for p in folder.iterdir() if p.is_file()]
-    if any(f.endswith(".safetensors") for f in files):
-        return True
-    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
-    if not pickles:
-        raise NotFound(f"The {what} folder {str(folder)!r} holds no weights (*.safetensors).")
-    if not allow_pickle:
-        raise UnsafeContent(
-            f"The {what} in {str(folder)!r} has only pickle weights ({pickles[0]}), which can run "
-            "code when loaded: convert it to safetensors, or pass --allow-pickle if you trust it."
-        )
-    return False
 
 
 def quiet_transformers() -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hyprstream_tui.errors import InvalidInput, UnsafeContent
+from hyprstream_tui.errors import InvalidInput, NotFound, UnsafeContent
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER = 100 << 20  # the safetensors reference implementation's own limit
@@ -150,3 +150,21 @@ def architecture(config: dict[str, Any]) -> str:
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
         return archs[0]
     return str(config.get("model_type", "unknown"))
+
+
+def check_weights(folder: Path, *, allow_pickle: bool, what: str = "model") -> bool:
+    """Whether to read safetensors (True) or pickle (False); refuse pickle unless allowed."""
+    if not folder.is_dir():
+        raise NotFound(f"The {what} folder {str(folder)!r} does not exist.")
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return True
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if not pickles:
+        raise NotFound(f"The {what} folder {str(folder)!r} holds no weights (*.safetensors).")
+    if not allow_pickle:
+        raise UnsafeContent(
+            f"The {what} in {str(folder)!r} has only pickle weights ({pickles[0]}), which can run "
+            "code when loaded: convert it to safetensors, or pass --allow-pickle if you trust it."
+        )
+    return False
