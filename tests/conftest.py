@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config) -> None:
     """Tests that use no `home` still write somewhere (the native kernel's build cache,
-    `engine.gemv`): a folder of this run's, never the user's ~/.cache/hyprstream."""
+    `engine.tuned.gemv`): a folder of this run's, never the user's ~/.cache/hyprstream."""
     import tempfile
 
     config._hyprstream_home = tempfile.mkdtemp(prefix="hyprstream-test-home-")
@@ -136,3 +136,18 @@ def assert_one_line_error(result: Result, *needles: str) -> None:
     assert "\n" not in err and "Traceback" not in err, err
     for needle in needles:
         assert needle.lower() in err.lower(), err
+
+
+LONG_RUN = "HYPRSTREAM_LONG_TESTS"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The `long` marker in one place: a test marked `@pytest.mark.long` runs only with
+    HYPRSTREAM_LONG_TESTS=1 (tests that merely grow with that variable are not marked)."""
+    if os.environ.get(LONG_RUN) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"long run only: set {LONG_RUN}=1 "
+                                   f"(e.g. `{LONG_RUN}=1 python -m pytest -m long`)")
+    for item in items:
+        if item.get_closest_marker("long") is not None:
+            item.add_marker(skip)

@@ -17,6 +17,8 @@ What it serves, as the hub does:
 Fault knobs: `cut_after` (send N bytes of a file then drop the connection), `corrupt` (flip a
 byte: right size, wrong sha256), a repository's `extra_siblings` (listed, e.g. '../../x'), and a
 repository's `commit` can be overwritten. Every request is logged in `hub.hits`.
+
+The `hub_server` fixture (for the folders whose conftest imports it) runs one per test.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
+
+import pytest
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx")
 LFS_MIN_SIZE = 10 << 20  # the hub stores larger files in LFS whatever their name
@@ -323,3 +327,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
+
+
+# ---- the fixture ----------------------------------------------------------------------------------
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A running FakeHub; HF_ENDPOINT points at it and the HF cache (HF_HOME) is in tmp_path.
+
+    The conftests set HF_HUB_OFFLINE=1 before huggingface_hub is imported, which freezes it into
+    huggingface_hub.constants: that constant is switched off here for the test's duration (and a
+    developer's own HF token is never sent: HF_HUB_DISABLE_IMPLICIT_TOKEN, also read at import).
+    """
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)  # never send a real token here
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        yield hub

@@ -1,4 +1,4 @@
-"""The dependency rules of DESIGN.md, checked on the source: tui -> engine -> store; pygit2 only in
+"""The package's dependency rules, checked on the source: tui -> engine -> store; pygit2 only in
 store; textual never in engine/store/server; heavy libraries never imported by `--help`."""
 
 from __future__ import annotations

@@ -159,10 +159,6 @@ class Batcher:
         """`callback` sees every event of every request (from scheduler threads)."""
         self._listeners.append(callback)
 
-    def remove_listener(self, callback: Callable[[BatchEvent], None]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-
     @property
     def in_flight(self) -> int:
         return self._in_flight

@@ -279,11 +279,3 @@ def ensure_worktree(repo: pygit2.Repository, lfs: LfsObjects, adapter: AdapterIn
     tree = wt.head.peel(pygit2.Commit).tree
     gitrepo.materialize(wt, lfs, tree, path, prune=False)
     return path
-
-
-def remove_worktree(repo: pygit2.Repository, adapter_uuid: str, path: Path) -> None:
-    wt_name = f"adapter-{adapter_uuid}"
-    if path.exists():
-        shutil.rmtree(path)
-    if wt_name in repo.list_worktrees():
-        repo.lookup_worktree(wt_name).prune(True)

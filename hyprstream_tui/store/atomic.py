@@ -7,11 +7,9 @@ half-written one. Temp files end in `.incomplete` and are removed on any failure
 from __future__ import annotations
 
 import errno
-import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
 
 from hyprstream_tui.errors import StorageError, disk_full, is_disk_full
 
@@ -64,10 +62,6 @@ def write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def link_or_copy(src: Path, dest: Path) -> None:

@@ -11,7 +11,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterable
 
 import pygit2
@@ -221,7 +221,3 @@ def iter_model_dirs(models_dir: Path) -> Iterable[Path]:
         p for p in models_dir.iterdir()
         if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in names.RESERVED_MODEL_NAMES
     )
-
-
-def relpath_ok(rel: str) -> PurePosixPath:
-    return names.repo_relpath(rel)

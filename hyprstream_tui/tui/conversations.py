@@ -116,9 +116,6 @@ class ConversationStore:
         self._run("UPDATE conversations SET title=?, updated=? WHERE id=?", (_title(title), time.time(), conversation_id))
         return self.get(conversation_id)
 
-    def set_target(self, conversation_id: int, *, model: str, adapter: str) -> None:
-        self._run("UPDATE conversations SET model=?, adapter=? WHERE id=?", (model, adapter, conversation_id))
-
     def delete(self, conversation_id: int) -> None:
         self.get(conversation_id)
         self._run("DELETE FROM conversations WHERE id=?", (conversation_id,))

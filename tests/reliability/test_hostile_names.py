@@ -229,9 +229,6 @@ def check_one(w: World, entry: str, h: str, *, runner=run_main, before: dict | N
     return [f"{entry} {printable(h)}: {p}" for p in found]
 
 
-FIGURES: dict[str, int] = {}
-
-
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_every_hostile_name_is_refused_by_every_cli_entry_point(world, fast_parser, entry):
     corpus = corpus_for(entry)
@@ -239,7 +236,6 @@ def test_every_hostile_name_is_refused_by_every_cli_entry_point(world, fast_pars
     world.last = None
     for h in corpus:
         failures += check_one(world, entry, h, before=world.last)
-    FIGURES[entry] = len(corpus)
     assert not failures, f"{len(failures)} of {len(corpus)} names got through {entry}:\n" + "\n".join(failures[:40])
 
 
@@ -268,7 +264,7 @@ def test_hostile_folder_names_are_refused_by_import(world, fast_parser, tmp_path
             found.append("the store changed")
         found += [f"appeared: {p}" for p in targets if _exists(p)]
         failures += [f"folder {printable(h)}: {p}" for p in found]
-    FIGURES["model import DIR (folder name)"] = tried
+    print(f"\nfolder names refused by model import: {tried}")
     assert tried >= 60, tried
     assert not failures, "\n".join(failures[:40])
 
@@ -314,7 +310,6 @@ def test_hostile_file_names_inside_an_import_folder_stay_inside_the_model(world,
                 found.append("the store changed")
             failures += [f"file {printable(h)}: {p}" for p in found]
         failures += [f"file {printable(h)}: appeared: {p}" for p in targets if _exists(p)]
-    FIGURES["model import DIR (file names inside)"] = tried
     print(f"\nfile names inside an import folder: {tried} tried, {accepted} stored inside the model, "
           f"{tried - accepted} refused")
     assert tried >= (100 if LONG else 30) and not fresh.exists()
@@ -364,7 +359,6 @@ def test_hostile_names_through_real_processes(world):
         code, _out, err = run_subprocess(world, argv)
         if code == 0 or "Traceback" in err or world.snapshot() != before:
             failures.append(f"{argv}: exit {code}, {err.strip()[-200:]!r}")
-    FIGURES["subprocess"] = len(SUBPROCESS_CASES) + 3
     assert not failures, "\n".join(failures)
 
 
@@ -394,6 +388,25 @@ def _api_problems(response) -> list[str]:
     return found
 
 
+def server_posts(h: str) -> list[tuple[str, dict]]:
+    """The POSTs that carry `h` as a model name, in four forms. The default run takes each form once,
+    alternating endpoint and streaming; the long run sends every combination."""
+    posts = []
+    for i, model in enumerate((h, f"tiny:{h}", f"tiny:qa@{h}", f"{h}:qa")):
+        for stream in (False, True) if LONG else ((i + len(h)) % 2 == 1,):
+            both = [("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1, "stream": stream}),
+                    ("/v1/chat/completions", {"model": model, "max_tokens": 1, "stream": stream,
+                                              "messages": [{"role": "user", "content": "hi"}]})]
+            posts += both if LONG else [both[i % 2]]
+    return posts
+
+
+def quoted_model(h: str) -> str:
+    """`h` as the path segment of GET /v1/models/{id}: dots encoded too, or the client would resolve
+    `.` and `..` itself."""
+    return urllib.parse.quote(h.encode("utf-8", "surrogatepass"), safe="").replace(".", "%2E")
+
+
 def test_every_hostile_name_is_refused_by_the_server(world, hostile_server):
     import httpx
 
@@ -403,23 +416,14 @@ def test_every_hostile_name_is_refused_by_the_server(world, hostile_server):
         listed = {card["id"] for card in client.get("/v1/models").json()["data"]}
         for h in HOSTILE:
             before = world.snapshot()
-            for i, model in enumerate((h, f"tiny:{h}", f"tiny:qa@{h}", f"{h}:qa")):
-                # the default run takes each form once, alternating endpoint and streaming;
-                # the long run sends every combination
-                for stream in (False, True) if LONG else ((i + len(h)) % 2 == 1,):
-                    for path, body in [
-                        ("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1, "stream": stream}),
-                        ("/v1/chat/completions", {"model": model, "max_tokens": 1, "stream": stream,
-                                                  "messages": [{"role": "user", "content": "hi"}]}),
-                    ][(0 if LONG else i % 2):(2 if LONG else i % 2 + 1)]:
-                        tried += 1
-                        # surrogates are not valid UTF-8: send them \u-escaped, as JSON allows
-                        response = client.post(path, content=json.dumps(body).encode(),
-                                               headers={"Content-Type": "application/json"})
-                        failures += [f"{path} model={printable(model)} stream={stream}: {p}"
-                                     for p in _api_problems(response)]
-            # dots encoded too, or the client would resolve `.` and `..` itself
-            quoted = urllib.parse.quote(h.encode("utf-8", "surrogatepass"), safe="").replace(".", "%2E")
+            for path, body in server_posts(h):
+                tried += 1
+                # surrogates are not valid UTF-8: send them \u-escaped, as JSON allows
+                response = client.post(path, content=json.dumps(body).encode(),
+                                       headers={"Content-Type": "application/json"})
+                failures += [f"{path} model={printable(body['model'])} stream={body['stream']}: {p}"
+                             for p in _api_problems(response)]
+            quoted = quoted_model(h)
             if quoted:
                 tried += 1
                 response = client.get(f"/v1/models/{quoted}")
@@ -431,17 +435,30 @@ def test_every_hostile_name_is_refused_by_the_server(world, hostile_server):
             if world.snapshot() != before:
                 failures.append(f"{printable(h)}: the tree changed")
         assert client.get("/health").status_code == 200
-    FIGURES["server requests"] = tried
+    print(f"\nserver requests with a hostile model name: {tried}")
     assert not failures, f"{len(failures)} failures in {tried} requests:\n" + "\n".join(failures[:40])
 
 
-def test_print_figures(world):
-    """The figures for the issue's closing note (run with -s to see them)."""
-    cli_calls = sum(v for k, v in FIGURES.items() if k not in ("server requests", "subprocess"))
+def test_the_sweep_covers_every_name_everywhere():
+    """The sweep's size, as the module docstring promises it (printed for the issue's closing note:
+    run with -s): over 100 names; every one through every CLI entry point (names reserved for model
+    folders stay ordinary names where an adapter or tag is named); subprocess cases that reach both
+    command families; every name in each of the four model forms of the server, plus its GET."""
+    cli_calls = {entry: len(corpus_for(entry)) for entry in ENTRY_POINTS}
+    subprocess_calls = len(SUBPROCESS_CASES) + 3  # + the three unquoted option injections
+    server_requests = sum(len(server_posts(h)) + bool(quoted_model(h)) for h in HOSTILE)
     print(f"\nhostile names: {len(HOSTILE)}; CLI entry points: {len(ENTRY_POINTS)} "
-          f"(+ import by folder name); in-process CLI attempts: {cli_calls}; "
-          f"subprocess attempts: {FIGURES.get('subprocess', 0)}; "
-          f"server requests: {FIGURES.get('server requests', 0)}")
+          f"(+ import by folder name); in-process CLI attempts: {sum(cli_calls.values())}; "
+          f"subprocess attempts: {subprocess_calls}; server requests: {server_requests}")
+    assert len(HOSTILE) > 100 and len(ENTRY_POINTS) >= 25, (len(HOSTILE), len(ENTRY_POINTS))
+    reserved = len(set(HOSTILE) & MODEL_ONLY)
+    assert all(n == len(HOSTILE) - (reserved if entry in NAMES_AN_ADAPTER_OR_TAG else 0)
+               for entry, n in cli_calls.items()), cli_calls
+    assert {"model", "lora"} <= {entry.split()[0] for entry, _ in SUBPROCESS_CASES}, SUBPROCESS_CASES
+    assert subprocess_calls >= (21 if LONG else 12), subprocess_calls
+    forms = [sorted({body["model"] for _, body in server_posts(h)}) for h in HOSTILE]
+    assert all(len(f) == 4 for f in forms), [f for f in forms if len(f) != 4][:3]
+    assert server_requests >= len(HOSTILE) * (17 if LONG else 5) - 1, server_requests
 
 
 # ---- the property: what the validator accepts stays inside its root -------------------------

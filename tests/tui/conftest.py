@@ -36,7 +36,7 @@ def demo_home(home, demo_src) -> Path:
     return home
 
 
-from tests.store.conftest import hub_server  # noqa: E402,F401 - the fake hub, for pulls from the Models screen
+from tests.hubserver import hub_server  # noqa: E402,F401 - the fake hub, for pulls from the Models screen
 
 
 def lora_weights(seed: int, *, layers: int = 4, hidden: int = 128, kv: int = 64, rank: int = 8,

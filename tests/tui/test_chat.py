@@ -3,6 +3,9 @@ saved conversations (list, open, export), a commit picked from the adapter's his
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, AsyncIterator
+
 import pytest
 from textual.containers import Horizontal
 
@@ -26,10 +29,18 @@ async def send(pilot, chat: ChatScreen, text: str, replies: int = 1) -> None:
                    what="the replies", timeout=120)
 
 
-async def test_compare_regenerate_edit_train_and_conversations(demo_home):
+@pytest.fixture
+def checkpoint(demo_home):
+    """The demo model's adapter `quiz` (4 samples) with one checkpoint: that commit."""
     add_adapter(demo_home)
-    checkpoint = add_checkpoint(demo_home)
-    app = HyprApp(home=demo_home)
+    return add_checkpoint(demo_home)
+
+
+@contextlib.asynccontextmanager
+async def quiz_chat(home) -> AsyncIterator[tuple[HyprApp, Any, ChatScreen]]:
+    """The app on the Chat screen, adapter `quiz` picked, greedy and 6 tokens a reply: (app, pilot,
+    chat). The test that used it ends with no error shown."""
+    app = HyprApp(home=home)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("f2")
         chat = await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model and app.screen)
@@ -37,8 +48,12 @@ async def test_compare_regenerate_edit_train_and_conversations(demo_home):
         chat.query_one("#chat-adapter").value = "quiz"
         await wait_for(pilot, lambda: chat.adapter == "quiz", what="the adapter")
         chat.params.set_values(temperature=0, max_tokens=6)
+        yield app, pilot, chat
+        assert app.errors == []
 
-        # Compare mode: the adapter and the base model answer side by side.
+
+async def test_compare_mode_answers_with_the_adapter_and_the_base_side_by_side(demo_home, checkpoint):
+    async with quiz_chat(demo_home) as (app, pilot, chat):
         await pilot.press("ctrl+b")
         await send(pilot, chat, "Hi")
         pair = chat.log_view.query(Horizontal).filter(".compare-pair").last()
@@ -46,26 +61,37 @@ async def test_compare_regenerate_edit_train_and_conversations(demo_home):
         assert (first.label, second.label) == ("quiz", "tiny-demo (base)")
         assert first.meta["provenance"]["adapter_commit"] == checkpoint.sha
         assert second.meta["provenance"]["adapter"] is None
-        conversation = chat.conversation_id
-        stored = app.backend.conversations.messages(conversation)
+        stored = app.backend.conversations.messages(chat.conversation_id)
         assert [(m.role, m.meta.get("side")) for m in stored] == [("user", None), ("assistant", "a"), ("assistant", "b")]
 
-        # Regenerate: the same prompt answered again; the old replies are gone from screen and disk.
+
+async def test_regenerate_replaces_the_last_replies_on_screen_and_on_disk(demo_home, checkpoint):
+    async with quiz_chat(demo_home) as (app, pilot, chat):
+        await pilot.press("ctrl+b")  # a compare pair: both replies are replaced
+        await send(pilot, chat, "Hi")
+        old = {m.id for m in app.backend.conversations.messages(chat.conversation_id) if m.role == "assistant"}
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: chat.generations == 2 and not chat.log_view.pending and chat.request is None,
                        what="the new replies", timeout=120)
         assert [m.role for m in chat.log_view.messages()] == ["user", "assistant"]
-        stored = app.backend.conversations.messages(conversation)
+        stored = app.backend.conversations.messages(chat.conversation_id)
         assert [m.role for m in stored] == ["user", "assistant", "assistant"] and stored[0].content == "Hi"
+        assert len(old) == 2 and not old & {m.id for m in stored}
 
-        # Edit and resend: the last prompt comes back into the input box.
-        await pilot.press("ctrl+b")  # compare off
+
+async def test_edit_brings_the_last_prompt_back_and_resend_replaces_it(demo_home, checkpoint):
+    async with quiz_chat(demo_home) as (app, pilot, chat):
+        await send(pilot, chat, "Hi")
         await pilot.press("ctrl+z")
         assert chat.query_one("#chat-input").value == "Hi" and chat.log_view.messages() == []
         await send(pilot, chat, "Hello")
-        assert [m.content for m in app.backend.conversations.messages(conversation)][0] == "Hello"
+        stored = app.backend.conversations.messages(chat.conversation_id)
+        assert [m.role for m in stored] == ["user", "assistant"] and stored[0].content == "Hello"
 
-        # Chat, correct, train: the reply goes to the adapter's samples after an edit.
+
+async def test_a_reply_sent_to_training_after_an_edit_becomes_a_sample(demo_home, checkpoint):
+    async with quiz_chat(demo_home) as (app, pilot, chat):
+        await send(pilot, chat, "Hello")
         await pilot.press("ctrl+t")
         form = await wait_for(pilot, lambda: isinstance(app.screen, FormDialog) and app.screen)
         assert form.values()["adapter"] == "quiz" and form.values()["input"] == "Hello"
@@ -75,16 +101,25 @@ async def test_compare_regenerate_edit_train_and_conversations(demo_home):
         await wait_for(pilot, lambda: len(app.backend.samples("tiny-demo", tip())) == 5, what="the new sample")
         assert app.backend.samples("tiny-demo", tip())[-1] == {"input": "Hello", "output": "Hello! How can I help?"}
 
-        # A commit picked from the adapter's history answers, pinned.
+
+async def test_a_commit_picked_from_the_history_answers_pinned(demo_home, checkpoint):
+    later = add_checkpoint(demo_home, step=20)  # the tip: the picked commit is an older one
+    async with quiz_chat(demo_home) as (app, pilot, chat):
         await pilot.press("ctrl+g")
         picker = await wait_for(pilot, lambda: isinstance(app.screen, PickDialog) and app.screen)
-        picker.query_one("#pick-list").highlighted = 1
+        picker.query_one("#pick-list").highlighted = 2  # the tip, step 20, step 10
         await pilot.press("enter")
         await wait_for(pilot, lambda: chat.rev == checkpoint.sha, what="the pinned commit")
         await send(pilot, chat, "Again")
+        assert later.sha != checkpoint.sha
         assert chat.log_view.last_reply().meta["provenance"]["adapter_commit"] == checkpoint.sha
 
-        # Saved conversations: a new chat, then the old one listed, exported and opened again.
+
+async def test_saved_conversations_are_listed_exported_and_reopened(demo_home, checkpoint):
+    async with quiz_chat(demo_home) as (app, pilot, chat):
+        await send(pilot, chat, "Hi")
+        await send(pilot, chat, "Again")
+        conversation, shown = chat.conversation_id, [m.text for m in chat.log_view.messages()]
         await pilot.press("ctrl+n")
         assert chat.log_view.messages() == [] and chat.conversation_id is None
         await pilot.press("ctrl+l")
@@ -99,7 +134,7 @@ async def test_compare_regenerate_edit_train_and_conversations(demo_home):
         await pilot.press("enter")
         await wait_for(pilot, lambda: chat.conversation_id == conversation and len(chat.log_view.messages()) == 4,
                        what="the reopened conversation")
-        assert app.errors == []
+        assert [m.text for m in chat.log_view.messages()] == shown
 
 
 async def test_an_untrained_adapter_is_marked_and_not_sent(demo_home):

@@ -353,10 +353,6 @@ class ChatScreen(ConversationActions, HyprScreen):
         self._show_target_label()
         self.notify("Compare mode on: each prompt is answered by both targets." if self.compare else "Compare mode off.")
 
-    def compare_with(self, spec: str | None) -> None:
-        self.compare, self.compare_spec = spec is not None, spec
-        self._show_target_label()
-
     def action_toggle_provenance(self) -> None:
         self.log_view.set_provenance(not self.log_view.show_provenance)
 
