@@ -9,12 +9,14 @@
 
 Failures are HyprErrors carrying the server's own message: 400/413 InvalidInput, 401 InvalidInput
 (about the key), 404 NotFound, 503 ServerBusy, an unreachable server ServerUnavailable. Closing a
-`stream(...)` iterator early closes the connection, which cancels the generation on the server.
+`stream(...)` (or `chunks(...)`) iterator early closes the connection, which cancels the generation
+on the server.
 Imports neither torch nor the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -101,6 +103,18 @@ class Client:
     def stream(self, *, model: str, prompt: str | None = None,
                messages: Sequence[Mapping[str, str]] | None = None, **params: Any) -> Iterator[str]:
         """Text deltas of a completion (`prompt`) or a chat answer (`messages`) as they arrive."""
+        chat = messages is not None
+        with contextlib.closing(self.chunks(model=model, prompt=prompt, messages=messages, **params)) as chunks:
+            for data in chunks:
+                for choice in data.get("choices", []):
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text:
+                        yield text
+
+    def chunks(self, *, model: str, prompt: str | None = None,
+               messages: Sequence[Mapping[str, str]] | None = None, **params: Any) -> Iterator[dict[str, Any]]:
+        """The server's streamed chunks (OpenAI `text_completion` or `chat.completion.chunk` objects,
+        each with its `choices` and their `finish_reason`) as they arrive."""
         if (prompt is None) == (messages is None):
             raise InvalidInput("Give either prompt= or messages= to stream.")
         chat = messages is not None
@@ -115,10 +129,7 @@ class Client:
                 for data in _sse(response.iter_lines()):
                     if "error" in data:
                         raise _error_from(500, data)
-                    for choice in data.get("choices", []):
-                        text = choice.get("delta", {}).get("content") if chat else choice.get("text")
-                        if text:
-                            yield text
+                    yield data
         except httpx.TransportError as exc:
             raise _unreachable(self.base_url, exc) from None
 

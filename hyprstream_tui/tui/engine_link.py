@@ -8,12 +8,11 @@ level.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import threading
 import time
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import urljoin
 
 from hyprstream_tui.engine.events import GenerationDone, Provenance, Timings, TokenDelta
 from hyprstream_tui.errors import HubError, HyprError
@@ -108,34 +107,29 @@ class RemoteJob:
 
 
 class RemoteEngine:
-    """`/v1/chat/completions` with SSE streaming; `model:adapter` names pass through unchanged."""
+    """`/v1/chat/completions` with SSE streaming, through `hyprstream_tui.client.Client` (httpx);
+    `model:adapter` names pass through unchanged. A cancelled job hangs up, and the server stops
+    its generation."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 30.0) -> None:
         import os
 
+        from hyprstream_tui.client import Client  # httpx: imported with the engine, after the first paint
+
         self.url = url.rstrip("/") + "/"
         self.api_key = api_key or os.environ.get("HYPRSTREAM_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
+        self.client = Client(url, api_key=self.api_key, timeout=timeout)
+
+    def close(self) -> None:
+        self.client.close()
 
     def model_ids(self) -> list[str]:
         """`GET /v1/models`: ids such as `model` and `model:adapter`."""
-        import urllib.error
-        import urllib.request
-
-        request = urllib.request.Request(urljoin(self.url, "v1/models"), headers=self._headers())
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return [str(card["id"]) for card in json.loads(response.read()).get("data", [])]
-        except urllib.error.HTTPError as exc:
-            raise HubError(f"The server at {self.url} refused to list models ({exc.code}): {_error_text(exc)}") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise HubError(f"Cannot list the models of {self.url} ({exc}): check --remote.") from None
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+            return self.client.models()
+        except (ValueError, KeyError, TypeError) as exc:  # an answer that is not an OpenAI model list
+            raise HubError(f"Cannot list the models of {self.url} ({type(exc).__name__}): check --remote.") from None
 
     def chat(self, spec: str, messages: Sequence[Mapping[str, str]], params: Any, *,
              on_event: Callable[[Any], None], request_id: str) -> RemoteJob:
@@ -154,31 +148,16 @@ class RemoteEngine:
             job._finished.set()
 
     def _stream(self, job: RemoteJob, spec: str, messages: list, params: Any, on_event) -> GenerationDone:
-        import urllib.error
-        import urllib.request
-
-        body = {"model": spec, "messages": messages, "stream": True, "temperature": params.temperature,
-                "top_p": params.top_p, "max_tokens": params.max_tokens}
-        if params.seed is not None:
-            body["seed"] = params.seed
-        request = urllib.request.Request(urljoin(self.url, "v1/chat/completions"), json.dumps(body).encode(),
-                                         self._headers())
+        body: dict[str, Any] = {"temperature": params.temperature, "top_p": params.top_p,
+                                "max_tokens": params.max_tokens, "seed": params.seed}
         started, pieces, finish = time.perf_counter(), [], "stop"
-        try:
-            response = urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as exc:
-            raise HubError(f"The server at {self.url} refused the request ({exc.code}): {_error_text(exc)}") from None
-        except OSError as exc:
-            raise HubError(f"Cannot reach the server at {self.url} ({exc}): check --remote.") from None
-        with response:
-            for raw in response:
+        # Leaving the `closing` block closes the response: a cancelled job hangs up mid-stream.
+        with contextlib.closing(self.client.chunks(model=spec, messages=messages, **body)) as chunks:
+            for chunk in chunks:
                 if job.cancel_token.is_set():
                     finish = "cancelled"
                     break
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                choice = (json.loads(line[5:]).get("choices") or [{}])[0]
+                choice = (chunk.get("choices") or [{}])[0]
                 text = (choice.get("delta") or {}).get("content") or ""
                 if text:
                     pieces.append(text)
@@ -189,10 +168,3 @@ class RemoteEngine:
                               provenance=Provenance(model=model, model_commit=None, adapter=adapter or None,
                                                     params=params.as_dict(), seed=params.seed or 0, device=self.url),
                               timings=Timings(decode_s=time.perf_counter() - started, completion_tokens=len(pieces)))
-
-
-def _error_text(exc) -> str:
-    try:
-        return json.loads(exc.read())["error"]["message"]
-    except Exception:  # noqa: BLE001 - any unreadable body
-        return exc.reason

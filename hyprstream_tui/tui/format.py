@@ -1,4 +1,4 @@
-"""Small text formatters shared by the screens: sizes, counts, times, metrics."""
+"""The TUI's one place for text formatting: sizes, counts, times, durations, metrics."""
 
 from __future__ import annotations
 
@@ -36,7 +36,18 @@ def metric(value: Any) -> str:
 
 
 def duration(seconds: float) -> str:
+    """A length of time: 42s, 11m34s, 1h02m."""
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+DURATION_METRICS = frozenset({"elapsed"})  # commit trailers that count seconds
+
+
+def commit_metric(key: str, value: Any) -> str:
+    """A commit trailer's value: seconds as a duration (`elapsed 11m34s`), other numbers as `metric`."""
+    if key in DURATION_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return duration(value)
+    return metric(value)

@@ -127,8 +127,11 @@ class HistoryScreen(HyprScreen):
                 adapter_select.value = loaded.adapter
         self.graph.show(loaded.rows, select=select)
         if not loaded.rows:
+            self.query_one(LossPlot).clear_series()
             self._detail(Text("No adapters yet: create one on the Training screen (F3)." if loaded.model
                               else "No models yet: see the Models screen (F1)."))
+        elif self._comparing():
+            self.action_compare()
         else:
             self._describe(self.graph.selected_row)
 
@@ -144,22 +147,41 @@ class HistoryScreen(HyprScreen):
 
     @on(DataTable.RowHighlighted, "#history-commits")
     def _highlighted(self, _event: DataTable.RowHighlighted) -> None:
-        if len(self.graph.marked) < 2:
+        if not self._comparing():
             self._describe(self.graph.selected_row)
 
     def _detail(self, renderable) -> None:
         self.query_one("#history-detail-body", Static).update(renderable)
 
     def _describe(self, row: GraphRow | None) -> None:
+        """One commit: its metrics in the detail pane, its loss curve in the plot."""
         if row is None:
             return
         c = row.commit
         table = Table.grid(padding=(0, 2))
         for key, value in c.metrics.items():
-            table.add_row(Text(key, style="dim"), Text(fmt.metric(value)))
+            table.add_row(Text(key, style="dim"), Text(fmt.commit_metric(key, value)))
         head = Text.assemble((c.short, "yellow"), "  ", (row.adapter.name, "bold"), f"  {fmt.when(c.time)}\n",
                              c.summary, ("\n" + ", ".join(c.tags) if c.tags else "", "cyan"))
         self._detail(Group(head, table))
+        self.curve(row)
+
+    def _comparing(self) -> bool:
+        return len(self.graph.marked) == 2
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="history-curve")
+    def curve(self, row: GraphRow) -> None:
+        from hyprstream_tui.tui.compare import loss_curve
+
+        points = loss_curve(self.backend.read_text(row.adapter.model, row.commit.sha, METRICS))
+        self.app.call_from_thread(self._show_curve, row, points)
+
+    def _show_curve(self, row: GraphRow, points: list[tuple[int, float]]) -> None:
+        if self._comparing() or self.graph.selected != row.commit.sha:
+            return  # the cursor moved on, or two commits are marked: that plot wins
+        plot = self.query_one(LossPlot)
+        plot.clear_series()
+        plot.set_series(row.commit.short, points)
 
     # ---- actions -------------------------------------------------------------------------------
     def action_refresh(self) -> None:
@@ -169,6 +191,8 @@ class HistoryScreen(HyprScreen):
         marked = self.graph.toggle_mark()
         if len(marked) == 2:
             self.action_compare()
+        else:  # back to one commit: its detail and curve
+            self._describe(self.graph.selected_row)
 
     def action_compare(self) -> None:
         marked = self.graph.marked
@@ -189,6 +213,8 @@ class HistoryScreen(HyprScreen):
         self.app.call_from_thread(self._show_compare, first, second, curves, changes)
 
     def _show_compare(self, first: GraphRow, second: GraphRow, curves, changes) -> None:
+        if self.graph.marked != [first.commit.sha, second.commit.sha]:
+            return  # a mark changed while the comparison was read
         plot = self.query_one(LossPlot)
         plot.clear_series()
         for row, points in curves:
