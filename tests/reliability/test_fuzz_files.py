@@ -103,6 +103,19 @@ def typed(target: str, fn, *args, size: int = 0):
         assert peak <= 4 * size + (1 << 20), f"{target}: peak {peak} bytes for a {size}-byte input"
 
 
+def read_header(tmp_path_factory, kind: str, reader, data: bytes):
+    """`data` as a fuzz.<kind> file through `reader`: its result, or None after checking that the
+    refusal was one InvalidInput line (`typed` checks time and memory)."""
+    path = tmp_path_factory.getbasetemp() / f"fuzz.{kind}"
+    path.write_bytes(data)
+    result = typed(f"{kind} header", reader, path, size=len(data))
+    if isinstance(result, HyprError):
+        assert isinstance(result, InvalidInput), result
+        return None
+    COUNTS[f"{kind} accepted"] += 1
+    return result
+
+
 # ---- safetensors ---------------------------------------------------------------------------------
 BAD_DTYPES = ["F33", "", "f32", "float32", "Q4_K", None, 4, ["F32"]]
 ints = st.one_of(st.integers(-3, 70), st.integers(min_value=-(2**70), max_value=2**70),
@@ -175,13 +188,9 @@ def safetensors_files(draw) -> bytes:
 def test_safetensors_headers_give_a_typed_error_or_a_file_that_loads(tmp_path_factory, data):
     from safetensors import deserialize  # the reference parser (Rust), any dtype
 
-    path = tmp_path_factory.getbasetemp() / "fuzz.safetensors"
-    path.write_bytes(data)
-    result = typed("safetensors header", read_safetensors_header, path, size=len(data))
-    if isinstance(result, HyprError):
-        assert isinstance(result, InvalidInput), result
+    result = read_header(tmp_path_factory, "safetensors", read_safetensors_header, data)
+    if result is None:
         return
-    COUNTS["safetensors accepted"] += 1
     loaded = dict(deserialize(data))  # what we accept, the reference implementation loads
     assert sorted(loaded) == sorted(t.name for t in result)
     for t in result:
@@ -246,14 +255,10 @@ def test_gguf_headers_give_a_typed_error_or_a_file_gguf_py_reads(tmp_path_factor
 
     from hyprstream_tui.store.gguf import read_gguf_header
 
-    path = tmp_path_factory.getbasetemp() / "fuzz.gguf"
-    path.write_bytes(data)
-    result = typed("gguf header", read_gguf_header, path, size=len(data))
-    if isinstance(result, HyprError):
-        assert isinstance(result, InvalidInput), result
+    result = read_header(tmp_path_factory, "gguf", read_gguf_header, data)
+    if result is None:
         return
-    COUNTS["gguf accepted"] += 1
-    reference = gguf.GGUFReader(str(path))  # what we accept, llama.cpp's own Python reader reads alike
+    reference = gguf.GGUFReader(str(tmp_path_factory.getbasetemp() / "fuzz.gguf"))  # what we accept, llama.cpp's own Python reader reads alike
     assert [t.name for t in result.tensors] == [t.name for t in reference.tensors]
     assert [t.type_name for t in result.tensors] == [t.tensor_type.name for t in reference.tensors]
     assert [t.shape for t in result.tensors] == [tuple(int(d) for d in t.shape) for t in reference.tensors]
