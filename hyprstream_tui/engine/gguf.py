@@ -79,7 +79,7 @@ def sha256_file(path: Path, progress: Callable[[Progress], None] | None = None) 
             digest.update(block)
             done += len(block)
             if progress:
-                progress(Progress(f"checking {path.name}", done, total))
+                progress(Progress(f"{path.name}: sha256", done, total))
     return digest.hexdigest()
 
 
@@ -170,7 +170,7 @@ def import_gguf(store: "Store", path: Path | str, *, name: str | None = None,
     work = cache / f"gguf-{os.getpid()}-{uuid.uuid4().hex[:8]}.incomplete"
     try:
         if progress:
-            progress(Progress(f"dequantizing {path.name}", 0, 0))
+            progress(Progress(f"{path.name}: dequantizing", 0, 0))
         try:
             converted = convert(path, work, header)
         except OSError as exc:
