@@ -344,9 +344,10 @@ def cmd_lora_rollback(args: argparse.Namespace) -> int:
 # ---- training (issue 4) -------------------------------------------------------------------------
 # (option, argparse kwargs): shared by the parser and by `--detach`, which re-runs the same command.
 TRAIN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("--learning-rate", dict(type=float, help="peak learning rate (default 2e-4)")),
+    ("--learning-rate", dict(type=float, help="peak learning rate (default: from the model's width and depth and "
+                                               "the adapter's alpha and targets)")),
     ("--batch-size", dict(type=int, help="samples per step (default 4)")),
-    ("--steps", dict(type=int, help="steps in this run (default: 3 epochs)")),
+    ("--steps", dict(type=int, help="steps in this run (default: 3 epochs, at least 60 steps)")),
     ("--epochs", dict(type=float, help="passes over the samples in this run")),
     ("--checkpoint-every", dict(type=int, help="commit a checkpoint every K steps (default 50)")),
     ("--max-seq-len", dict(type=int, help="tokens per sample, longer ones are cut (default 512)")),
@@ -519,8 +520,9 @@ class TrainView:
 
         if isinstance(event, job.TrainStarted):
             how = "Resuming" if event.resumed else "Training"
+            lr = f", peak lr {event.learning_rate:.2g}" if event.learning_rate is not None else ""
             self.say(f"{how} {event.adapter} on {event.model} from step {event.step} to {event.target} "
-                     f"({event.samples} samples).")
+                     f"({event.samples} samples{lr}).")
             self.progress.update(self.task, completed=event.step, total=event.target)
         elif isinstance(event, job.TrainStep):
             self.progress.update(self.task, completed=event.step, total=event.target, loss=f"{event.loss:.4f}",
@@ -691,11 +693,8 @@ def add_tui_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    try:
-        from hyprstream_tui.tui.app import run_app
-    except ImportError:
-        print("The TUI is not built yet in this version: use the CLI verbs (`hyprstream --help`).", file=sys.stderr)
-        return 2
+    from hyprstream_tui.tui.app import run_app
+
     return run_app(home=args.home, remote=getattr(args, "remote", None))
 
 

@@ -273,6 +273,12 @@ class Backend:
         _commit, total = add_samples(self.store, model, adapter, rows)
         return total
 
+    def train_defaults(self, model: str, adapter: str) -> Any:
+        """What a new run of `adapter` gets for the values left out (engine/train/defaults.py)."""
+        from hyprstream_tui.engine.train.defaults import defaults_for
+
+        return defaults_for(self.store, model, adapter)
+
     def train(self, model: str, adapter: str, config: Any, *, on_event: Callable[[Any], None],
               cancel: threading.Event, name: str | None = None) -> Any:
         """Run a training job to its end (or until `cancel`); returns TrainFinished.

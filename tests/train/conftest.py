@@ -1,6 +1,6 @@
 """Fixtures for the training tests: a tiny qwen2 (initializer_range 0.2, so LoRA r=8 on q,v
-memorises 4 pairs in about 50 steps at lr 3e-2), an adapter with the 4 Q&A samples, and greedy
-answers with transformers' own `generate` as the reference reader.
+memorises 4 pairs in about 50 steps at lr 3e-2, the defaults' rate for it), an adapter with the 4
+Q&A samples, and greedy answers with transformers' own `generate` as the reference reader.
 
 Torch runs on one thread here (and in the subprocesses): the tiny model's ops are too small to gain
 from two, and two threads on a busy 2-core machine slow every step by an order of magnitude.
@@ -44,10 +44,11 @@ def qa_store(tiny_store):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_src):
-    """A store whose adapter `qa` was trained 60 steps (shared by a module's tests: read only)."""
+    """A store whose adapter `qa` was trained with the defaults, 60 steps (shared by a module's
+    tests: read only)."""
     from hyprstream_tui.engine.train.config import TrainConfig
     from hyprstream_tui.engine.train.job import TrainJob
 
     store = make_store(tmp_path_factory.mktemp("trained") / "home", tiny_model_src)
-    TrainJob(store, "tiny", "qa", TrainConfig(steps=60, **FAST)).run()
+    TrainJob(store, "tiny", "qa", TrainConfig(**FAST)).run()
     return store

@@ -14,7 +14,7 @@ from hyprstream_tui.engine.train.job import train_status
 from tests.conftest import assert_one_line_error, git
 from tests.train.helpers import ANSWERS, QA, QUESTIONS, adapter_answers, greedy_answers, load_base
 
-STEPS = 200  # lr 3e-2: memorised after about 50; the rest gives the background run time to be watched
+STEPS = 200  # default lr (3e-2 here): memorised after about 50; the rest lets the background run be watched
 
 
 def _state(store) -> dict:
@@ -45,8 +45,7 @@ def test_train_end_to_end_through_the_cli(cli, store, tiny_model_src, tmp_path):
     assert added.returncode == 0, added.stderr
     assert "4 in all" in added.stdout
 
-    started = cli("lora", "train", "start", "qa", "--steps", STEPS, "--learning-rate", "3e-2", "--checkpoint-every", "1",
-                  "--detach")
+    started = cli("lora", "train", "start", "qa", "--steps", STEPS, "--checkpoint-every", "1", "--detach")
     assert started.returncode == 0 and "in the background" in started.stdout, started.stderr
     # A second writer is refused at once while the first holds the adapter.
     assert_one_line_error(cli("lora", "train", "start", "qa", "--steps", "5"), "training already")

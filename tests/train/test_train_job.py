@@ -50,7 +50,8 @@ def test_events_come_in_order(qa_store):
     assert kinds == ["TrainStarted"] + ["TrainStep"] * 4 + ["CheckpointCommitted"] + ["TrainStep"] * 2 + \
         ["CheckpointCommitted", "TrainFinished"]
     start, steps = events[0], [e for e in events if isinstance(e, TrainStep)]
-    assert start == TrainStarted(model="tiny", adapter="qa", step=0, target=6, resumed=False, samples=4)
+    assert start == TrainStarted(model="tiny", adapter="qa", step=0, target=6, resumed=False, samples=4,
+                                 learning_rate=1e-2)
     assert [e.step for e in steps] == list(range(1, 7)) and all(e.tokens_per_s > 0 and e.loss > 0 for e in steps)
     assert result == events[-1] and result.stopped is False and result.commit == qa_store.head("tiny", "adapter/" + _uuid(qa_store))
     assert not train_status(qa_store, "tiny", "qa").running

@@ -39,7 +39,8 @@ def test_config_refuses_bad_values_with_one_line(kwargs, needle):
 def test_config_run_length_from_steps_or_epochs():
     assert TrainConfig(steps=7).run_steps(steps_per_epoch=3) == 7
     assert TrainConfig(epochs=2).run_steps(steps_per_epoch=3) == 6
-    assert TrainConfig().run_steps(steps_per_epoch=3) == 9  # default: 3 epochs
+    assert TrainConfig().run_steps(steps_per_epoch=3) == 60  # default: 3 epochs, at least 60 steps
+    assert TrainConfig().run_steps(steps_per_epoch=30) == 90
     assert TrainConfig().warmup_for(50) == 5 and TrainConfig(warmup_steps=80).warmup_for(50) == 50
 
 

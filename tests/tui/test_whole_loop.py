@@ -84,7 +84,10 @@ async def test_whole_loop(home):
             await fill_form(pilot, {"input": question, "output": answer})
         await wait_for(pilot, lambda: training.selected.samples == 4, what="4 samples")
         await pilot.press("s")
-        await fill_form(pilot, {"steps": "60", "learning_rate": "3e-2", "checkpoint_every": "20"})
+        # The form shows the engine's defaults for this model and adapter, and they teach it.
+        form = await wait_for(pilot, lambda: isinstance(app.screen, FormDialog) and app.screen, what="the train form")
+        assert [form.query_one(f"#field-{n}").value for n in ("steps", "learning_rate")] == ["60", "0.02"]
+        await fill_form(pilot, {"checkpoint_every": "20"})
         plot = training.query_one(LossPlot)
         redraws, started = plot.redraws, time.monotonic()
         await wait_for(pilot, lambda: training.jobs, what="the job to start", timeout=10)

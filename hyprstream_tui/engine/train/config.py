@@ -3,6 +3,8 @@
 `steps` (or `epochs`) is the length of one *run*: one warm-up + cosine-decay schedule. A run that
 was stopped is resumed by the next start (same schedule, same data order); a finished run is
 followed by a new one that continues the step count, the adapter weights and the optimizer moments.
+What is left out (`learning_rate`, the run's length) comes from the data and the model: see
+defaults.py.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from hyprstream_tui.engine.train.defaults import DEFAULT_BATCH_SIZE, default_steps
 from hyprstream_tui.errors import InvalidInput
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -21,10 +24,11 @@ RUN_KEYS = ("learning_rate", "batch_size", "total_steps", "warmup_steps", "min_l
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """How to train. Either `steps` or `epochs` (default: 3 epochs) sets the length of a run."""
+    """How to train. Either `steps` or `epochs` sets the length of a run (default: 3 epochs, at
+    least 60 steps); `learning_rate` None is the default rule's (defaults.py), fixed when a run starts."""
 
-    learning_rate: float = 2e-4
-    batch_size: int = 4
+    learning_rate: float | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
     steps: int | None = None
     epochs: float | None = None
     checkpoint_every: int = 50
@@ -40,9 +44,8 @@ class TrainConfig:
     new_run: bool = False  # start a new schedule even if the last run was stopped part-way
 
     def __post_init__(self) -> None:
-        _positive_number(self.learning_rate, "--learning-rate")
-        if self.learning_rate > 1:
-            raise InvalidInput(f"--learning-rate {self.learning_rate} is far too large: LoRA uses about 1e-4 to 3e-2.")
+        if self.learning_rate is not None:
+            self._check_learning_rate()
         _positive_int(self.batch_size, "--batch-size")
         _positive_int(self.checkpoint_every, "--checkpoint-every")
         _positive_int(self.max_seq_len, "--max-seq-len")
@@ -75,11 +78,18 @@ class TrainConfig:
         if not isinstance(self.device, str) or not self.device.split(":")[0] in ("cpu", "cuda", "mps"):
             raise InvalidInput(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}.")
 
+    def _check_learning_rate(self) -> None:
+        _positive_number(self.learning_rate, "--learning-rate")
+        if self.learning_rate > 1:  # type: ignore[operator]
+            raise InvalidInput(f"--learning-rate {self.learning_rate} is far too large: LoRA uses about 1e-4 to 3e-2.")
+
     def run_steps(self, steps_per_epoch: int) -> int:
         """The length of a new run, given how many steps one pass over the samples takes."""
         if self.steps is not None:
             return self.steps
-        return max(1, math.ceil((self.epochs if self.epochs is not None else 3.0) * steps_per_epoch))
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * steps_per_epoch))
+        return default_steps(steps_per_epoch)
 
     def warmup_for(self, total_steps: int) -> int:
         if self.warmup_steps is not None:

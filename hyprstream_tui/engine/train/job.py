@@ -34,6 +34,7 @@ class TrainStarted:
     target: int  # the step this run ends at
     resumed: bool
     samples: int
+    learning_rate: float | None = None  # the run's peak rate (given, the default rule's, or the resumed run's)
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,8 @@ class TrainJob:
         self.tip, committed_step = adapter.tip, trainer.state.step
         self.best = self._best_loss() if self.config.tag_best else None
         self.on_event(TrainStarted(model=self.model, adapter=adapter.name, step=trainer.state.step,
-                                   target=trainer.target_step, resumed=trainer.resumed, samples=len(trainer._rows)))
+                                   target=trainer.target_step, resumed=trainer.resumed, samples=len(trainer._rows),
+                                   learning_rate=trainer.state.hparams["learning_rate"]))
         ema = None
         while not trainer.done and not self.cancelled():
             r = trainer.step()

@@ -20,6 +20,7 @@ from typing import Any, Collection
 from hyprstream_tui.engine.train import checkpoint as ckpt
 from hyprstream_tui.engine.train.config import RUN_KEYS, TrainConfig, lr_at
 from hyprstream_tui.engine.train.data import SAMPLES_PATH, Encoded, collate, encode, epoch_order, parse_jsonl
+from hyprstream_tui.engine.train.defaults import ADAPTER_CONFIG, ModelShape, learning_rate_for, read_adapter_config
 from hyprstream_tui.errors import HyprError, InvalidInput
 
 
@@ -153,11 +154,22 @@ class Trainer:
             return state
         state = saved.state if saved is not None else ckpt.RunState()
         total = self._new_run_steps()
+        if given["learning_rate"] is None:
+            given["learning_rate"] = self._default_learning_rate()
         state.run_start, state.run_total = state.step, total
         state.hparams = dict(given, total_steps=total, warmup_steps=self.config.warmup_for(total))
         if state.epoch >= 0:
             state.epoch_pos = state.epoch_size  # a new run starts with a new epoch
         return state
+
+    def _default_learning_rate(self) -> float:
+        """The rule of defaults.py for this model and this adapter's alpha and targets."""
+        path = self.worktree / ADAPTER_CONFIG
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise InvalidInput(f"Cannot read {path}: roll back to an earlier commit.") from None
+        return learning_rate_for(ModelShape.read(self.base_dir), read_adapter_config(data, str(path)))
 
     def _new_run_steps(self) -> int:
         return self.config.run_steps(math.ceil(max(1, len(self._read_rows())) / self.config.batch_size))

@@ -17,6 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Select, Static
 from textual.worker import Worker, WorkerState
 
+from hyprstream_tui.errors import HyprError
 from hyprstream_tui.tui import format as fmt
 from hyprstream_tui.tui.batch import UI_HZ, Buffer
 from hyprstream_tui.tui.compare import metric_curve
@@ -28,7 +29,6 @@ from hyprstream_tui.tui.widgets.adapter_table import AdapterRow, AdapterTable
 from hyprstream_tui.tui.widgets.loss_plot import LossPlot
 
 METRICS = "metrics/steps.jsonl"
-TINY_MODELS_LR = "3e-2"  # tiny random models (the demo) need a large rate to learn in ~50 steps
 
 
 @dataclass
@@ -292,12 +292,6 @@ class TrainingScreen(HyprScreen):
         self.app.push_screen(FormDialog(f"Add a sample to {sel.name}", fields, submit="Add", check=check_sample),
                              lambda row: row and self.add_samples(sel.model, sel.uuid, [row]))
 
-    def add_sample_rows(self, rows: list[dict[str, str]]) -> None:
-        """Add rows to the selected adapter (used by the chat's "send to training")."""
-        sel = self._need_adapter()
-        if sel is not None:
-            self.add_samples(sel.model, sel.uuid, rows)
-
     @work(thread=True, exclusive=False, exit_on_error=False, group="train-samples")
     def add_samples(self, model: str, uuid: str, rows: list[dict[str, str]]) -> None:
         total = self.backend.add_samples(model, uuid, rows)
@@ -335,13 +329,28 @@ class TrainingScreen(HyprScreen):
 
     def action_start(self) -> None:
         sel = self._need_adapter()
-        if sel is None:
-            return
-        lr = TINY_MODELS_LR if sel.model.startswith("tiny") else "2e-4"
-        fields = [Field("steps", "Steps in this run", "60"), Field("learning_rate", "Learning rate", lr),
-                  Field("batch_size", "Batch size", "4"), Field("checkpoint_every", "Checkpoint every N steps", "20"),
+        if sel is not None:
+            self.open_train_form(sel)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="train-form")
+    def open_train_form(self, sel: Selected) -> None:
+        """The train form, filled with what `lora train start` would use when given nothing (the
+        engine's rule); where the rule cannot tell, the fields stay blank and the note says why."""
+        try:
+            defaults, note = self.backend.train_defaults(sel.model, sel.uuid), ""
+        except HyprError as exc:
+            defaults, note = None, exc.message
+        self.app.call_from_thread(self._push_train_form, sel, defaults, note)
+
+    def _push_train_form(self, sel: Selected, defaults, note: str) -> None:
+        steps, lr = (str(defaults.steps), f"{defaults.learning_rate:g}") if defaults else ("", "")
+        fields = [Field("steps", "Steps in this run", steps, placeholder="automatic"),
+                  Field("learning_rate", "Learning rate", lr, placeholder="automatic"),
+                  Field("batch_size", "Batch size", str(defaults.batch_size) if defaults else "4"),
+                  Field("checkpoint_every", "Checkpoint every N steps", "20"),
                   Field("new_run", "Start a new run even if one was stopped part-way (y/n)", "n")]
-        self.app.push_screen(FormDialog(f"Train {sel.name}", fields, submit="Start", check=check_train),
+        self.app.push_screen(FormDialog(f"Train {sel.name}", fields, submit="Start", check=check_train,
+                                        note=defaults.reason if defaults else note),
                              lambda config: config and self.start_training(sel, config))
 
     def start_training(self, sel: Selected, config) -> None:

@@ -27,15 +27,19 @@ def check_sample(values: dict[str, str]) -> dict[str, str]:
 
 
 def check_train(values: dict[str, str]):
+    """A TrainConfig from the form; a field left blank is the engine's default (defaults.py)."""
     from hyprstream_tui.engine.train.config import TrainConfig
 
     def number(key: str, cast):
         text = values[key].strip()
+        if not text:
+            return None
         try:
             return cast(text)
         except ValueError:
             raise InvalidInput(f"{key.replace('_', ' ').capitalize()} must be a number, got {text!r}.") from None
 
-    return TrainConfig(steps=number("steps", int), learning_rate=number("learning_rate", float),
-                       batch_size=number("batch_size", int), checkpoint_every=number("checkpoint_every", int),
+    given = {key: number(key, cast) for key, cast in (("steps", int), ("learning_rate", float), ("batch_size", int),
+                                                       ("checkpoint_every", int))}
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None},
                        new_run=values["new_run"].strip().lower() in ("y", "yes", "1", "true"))
