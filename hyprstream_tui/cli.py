@@ -341,7 +341,7 @@ def cmd_lora_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- training (issue 4) -------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------------
 # (option, argparse kwargs): shared by the parser and by `--detach`, which re-runs the same command.
 TRAIN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--learning-rate", dict(type=float, help="peak learning rate (default: from the model's width and depth and "
@@ -636,7 +636,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- inference (issue 3) ------------------------------------------------------------------------
+# ---- inference -----------------------------------------------------------------------------------
 def add_infer_commands(sub: argparse._SubParsersAction) -> None:
     """`infer` and `chat`: their parsers and handlers live beside the engine (no torch at import)."""
     from hyprstream_tui.engine.cli_support import add_infer_commands as add
@@ -644,7 +644,7 @@ def add_infer_commands(sub: argparse._SubParsersAction) -> None:
     add(sub)
 
 
-# ---- server (issue 6) ---------------------------------------------------------------------------
+# ---- server --------------------------------------------------------------------------------------
 def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on the local store's models")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; another needs an API key)")
@@ -685,7 +685,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- TUI (issue 5) ------------------------------------------------------------------------------
+# ---- TUI -----------------------------------------------------------------------------------------
 def add_tui_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tui", help="open the terminal workstation (the default)")
     p.add_argument("--remote", default=None, help="use a hyprstream/OpenAI server at URL for chat")

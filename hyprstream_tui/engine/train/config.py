@@ -10,7 +10,7 @@ defaults.py.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from hyprstream_tui.engine.train.defaults import DEFAULT_BATCH_SIZE, default_steps
@@ -98,10 +98,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 def lr_at(step_in_run: int, *, learning_rate: float, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
