@@ -194,10 +194,10 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_model_import(args: argparse.Namespace) -> int:
-    path = args.dir.expanduser()
-    if path.suffix.lower() == ".gguf" or path.is_file():
-        from hyprstream_tui.engine.gguf import import_gguf
+    from hyprstream_tui.engine.gguf import import_gguf, is_gguf
 
+    path = args.dir.expanduser()
+    if is_gguf(path):
         with ByteProgress("importing") as bar:
             summary = import_gguf(_store(args), path, name=args.name, progress=bar)
         print(f"Imported {summary.name}: {summary.architecture}, {human_count(summary.parameters)} params, "

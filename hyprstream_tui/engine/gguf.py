@@ -54,6 +54,17 @@ def supported_architectures() -> tuple[str, ...]:
     return tuple(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in NOT_ARCHITECTURES)
 
 
+def is_gguf(path: Path) -> bool:
+    """A path meant as a GGUF file: named .gguf, or a file that starts with GGUF's magic."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def check_gguf(path: Path) -> GGUFHeader:
     """The header of a readable GGUF model file, or one InvalidInput/NotFound line."""
     if not path.exists():

@@ -136,14 +136,14 @@ class Backend:
         return self.store.model_info(name)
 
     def import_model(self, src: str, *, name: str | None, progress: Callable[[Any], None] | None = None) -> "ModelSummary":
-        path = Path(src).expanduser()
-        if path.suffix.lower() == ".gguf" or path.is_file():
-            from hyprstream_tui.engine.gguf import import_in_child
+        from hyprstream_tui.engine.gguf import import_in_child, is_gguf
 
+        path = Path(src).expanduser()
+        if is_gguf(path):
             return import_in_child(self.paths, path, name=name or None, progress=progress)
         if not path.is_dir():
-            raise InvalidInput(f"No folder or file {src!r}: give a model folder (config.json + *.safetensors) "
-                               "or a .gguf file.")
+            raise InvalidInput(f"{src!r} is neither a model folder (config.json + *.safetensors) nor a .gguf file: "
+                               "give one of those.")
         return self.store.import_model(path, name=name or None, progress=progress)
 
     def pull_model(self, repo_id: str, *, name: str | None, revision: str, progress: Callable[[Any], None],

@@ -125,10 +125,16 @@ def test_cli_imports_a_gguf_file_and_refuses_bad_ones_in_one_line(cli, home, ggu
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
     assert_one_line_error(cli("model", "import", tmp_path / "junk.gguf"), "junk.gguf")
     assert_one_line_error(cli("model", "import", tmp_path / "missing.gguf"), "missing.gguf")
+    # A file that is no GGUF gets the folder import's word; a GGUF by its magic needs no suffix.
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
+    assert_one_line_error(cli("model", "import", tmp_path / "model.safetensors"), "give the folder")
+    (tmp_path / "blob-sha256-ab12").write_bytes(ggufs["BF16"].read_bytes())  # as Ollama names its files
+    blob = cli("model", "import", tmp_path / "blob-sha256-ab12", "--name", "from-blob")
+    assert blob.returncode == 0 and "bfloat16" in blob.stdout, blob.stderr
     # A name taken: refused before any work.
     assert_one_line_error(cli("model", "import", ggufs["F16"], "--name", "tiny-gguf"), "exists already")
     listed = cli("model", "list", "--json")
-    assert [m["name"] for m in __import__("json").loads(listed.stdout)] == ["tiny-gguf"]
+    assert sorted(m["name"] for m in __import__("json").loads(listed.stdout)) == ["from-blob", "tiny-gguf"]
     _no_leftovers(home)
 
 
