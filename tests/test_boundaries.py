@@ -60,3 +60,86 @@ def test_help_and_model_list_import_no_torch(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---- the shape of the package (issue 19) ------------------------------------------------------
+def package_modules() -> dict[str, Path]:
+    root = PACKAGE.parent
+    return {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def internal_imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Package modules `module` imports, at any depth (imports under `if TYPE_CHECKING:` aside)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = {id(n) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            found |= subs
+            if len(subs) < len(node.names) and node.module in modules:
+                found.add(node.module)
+    return found - {module}
+
+
+def test_no_import_cycles_inside_the_package():
+    modules = package_modules()
+    graph = {m: internal_imports(m, p, modules) for m, p in modules.items()}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
+
+
+# Private names of other libraries that the package reaches on purpose, each for a reason.
+FOREIGN_PRIVATE = {
+    "os._exit",  # leave at once after Ctrl-C (_sigint.py)
+    "aten._weight_int8pack_mm",  # torch's int8 weight-only matmul: no public name exists
+    "module._non_persistent_buffers_set",  # torch: which buffers a state dict leaves out
+    "super()._watch_value",  # textual: extending Input's own watcher
+    "argparse._SubParsersAction",  # the type of add_subparsers()' result: argparse names no other
+}
+
+
+def test_no_module_reads_another_modules_underscored_names():
+    """`self._x` and `cls._x` are a class's own; `other._x` or `from m import _x` reach inside."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        where = str(path.relative_to(PACKAGE))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hyprstream_tui"):
+                offenders += [f"{where}: from {node.module} import {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__"):
+                owner = ast.unparse(node.value)
+                if owner in ("self", "cls") or f"{owner.split('.')[-1]}.{node.attr}" in FOREIGN_PRIVATE:
+                    continue
+                offenders.append(f"{where}:{node.lineno}: {owner}.{node.attr}")
+    assert offenders == []
