@@ -118,12 +118,12 @@ def time_ours(model, ids: list[int], new: int, lean: bool = True,
               cache=None) -> tuple[float, float, list[int]]:
     from hyprstream_tui.engine import generate
     from hyprstream_tui.engine.params import SamplingParams
+    from hyprstream_tui.engine.sequence import SequenceState
 
-    stats = generate.GenerationStats()
-    tokens = list(generate.generate_tokens(
-        model, ids, SamplingParams(temperature=0, max_tokens=new), eos_ids=frozenset(),
-        generator=None, stats=stats, cache=cache, tuned=lean))
-    return stats.prefill_s, stats.decode_s, tokens
+    seq = SequenceState(ids, SamplingParams(temperature=0, max_tokens=new), eos_ids=frozenset(),
+                        generator=None)
+    tokens = list(generate.generate_tokens(model, seq, cache=cache, tuned=lean))
+    return seq.prefill_s, seq.decode_s, tokens
 
 
 def load(folder: Path, dtype: str, quantize: str | None = None):

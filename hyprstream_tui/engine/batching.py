@@ -21,20 +21,20 @@ Importing this module does not import torch; the scheduler threads do.
 
 from __future__ import annotations
 
-import random
+import dataclasses
 import threading
-import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Hashable, Mapping, Sequence
 
-from hyprstream_tui.engine.events import Event, EventCallback, GenerationDone, GenerationError
-from hyprstream_tui.engine.loader import AdapterSource, LoadedModel
+from hyprstream_tui.engine.jobs import Job, draw_seed, emit_quietly, ignore, new_request_id
+from hyprstream_tui.engine.loader import LoadedModel
 from hyprstream_tui.engine.params import SamplingParams, check_prompt
+from hyprstream_tui.engine.rows import BatchEvent, BatchListener, RowJoined, RowLeft, Ticket
 from hyprstream_tui.engine.sources import ModelSpec, is_path, parse_spec
 from hyprstream_tui.errors import HyprError, InvalidInput
 
-IDLE_LINGER_S = 2.0  # a scheduler with nothing to do waits this long before its thread ends
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.engine import Engine
+    from hyprstream_tui.engine.scheduler import Scheduler
 
 
 class ContextLengthExceeded(InvalidInput):
@@ -47,82 +47,6 @@ class Overloaded(HyprError):
     exit_code = 4
 
 
-@dataclass(frozen=True, kw_only=True)
-class RowJoined:
-    """A request entered the decode batch after its prefill (`step`: decode steps run so far)."""
-
-    request_id: str
-    step: int
-    rows: int  # batch size once it joined
-    prompt_tokens: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class RowLeft:
-    """A request left the batch. For a cancelled one, `cancel_step` is the step count when it was
-    cancelled, so `step - cancel_step` is the decode steps it took to stop (at most 1)."""
-
-    request_id: str
-    step: int
-    reason: str  # stop | eos | length | cancelled | error
-    tokens: int
-    cancel_step: int | None = None
-
-
-BatchEvent = Event | RowJoined | RowLeft
-
-
-class BatchJob:
-    """A submitted request: cancel it, wait for it, or take its result (which raises its error)."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.cancel_token = threading.Event()
-        self.cancel_step: int | None = None
-        self.done: GenerationDone | None = None
-        self.error: BaseException | None = None
-        self.prompt_tokens = 0
-        self._finished = threading.Event()
-        self._steps: Callable[[], int] = lambda: 0
-
-    def cancel(self) -> None:
-        if not self.cancel_token.is_set():
-            self.cancel_step = self._steps()
-            self.cancel_token.set()
-
-    @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._finished.wait(timeout)
-
-    def result(self, timeout: float | None = None) -> GenerationDone:
-        if not self._finished.wait(timeout):
-            raise TimeoutError(f"Request {self.request_id} is still running.")
-        if self.error is not None:
-            raise self.error
-        assert self.done is not None
-        return self.done
-
-
-@dataclass(kw_only=True, eq=False)
-class Ticket:
-    """A checked request waiting for (or holding) a batch row."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    seed: int
-    emit: EventCallback
-    job: BatchJob
-    lm: LoadedModel
-    model_name: str
-    model_commit: str | None
-    adapter: AdapterSource | None
-    submitted: float = field(default_factory=time.perf_counter)
-
-
 class Batcher:
     """Continuous batching over an `Engine`'s loaded models. Thread-safe.
 
@@ -132,11 +56,11 @@ class Batcher:
 
     def __init__(
         self,
-        engine: Any,
+        engine: "Engine",
         *,
         max_batch: int = 8,
         max_queue: int = 32,
-        on_event: EventCallback | None = None,
+        on_event: BatchListener | None = None,
         allow_paths: bool = False,
     ) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -147,15 +71,15 @@ class Batcher:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.allow_paths = allow_paths
-        self._listeners: list[Callable[[BatchEvent], None]] = [on_event] if on_event else []
+        self._listeners: list[BatchListener] = [on_event] if on_event else []
         self._lock = threading.Condition()
-        self._schedulers: dict[tuple, Any] = {}
+        self._schedulers: dict[tuple[int, Hashable], Scheduler] = {}
         self._in_flight = 0  # submitted and not finished: being checked, waiting or decoding
         self._tokenizer_lock = threading.Lock()
         self._closed = False
 
     # ---- public API -------------------------------------------------------------------------
-    def add_listener(self, callback: Callable[[BatchEvent], None]) -> None:
+    def add_listener(self, callback: BatchListener) -> None:
         """`callback` sees every event of every request (from scheduler threads)."""
         self._listeners.append(callback)
 
@@ -170,10 +94,10 @@ class Batcher:
         prompt: str | None = None,
         messages: Sequence[Mapping[str, str]] | None = None,
         params: SamplingParams = SamplingParams(),
-        on_event: EventCallback | None = None,
+        on_event: BatchListener | None = None,
         request_id: str | None = None,
         fill_window: bool = False,
-    ) -> BatchJob:
+    ) -> Job:
         """Check and queue one request; its events go to `on_event` and to the listeners.
 
         Blocks while the model loads. With `fill_window`, `params.max_tokens` is a cap and the
@@ -199,6 +123,30 @@ class Batcher:
             scheduler.cancel_all()
         for scheduler in schedulers:
             scheduler.join(timeout=10)
+
+    # ---- what a scheduler sees (rows.BatchHost) ---------------------------------------------
+    @property
+    def condition(self) -> threading.Condition:
+        return self._lock
+
+    @property
+    def closing(self) -> bool:
+        return self._closed
+
+    def deliver(self, ticket: Ticket | None, event: BatchEvent) -> None:
+        """To the request and to every listener; a failing callback never stops decoding."""
+        targets: list[BatchListener] = [ticket.emit] if ticket is not None else []
+        for callback in targets + list(self._listeners):
+            emit_quietly(callback, event)
+
+    def release(self, ticket: Ticket) -> None:
+        """Once per ticket, by its scheduler: wakes its waiters, frees its slot."""
+        if ticket.job.finish():
+            self._release()
+
+    def retire(self, key: tuple[int, Hashable], scheduler: object) -> None:
+        if self._schedulers.get(key) is scheduler:
+            del self._schedulers[key]
 
     # ---- checking a request -----------------------------------------------------------------
     def check_spec(self, spec: str | ModelSpec) -> ModelSpec:
@@ -226,27 +174,27 @@ class Batcher:
         with self._lock:
             self._in_flight -= 1
 
-    def _ticket(self, spec, prompt, messages, params, on_event, request_id, fill_window) -> Ticket:
+    def _ticket(self, spec: ModelSpec, prompt: str | None,
+                messages: Sequence[Mapping[str, str]] | None, params: SamplingParams,
+                on_event: BatchListener | None, request_id: str | None, fill_window: bool) -> Ticket:
         source = self.engine.resolve(spec)
-        lm: LoadedModel = self.engine.load(spec)
+        lm = self.engine.load(spec)
         if source.adapter is not None:
             with lm.lock:  # attach now, so a misfit adapter is an error before any response
                 lm.use_adapter(source.adapter)
         with self._tokenizer_lock:
             prompt_ids = self._prompt_ids(lm, prompt, messages)
         params = self._fit_budget(lm, len(prompt_ids), params, fill_window)
-        request_id = request_id or uuid.uuid4().hex[:12]
-        job = BatchJob(request_id)
+        request_id = request_id or new_request_id()
+        job = Job(request_id)
         job.prompt_tokens = len(prompt_ids)
-        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
-        return Ticket(
-            request_id=request_id, prompt_ids=prompt_ids, params=params, seed=seed,
-            emit=on_event or _ignore, job=job, lm=lm, model_name=source.name,
-            model_commit=source.commit, adapter=source.adapter,
-        )
+        return Ticket(request_id=request_id, prompt_ids=prompt_ids, params=params,
+                      seed=draw_seed(params.seed), emit=on_event or ignore, job=job, lm=lm,
+                      source=source)
 
     @staticmethod
-    def _prompt_ids(lm: LoadedModel, prompt: str | None, messages) -> list[int]:
+    def _prompt_ids(lm: LoadedModel, prompt: str | None,
+                    messages: Sequence[Mapping[str, str]] | None) -> list[int]:
         if messages is None:
             return list(lm.tokenizer.encode(check_prompt(prompt)))
         from hyprstream_tui.engine.chat import check_messages, render
@@ -254,10 +202,9 @@ class Batcher:
         return render(lm.tokenizer, check_messages(messages))
 
     @staticmethod
-    def _fit_budget(lm: LoadedModel, n_prompt: int, params: SamplingParams, fill_window: bool):
+    def _fit_budget(lm: LoadedModel, n_prompt: int, params: SamplingParams,
+                    fill_window: bool) -> SamplingParams:
         """Params whose max_tokens fit the window; never a silent truncation of the prompt."""
-        import dataclasses
-
         room = lm.window - n_prompt
         max_tokens = min(params.max_tokens, room) if fill_window else params.max_tokens
         if room < 1 or max_tokens > room:
@@ -272,52 +219,19 @@ class Batcher:
 
     # ---- scheduling -------------------------------------------------------------------------
     def _enqueue(self, ticket: Ticket) -> None:
-        key = (id(ticket.lm), ticket.adapter.key if ticket.adapter else None)
+        key = ticket.key
         with self._lock:
             scheduler = self._schedulers.get(key)
             if scheduler is None or not scheduler.accepting:
                 from hyprstream_tui.engine.scheduler import Scheduler
 
-                scheduler = Scheduler(self, ticket.lm, ticket.adapter, key)
+                scheduler = Scheduler(self, ticket.lm, ticket.source.adapter, key)
                 self._schedulers[key] = scheduler
                 scheduler.start()
-            ticket.job._steps = scheduler.step_count
-            scheduler.waiting.append(ticket)
+            scheduler.enqueue(ticket)
             self._lock.notify_all()
-
-    def _emit(self, ticket: Ticket | None, event: BatchEvent) -> None:
-        """Deliver to the request and to every listener; a failing callback never stops decoding."""
-        targets = ([ticket.emit] if ticket is not None else []) + list(self._listeners)
-        for callback in targets:
-            try:
-                callback(event)  # type: ignore[arg-type]
-            except Exception:  # noqa: BLE001 - a consumer's bug must not kill the batch
-                pass
-
-    def _finished(self, ticket: Ticket) -> None:
-        """Called once per ticket by its scheduler: wakes waiters, frees the slot."""
-        if not ticket.job._finished.is_set():
-            ticket.job._finished.set()
-            self._release()
-
-    def _retire(self, key: tuple, scheduler: Any) -> None:
-        """Called under the lock by a scheduler about to end."""
-        if self._schedulers.get(key) is scheduler:
-            del self._schedulers[key]
-
-
-def _ignore(event: Event) -> None:
-    pass
-
-
-def error_event(request_id: str, exc: BaseException) -> GenerationError:
-    if isinstance(exc, HyprError):
-        return GenerationError(request_id=request_id, message=exc.message,
-                               kind=type(exc).__name__, exit_code=exc.exit_code)
-    return GenerationError(request_id=request_id, kind="bug",
-                           message=f"Internal error: {type(exc).__name__}: {exc}")
 
 
 __all__ = [
-    "Batcher", "BatchJob", "ContextLengthExceeded", "Overloaded", "RowJoined", "RowLeft",
+    "Batcher", "ContextLengthExceeded", "Overloaded", "RowJoined", "RowLeft",
 ]

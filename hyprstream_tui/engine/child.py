@@ -18,34 +18,30 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-from hyprstream_tui.engine.engine import GenerationJob
-from hyprstream_tui.engine.events import GenerationDone, GenerationError
+from hyprstream_tui.engine.events import EventCallback, GenerationDone, GenerationError
 from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error
+from hyprstream_tui.engine.jobs import Job, error_event, ignore
 from hyprstream_tui.errors import HyprError
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
     from hyprstream_tui.engine.params import SamplingParams
     from hyprstream_tui.settings import Paths
 
 _ids = itertools.count(1)
 
 
-class ChildJob(GenerationJob):
-    """A request running in the child: the Engine's job, whose cancel goes down the pipe."""
+@dataclass(eq=False)
+class _Request:
+    """A request running in the child, as the parent sees it."""
 
-    def __init__(self, request_id: str, send: Callable[[tuple], None]) -> None:
-        super().__init__(request_id)
-        self._send = send
-        self.callback_error: BaseException | None = None
-
-    def cancel(self) -> None:
-        if not self.finished:
-            try:
-                self._send(("cancel", self.request_id))
-            except HyprError:
-                pass  # the process is gone: the job fails on its own
+    job: Job
+    on_event: EventCallback
+    callback_error: BaseException | None = None
 
 
 class ChildEngine:
@@ -60,7 +56,7 @@ class ChildEngine:
         theirs.close()
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._jobs: dict[str, tuple[ChildJob, Callable[[Any], None]]] = {}
+        self._jobs: dict[str, _Request] = {}
         self._gone: str | None = None
         threading.Thread(target=self._read, name="hyprstream-engine-events", daemon=True).start()
 
@@ -76,15 +72,22 @@ class ChildEngine:
                 raise HyprError("The engine process has stopped: restart hyprstream.") from exc
 
     def chat(self, spec: str, messages: Sequence[Mapping[str, str]], params: "SamplingParams", *,
-             on_event: Callable[[Any], None] | None = None, request_id: str | None = None) -> ChildJob:
+             on_event: EventCallback | None = None, request_id: str | None = None) -> Job:
         rid = request_id or f"child-{next(_ids)}"
-        job = ChildJob(rid, self._send)
+        job = Job(rid, on_cancel=lambda: self._cancel(rid))
         with self._lock:
             if self._gone is not None:
                 raise HyprError(self._gone)
-            self._jobs[rid] = (job, on_event or (lambda _e: None))
+            self._jobs[rid] = _Request(job, on_event or ignore)
         self._send(("chat", rid, spec, [dict(m) for m in messages], params))
         return job
+
+    def _cancel(self, request_id: str) -> None:
+        """The job's cancel goes down the pipe."""
+        try:
+            self._send(("cancel", request_id))
+        except HyprError:
+            pass  # the process is gone: the job fails on its own
 
     def unload(self, name: str | None = None) -> None:
         self._send(("unload", name))
@@ -106,36 +109,38 @@ class ChildEngine:
                 event = self._conn.recv()
             except (EOFError, OSError):
                 break
+            request_id = getattr(event, "request_id", None)
+            final = isinstance(event, (GenerationDone, GenerationError))
             with self._lock:
-                entry = self._jobs.get(getattr(event, "request_id", None))
-                if entry is not None and isinstance(event, (GenerationDone, GenerationError)):
-                    del self._jobs[event.request_id]
-            if entry is None:
+                request = self._jobs.get(request_id) if isinstance(request_id, str) else None
+                if request is not None and final:
+                    del self._jobs[request.job.request_id]
+            if request is None:
                 continue
-            job, on_event = entry
+            job = request.job
             try:
-                on_event(event)
+                request.on_event(event)
             except Exception as exc:  # as in Engine: a failing callback ends its request
-                job.callback_error = exc
+                request.callback_error = exc
                 job.cancel()
             if isinstance(event, GenerationDone):
                 job.done = event
-                job.error = job.callback_error
-                job._finished.set()
+                job.error = request.callback_error
+                job.finish()
             elif isinstance(event, GenerationError):
-                job.error = job.callback_error or rebuild_error(event.kind, event.message) \
+                job.error = request.callback_error or rebuild_error(event.kind, event.message) \
                     or RuntimeError(event.message)  # "bug": the engine's own one-line report
-                job._finished.set()
+                job.finish()
         message = "The engine process stopped (see $HYPRSTREAM_HOME/logs/engine.log): restart hyprstream."
         with self._lock:
             self._gone = message
             pending, self._jobs = list(self._jobs.values()), {}
-        for job, _ in pending:
-            job.error = HyprError(message)
-            job._finished.set()
+        for request in pending:
+            request.job.error = HyprError(message)
+            request.job.finish()
 
 
-def _serve(conn: Any, paths: "Paths") -> None:
+def _serve(conn: "Connection", paths: "Paths") -> None:
     """The child: an Engine answering requests from `conn` until it closes."""
     from hyprstream_tui.engine.engine import Engine
     from hyprstream_tui.store import Store
@@ -143,9 +148,9 @@ def _serve(conn: Any, paths: "Paths") -> None:
     log_to(paths.home / "logs" / "engine.log")
     engine = Engine(store=Store(paths))
     send_lock = threading.Lock()
-    jobs: dict[str, Any] = {}
+    jobs: dict[str, Job] = {}
 
-    def send(event: Any) -> None:
+    def send(event: object) -> None:
         with send_lock:
             try:
                 conn.send(event)
@@ -166,8 +171,7 @@ def _serve(conn: Any, paths: "Paths") -> None:
                 try:
                     jobs[rid] = engine.chat(spec, messages, params, on_event=send, request_id=rid)
                 except HyprError as exc:
-                    send(GenerationError(request_id=rid, message=exc.message, kind=type(exc).__name__,
-                                         exit_code=exc.exit_code))
+                    send(error_event(rid, exc))
             elif kind == "cancel":
                 job = jobs.get(message[1])
                 if job is not None:

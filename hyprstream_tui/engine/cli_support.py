@@ -12,7 +12,8 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from hyprstream_tui.engine.engine import Engine, GenerationJob
+from hyprstream_tui.engine.engine import Engine
+from hyprstream_tui.engine.jobs import Job
 from hyprstream_tui.engine.events import ContextTrimmed, Event, GenerationDone, TokenDelta
 from hyprstream_tui.engine.loader import LoadOptions
 from hyprstream_tui.engine.params import SamplingParams
@@ -33,7 +34,7 @@ def make_engine(*, home: str | None = None, dtype: str = "auto", device: str = "
 
 
 def wait_streaming(
-    job: GenerationJob, events: Any, on_event: Callable[[Event], None]
+    job: Job, events: Any, on_event: Callable[[Event], None]
 ) -> GenerationDone:
     """Hand `job`'s queued events to `on_event` until it ends; Ctrl-C cancels it and raises
     Cancelled once the engine has stopped (within one decode step)."""

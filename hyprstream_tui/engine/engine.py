@@ -10,13 +10,12 @@ Importing this module does not import torch; the first request does.
 
 from __future__ import annotations
 
-import random
+import queue
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from hyprstream_tui.engine.events import (
     ContextTrimmed,
@@ -25,14 +24,25 @@ from hyprstream_tui.engine.events import (
     GenerationDone,
     GenerationError,
     ModelLoaded,
-    Provenance,
-    Timings,
     TokenDelta,
+)
+from hyprstream_tui.engine.jobs import (
+    Job,
+    draw_seed,
+    emit_quietly,
+    error_event,
+    ignore,
+    new_request_id,
 )
 from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource
 from hyprstream_tui.engine.params import SamplingParams, check_budget, check_prompt
 from hyprstream_tui.engine.sources import ModelSpec, parse_spec, resolve_source
-from hyprstream_tui.errors import HyprError
+
+if TYPE_CHECKING:
+    from hyprstream_tui.store import Store
+
+
+ModelKey = tuple[str, str | None, LoadOptions]  # a loaded model: (folder, commit, options)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,43 +56,13 @@ class Request:
     request_id: str = ""
 
 
-class GenerationJob:
-    """A running request: cancel it, wait for it, or take its result (which raises its error)."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.cancel_token = threading.Event()
-        self._finished = threading.Event()
-        self.done: GenerationDone | None = None
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-
-    def cancel(self) -> None:
-        self.cancel_token.set()
-
-    @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._finished.wait(timeout)
-
-    def result(self, timeout: float | None = None) -> GenerationDone:
-        if not self._finished.wait(timeout):
-            raise TimeoutError(f"Request {self.request_id} is still running.")
-        if self.error is not None:
-            raise self.error
-        assert self.done is not None
-        return self.done
-
-
 class Engine:
     """Loads models by name and generates in worker threads. Thread-safe."""
 
     def __init__(
         self,
         *,
-        store: Any = None,
+        store: "Store | None" = None,
         max_models: int = 2,
         options: LoadOptions = LoadOptions(),
         threads: int | None = None,
@@ -91,10 +71,10 @@ class Engine:
         self.max_models = max(1, max_models)
         self.options = options
         self.threads = threads
-        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._models: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._models_lock = threading.Lock()
-        self._loading: dict[tuple, threading.Lock] = {}
-        self._jobs: set[GenerationJob] = set()
+        self._loading: dict[ModelKey, threading.Lock] = {}
+        self._jobs: set[Job] = set()
         self._jobs_lock = threading.Lock()
 
     # ---- models --------------------------------------------------------------------------
@@ -163,11 +143,11 @@ class Engine:
         *,
         on_event: EventCallback | None = None,
         request_id: str | None = None,
-    ) -> GenerationJob:
+    ) -> Job:
         """Continue `prompt` (raw text, no chat template) in a worker thread."""
         request = Request(
             spec=_spec(spec), params=params, prompt=check_prompt(prompt),
-            request_id=request_id or _new_id(),
+            request_id=request_id or new_request_id(),
         )
         return self.submit(request, on_event)
 
@@ -179,22 +159,22 @@ class Engine:
         *,
         on_event: EventCallback | None = None,
         request_id: str | None = None,
-    ) -> GenerationJob:
+    ) -> Job:
         """Answer the conversation `messages` (the last one from the user) in a worker thread."""
         from hyprstream_tui.engine.chat import check_messages
 
         request = Request(
             spec=_spec(spec), params=params, messages=tuple(check_messages(messages)),
-            request_id=request_id or _new_id(),
+            request_id=request_id or new_request_id(),
         )
         return self.submit(request, on_event)
 
-    def submit(self, request: Request, on_event: EventCallback | None = None) -> GenerationJob:
-        job = GenerationJob(request.request_id)
+    def submit(self, request: Request, on_event: EventCallback | None = None) -> Job:
+        job = Job(request.request_id)
         with self._jobs_lock:
             self._jobs.add(job)
         job.thread = threading.Thread(
-            target=self._run, args=(request, job, on_event or _ignore),
+            target=self._run, args=(request, job, on_event or ignore),
             name=f"hyprstream-gen-{request.request_id}", daemon=True,
         )
         job.thread.start()
@@ -209,9 +189,7 @@ class Engine:
 
         Closing the iterator early (a client that went away) cancels the request.
         """
-        import queue
-
-        events: queue.Queue = queue.Queue()
+        events: queue.Queue[Event] = queue.Queue()
         if messages is not None:
             job = self.chat(spec, messages, params, on_event=events.put)
         else:
@@ -225,7 +203,7 @@ class Engine:
         finally:
             job.cancel()
 
-    def _run(self, request: Request, job: GenerationJob, emit: EventCallback) -> None:
+    def _run(self, request: Request, job: Job, emit: EventCallback) -> None:
         try:
             if self.threads is not None:  # OpenMP's thread count is per calling thread
                 from hyprstream_tui.engine.loader import set_threads
@@ -233,22 +211,13 @@ class Engine:
                 set_threads(self.threads)
             job.done = self._generate(request, job.cancel_token, emit)
             emit(job.done)
-        except HyprError as exc:
+        except Exception as exc:  # a HyprError, a bug or a failing callback: kept on the job
             job.error = exc
-            _emit_quietly(emit, GenerationError(
-                request_id=request.request_id, message=exc.message,
-                kind=type(exc).__name__, exit_code=exc.exit_code,
-            ))
-        except Exception as exc:  # a bug (or a failing callback): report it, keep it on the job
-            job.error = exc
-            _emit_quietly(emit, GenerationError(
-                request_id=request.request_id, kind="bug",
-                message=f"Internal error: {type(exc).__name__}: {exc}",
-            ))
+            emit_quietly(emit, error_event(request.request_id, exc))
         finally:
             with self._jobs_lock:
                 self._jobs.discard(job)
-            job._finished.set()
+            job.finish()
 
     def _generate(
         self, request: Request, cancel: threading.Event, emit: EventCallback
@@ -286,59 +255,24 @@ class Engine:
         return fitted.ids, fitted.dropped_messages
 
     def _decode(
-        self, lm, source, request, prompt_ids, dropped, load_s, cancel, emit
+        self, lm: LoadedModel, source: ModelSource, request: Request, prompt_ids: list[int],
+        dropped: int, load_s: float, cancel: threading.Event, emit: EventCallback,
     ) -> GenerationDone:
-        import torch
-
-        from hyprstream_tui.engine.generate import GenerationStats, stream_text
+        from hyprstream_tui.engine.generate import stream_text
+        from hyprstream_tui.engine.sequence import SequenceState, provenance, seeded
 
         params = request.params
-        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
-        generator = torch.Generator().manual_seed(seed)
-        stats = GenerationStats()
-        pieces: list[str] = []
-        for text in stream_text(lm.model, lm.tokenizer, prompt_ids, params, eos_ids=lm.eos_ids,
-                                generator=generator, cancel=cancel, stats=stats, tuned=lm.options.tuned):
-            pieces.append(text)
-            emit(TokenDelta(request_id=request.request_id, text=text, tokens=len(stats.token_ids)))
-        adapter = source.adapter
-        return GenerationDone(
-            request_id=request.request_id,
-            text="".join(pieces),
-            finish_reason=stats.finish_reason,  # type: ignore[arg-type]
-            stop=stats.stop,
-            dropped_messages=dropped,
-            provenance=Provenance(
-                model=source.name, model_commit=source.commit,
-                adapter=adapter.name if adapter else None,
-                adapter_commit=adapter.commit if adapter else None,
-                params=params.as_dict(), seed=seed, dtype=lm.dtype, device=lm.device,
-                quantize=lm.options.quantize,
-            ),
-            timings=Timings(load_s=load_s, prefill_s=stats.prefill_s, decode_s=stats.decode_s,
-                            prompt_tokens=stats.prompt_tokens,
-                            completion_tokens=len(stats.token_ids)),
-        )
+        seed = draw_seed(params.seed)
+        seq = SequenceState(prompt_ids, params, eos_ids=lm.eos_ids, generator=seeded(seed),
+                            tokenizer=lm.tokenizer)
+        for text in stream_text(lm.model, seq, cancel=cancel, tuned=lm.options.tuned):
+            emit(TokenDelta(request_id=request.request_id, text=text, tokens=len(seq.token_ids)))
+        return seq.done(request.request_id, provenance(lm, source, params, seed), load_s=load_s,
+                        dropped_messages=dropped)
 
 
 def _spec(spec: str | ModelSpec) -> ModelSpec:
     return parse_spec(spec) if isinstance(spec, str) else spec
 
 
-def _new_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def _ignore(event: Event) -> None:
-    pass
-
-
-def _emit_quietly(emit: EventCallback, event: Event) -> None:
-    """Deliver a final error event; a callback that fails again must not kill the worker."""
-    try:
-        emit(event)
-    except Exception:  # noqa: BLE001 - the job already holds the first error
-        pass
-
-
-__all__ = ["Engine", "GenerationJob", "Request"]
+__all__ = ["Engine", "Request"]

@@ -6,26 +6,24 @@ Positions come from one preallocated arange. With `tuned` (LoadOptions.tuned, th
 decode steps go through `tuned.lean.LeanDecoder` (the model's own layers over a preallocated cache,
 without transformers' per-step glue) where the architecture allows, else through `model(...)`.
 
+The per-request state (sampling, detokenising, stop strings, how it ended) is
+`sequence.SequenceState`, which the batch scheduler decodes with too.
+
 Imports torch at module level: the engine imports this module lazily, in its worker threads.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 
-from hyprstream_tui.engine.detok import IncrementalDetokenizer
+from hyprstream_tui.engine.sequence import SequenceState
 from hyprstream_tui.engine.tuned.lean import LeanDecoder
-from hyprstream_tui.engine.sampling import sample
-from hyprstream_tui.engine.stops import StopMatcher
 
 if TYPE_CHECKING:
-    from hyprstream_tui.engine.params import SamplingParams
-
-
+    from transformers import Cache, DynamicCache, PretrainedConfig
 
 
 class CancelToken(Protocol):
@@ -37,26 +35,16 @@ class NeverCancel:
         return False
 
 
-@dataclass(kw_only=True)
-class GenerationStats:
-    """Filled in while a generation runs; read it once the stream is exhausted."""
-
-    prompt_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"
-    stop: str | None = None
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-
-def new_cache(model: torch.nn.Module):
+def new_cache(model: torch.nn.Module) -> "DynamicCache":
     """An empty KV cache laid out for `model` (sliding-window layers included)."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    config: PretrainedConfig = model.config  # type: ignore[assignment]  # nn.Module's __getattr__ is untyped
+    return DynamicCache(config=config)
 
 
-def prefill(model, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+            cache: "Cache") -> torch.Tensor:
     """Run the prompt; return the logits of its last position.
 
     input_ids: [1, S], positions: [1, S] -> logits: [V]
@@ -67,36 +55,31 @@ def prefill(model, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> t
     return out.logits[0, -1]
 
 
-def decode_one_token(model, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+def decode_one_token(model: torch.nn.Module, token: torch.Tensor, position: torch.Tensor,
+                     cache: "Cache") -> torch.Tensor:
     """One step: token: [1, 1] at position: [1, 1] -> logits: [V]."""
     out = model(input_ids=token, position_ids=position, cache=cache, use_cache=True)
     return out.logits[0, -1]
 
 
-def generate_tokens(
-    model,
-    prompt_ids: Sequence[int],
-    params: "SamplingParams",
+def decode(
+    model: torch.nn.Module,
+    seq: SequenceState,
     *,
-    eos_ids: frozenset[int],
-    generator: torch.Generator | None,
     cancel: CancelToken = NeverCancel(),
-    stats: GenerationStats | None = None,
-    cache=None,
+    cache: Cache | None = None,
     tuned: bool = True,
-) -> Iterator[int]:
-    """Yield up to params.max_tokens new token ids; stop at EOS (not yielded) or on cancel.
+) -> Iterator[str]:
+    """The single-stream loop: prefill `seq`'s prompt, then one token per step until `seq` ends.
 
-    `cache`: a KV cache (`new_cache`) already holding the first positions of this prompt, computed
-    earlier; prefill runs only the rest (at least one token) and the cache is extended in place.
-    `tuned`: decode through the lean step where it applies (False: `model(...)` every step).
+    Yields, after every accepted token, the text it released (often ""), and at the end the tail
+    (when not empty). `cache`: a KV cache (`new_cache`) already holding the first positions of this
+    prompt, computed earlier; prefill runs only the rest (at least one token) and the cache is
+    extended in place. `tuned`: decode through the lean step where it applies (False: `model(...)`
+    every step).
     """
-    stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
-    n_prompt, max_new = len(prompt_ids), params.max_tokens
-    stats.prompt_tokens = n_prompt
-    seen = torch.empty(n_prompt + max_new, dtype=torch.long)  # [S + N] for the penalty
-    seen[:n_prompt] = torch.tensor(prompt_ids, dtype=torch.long)
+    n_prompt, max_new = seq.n_prompt, seq.params.max_tokens
     positions = torch.arange(n_prompt + max_new, device=device).unsqueeze(0)  # [1, S + N]
     token = torch.empty(1, 1, dtype=torch.long, device=device)  # [1, 1]
     cached = 0 if cache is None else cache.get_seq_length()
@@ -106,76 +89,62 @@ def generate_tokens(
     cache = new_cache(model) if cache is None else cache
     with torch.inference_mode():
         started = time.perf_counter()
-        input_ids = seen[cached:n_prompt].unsqueeze(0).to(device)  # [1, S - cached]
+        input_ids = seq.seen[cached:n_prompt].unsqueeze(0).to(device)  # [1, S - cached]
         logits = prefill(model, input_ids, positions[:, cached:n_prompt], cache)
         lean = LeanDecoder.build(model, cache, n_prompt, max_new) if tuned else None
         if lean is not None:
             cache = None  # its keys and values now live in the lean decoder's buffers
-        for i in range(max_new):
-            next_id = sample(logits.cpu(), params, seen=seen[: n_prompt + i], generator=generator)
-            _clock(stats, started, first=i == 0)
-            if next_id in eos_ids:
-                stats.finish_reason = "eos"
-                return
-            seen[n_prompt + i] = next_id
-            stats.token_ids.append(next_id)
-            yield next_id
+        first = True
+        while True:
+            next_id = seq.pick(logits.cpu())
+            elapsed = time.perf_counter() - started
+            if first:
+                seq.prefill_s += elapsed
+            else:
+                seq.decode_s += elapsed
+            first = False
+            yield seq.accept(next_id)
             if cancel.is_set():
-                stats.finish_reason = "cancelled"
-                return
-            if i + 1 == max_new:
+                seq.cancel()
+            if seq.finish_reason is not None:
                 break
             started = time.perf_counter()
             token.fill_(next_id)
-            pos = n_prompt + i
+            pos = seq.position
             if lean is not None:
                 logits = lean.step(token, positions[:, pos : pos + 1])
             else:
+                assert cache is not None
                 logits = decode_one_token(model, token, positions[:, pos : pos + 1], cache)
-        stats.finish_reason = "length"
+    tail = seq.tail()
+    if tail:
+        yield tail
 
 
-def _clock(stats: GenerationStats, started: float, *, first: bool) -> None:
-    elapsed = time.perf_counter() - started
-    if first:
-        stats.prefill_s += elapsed
-    else:
-        stats.decode_s += elapsed
+def generate_tokens(
+    model: torch.nn.Module,
+    seq: SequenceState,
+    *,
+    cancel: CancelToken = NeverCancel(),
+    cache: Cache | None = None,
+    tuned: bool = True,
+) -> Iterator[int]:
+    """The new token ids of `decode`, one as soon as it is sampled (EOS is not yielded)."""
+    done = 0
+    for _ in decode(model, seq, cancel=cancel, cache=cache, tuned=tuned):
+        while done < len(seq.token_ids):
+            yield seq.token_ids[done]
+            done += 1
 
 
 def stream_text(
-    model,
-    tokenizer,
-    prompt_ids: Sequence[int],
-    params: "SamplingParams",
+    model: torch.nn.Module,
+    seq: SequenceState,
     *,
-    eos_ids: frozenset[int],
-    generator: torch.Generator | None,
     cancel: CancelToken = NeverCancel(),
-    stats: GenerationStats | None = None,
     tuned: bool = True,
 ) -> Iterator[str]:
-    """Text deltas: whole characters only, stop strings held back and never emitted."""
-    stats = stats if stats is not None else GenerationStats()
-    detok = IncrementalDetokenizer(
-        lambda ids: tokenizer.decode(ids, skip_special_tokens=True), context=prompt_ids
-    )
-    stops = StopMatcher(params.stop)
-    tokens = generate_tokens(
-        model, prompt_ids, params, eos_ids=eos_ids, generator=generator, cancel=cancel, stats=stats,
-        tuned=tuned,
-    )
-    for token_id in tokens:
-        text = stops.push(detok.push(token_id))
+    """Text deltas of `decode`: whole characters only, stop strings held back and never emitted."""
+    for text in decode(model, seq, cancel=cancel, tuned=tuned):
         if text:
             yield text
-        if stops.matched is not None:
-            tokens.close()
-            stats.finish_reason, stats.stop = "stop", stops.matched
-            return
-    tail = stops.push(detok.flush())
-    if stops.matched is not None:
-        stats.finish_reason, stats.stop = "stop", stops.matched
-    tail += stops.flush()
-    if tail:
-        yield tail

@@ -12,13 +12,15 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from anyio import to_thread
 from fastapi import Request
 
-from hyprstream_tui.engine.batching import Batcher, BatchJob
+from hyprstream_tui.engine.batching import Batcher
 from hyprstream_tui.engine.events import GenerationDone, GenerationError, TokenDelta
+from hyprstream_tui.engine.jobs import Job
+from hyprstream_tui.engine.rows import BatchEvent
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.errors import HyprError, InvalidInput
 from hyprstream_tui.server.errors import APIError, from_hypr
@@ -54,7 +56,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest) -> tuple[Sa
     return params, fill
 
 
-def _refuse_unsupported(body: Any) -> None:
+def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
     checks = [
         ("presence_penalty", bool(body.presence_penalty)),
         ("frequency_penalty", bool(body.frequency_penalty)),
@@ -100,16 +102,19 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     return out
 
 
+RunEvent = TokenDelta | GenerationDone | GenerationError  # what a response is made of
+
+
 class Run:
     """One queued generation as seen from the event loop."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.job: BatchJob | None = None
+        self.queue: asyncio.Queue[RunEvent] = asyncio.Queue()
+        self.job: Job | None = None
         self.created = int(time.time())
 
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: BatchEvent) -> None:
         """Called in the scheduler thread."""
         if isinstance(event, (TokenDelta, GenerationDone, GenerationError)):
             try:
@@ -125,7 +130,7 @@ class Run:
         if self.job is not None:
             self.job.cancel()
 
-    async def events(self) -> AsyncIterator[Any]:
+    async def events(self) -> AsyncIterator[RunEvent]:
         """TokenDelta events, then one GenerationDone or GenerationError."""
         while True:
             event = await self.queue.get()
@@ -134,8 +139,9 @@ class Run:
                 return
 
 
-async def start(batcher: Batcher, model: str, *, param: str, fill: bool,
-                params: SamplingParams, **inputs: Any) -> Run:
+async def start(batcher: Batcher, model: str, *, param: str, fill: bool, params: SamplingParams,
+                prompt: str | None = None,
+                messages: Sequence[Mapping[str, str]] | None = None) -> Run:
     """Check and queue the request (in a thread: loading a model blocks); HTTP errors raise."""
     run = Run()
     try:
@@ -144,8 +150,9 @@ async def start(batcher: Batcher, model: str, *, param: str, fill: bool,
     except HyprError as exc:
         raise from_hypr(exc, param="model") from None
 
-    def submit() -> BatchJob:
-        return batcher.submit(spec, params=params, on_event=run.on_event, fill_window=fill, **inputs)
+    def submit() -> Job:
+        return batcher.submit(spec, prompt=prompt, messages=messages, params=params,
+                              on_event=run.on_event, fill_window=fill)
 
     try:
         run.job = await to_thread.run_sync(submit)
@@ -209,33 +216,33 @@ class Chunks:
     model: str
     chat: bool
 
-    def _body(self, choices: list[dict], **extra: Any) -> dict:
+    def _body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def _choice(self, text: str | None, finish: str | None, *, role: bool = False) -> dict:
+    def _choice(self, text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
         if not self.chat:
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         delta = {"role": "assistant", "content": ""} if role else (
             {"content": text} if text is not None else {})
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    def first(self) -> dict | None:
+    def first(self) -> dict[str, Any] | None:
         """Chat streams open with the assistant's role."""
         return self._body([self._choice(None, None, role=True)]) if self.chat else None
 
-    def text(self, text: str) -> dict:
+    def text(self, text: str) -> dict[str, Any]:
         return self._body([self._choice(text, None)])
 
-    def finish(self, reason: str) -> dict:
+    def finish(self, reason: str) -> dict[str, Any]:
         return self._body([self._choice(None, reason)])
 
-    def usage(self, usage: Usage) -> dict:
+    def usage(self, usage: Usage) -> dict[str, Any]:
         return self._body([], usage=usage.model_dump())
 
 
-def sse(data: Any) -> str:
+def sse(data: object) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 

@@ -12,10 +12,22 @@ import contextlib
 import threading
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from hyprstream_tui.engine.events import GenerationDone, Provenance, Timings, TokenDelta
+from hyprstream_tui.engine.events import (
+    EventCallback,
+    FinishReason,
+    GenerationDone,
+    Provenance,
+    Timings,
+    TokenDelta,
+)
+from hyprstream_tui.engine.jobs import ChatEngine, Job, ignore, new_request_id
 from hyprstream_tui.errors import HubError, HyprError
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.params import SamplingParams
+    from hyprstream_tui.store import Store
 
 
 def is_token(event: object) -> bool:
@@ -37,7 +49,7 @@ def preload() -> None:
     importlib.import_module("hyprstream_tui.engine.engine")
 
 
-def make_engine(store: Any, *, remote: str | None = None) -> Any:
+def make_engine(store: "Store", *, remote: str | None = None) -> ChatEngine:
     """The engine the TUI talks to: a server with `--remote`, else an Engine in a child process
     (so this process never runs, or imports, torch)."""
     if remote:
@@ -47,8 +59,8 @@ def make_engine(store: Any, *, remote: str | None = None) -> Any:
     return ChildEngine(store.paths)
 
 
-def run_chats(engine: Any, specs: Sequence[str], messages: Sequence[Mapping[str, str]], params: Any, *,
-              request_ids: Sequence[str], on_event: Callable[[Any], None],
+def run_chats(engine: ChatEngine, specs: Sequence[str], messages: Sequence[Mapping[str, str]],
+              params: "SamplingParams", *, request_ids: Sequence[str], on_event: EventCallback,
               cancel: threading.Event) -> list[GenerationDone]:
     """Start one generation per spec, pass `cancel` on to them, and wait for all."""
     jobs = [engine.chat(spec, messages, params, on_event=on_event, request_id=rid)
@@ -80,32 +92,6 @@ def reply_meta(done: GenerationDone, *, side: str = "a") -> dict[str, Any]:
 
 
 # ---- a remote server speaking the OpenAI chat API (hyprstream serve, vLLM, ...) ---------------------
-class RemoteJob:
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.cancel_token = threading.Event()
-        self._finished = threading.Event()
-        self.done: GenerationDone | None = None
-        self.error: BaseException | None = None
-
-    def cancel(self) -> None:
-        self.cancel_token.set()
-
-    @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._finished.wait(timeout)
-
-    def result(self) -> GenerationDone:
-        self._finished.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.done is not None
-        return self.done
-
-
 class RemoteEngine:
     """`/v1/chat/completions` with SSE streaming, through `hyprstream_tui.client.Client` (httpx);
     `model:adapter` names pass through unchanged. A cancelled job hangs up, and the server stops
@@ -131,30 +117,34 @@ class RemoteEngine:
         except (ValueError, KeyError, TypeError) as exc:  # an answer that is not an OpenAI model list
             raise HubError(f"Cannot list the models of {self.url} ({type(exc).__name__}): check --remote.") from None
 
-    def chat(self, spec: str, messages: Sequence[Mapping[str, str]], params: Any, *,
-             on_event: Callable[[Any], None], request_id: str) -> RemoteJob:
-        job = RemoteJob(request_id)
-        thread = threading.Thread(target=self._run, args=(job, spec, list(messages), params, on_event), daemon=True)
-        thread.start()
+    def chat(self, spec: str, messages: Sequence[Mapping[str, str]], params: "SamplingParams", *,
+             on_event: EventCallback | None = None, request_id: str | None = None) -> Job:
+        job = Job(request_id or new_request_id())
+        job.thread = threading.Thread(target=self._run, args=(job, spec, list(messages), params,
+                                                              on_event or ignore), daemon=True)
+        job.thread.start()
         return job
 
-    def _run(self, job: RemoteJob, spec: str, messages: list, params: Any, on_event: Callable[[Any], None]) -> None:
+    def _run(self, job: Job, spec: str, messages: list[Mapping[str, str]], params: "SamplingParams",
+             on_event: EventCallback) -> None:
         try:
             job.done = self._stream(job, spec, messages, params, on_event)
             on_event(job.done)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting worker
             job.error = exc if isinstance(exc, HyprError) else HubError(f"The server at {self.url} failed: {exc}.")
         finally:
-            job._finished.set()
+            job.finish()
 
-    def _stream(self, job: RemoteJob, spec: str, messages: list, params: Any, on_event) -> GenerationDone:
+    def _stream(self, job: Job, spec: str, messages: list[Mapping[str, str]], params: "SamplingParams",
+                on_event: EventCallback) -> GenerationDone:
         body: dict[str, Any] = {"temperature": params.temperature, "top_p": params.top_p,
                                 "max_tokens": params.max_tokens, "seed": params.seed}
-        started, pieces, finish = time.perf_counter(), [], "stop"
+        started, pieces = time.perf_counter(), []
+        finish: FinishReason = "stop"
         # Leaving the `closing` block closes the response: a cancelled job hangs up mid-stream.
         with contextlib.closing(self.client.chunks(model=spec, messages=messages, **body)) as chunks:
             for chunk in chunks:
-                if job.cancel_token.is_set():
+                if job.cancelled:
                     finish = "cancelled"
                     break
                 choice = (chunk.get("choices") or [{}])[0]
@@ -162,9 +152,17 @@ class RemoteEngine:
                 if text:
                     pieces.append(text)
                     on_event(TokenDelta(request_id=job.request_id, text=text, tokens=len(pieces)))
-                finish = choice.get("finish_reason") or finish
+                finish = _finish_reason(choice.get("finish_reason")) or finish
+        # What a server reports is all there is: OpenAI's API names no commits.
         model, _, adapter = spec.partition(":")
         return GenerationDone(request_id=job.request_id, text="".join(pieces), finish_reason=finish,
                               provenance=Provenance(model=model, model_commit=None, adapter=adapter or None,
                                                     params=params.as_dict(), seed=params.seed or 0, device=self.url),
                               timings=Timings(decode_s=time.perf_counter() - started, completion_tokens=len(pieces)))
+
+
+def _finish_reason(reason: object) -> FinishReason | None:
+    """An OpenAI finish_reason as ours ("length" stays, anything else ended on a stop)."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hyprstream_tui.engine.tuned import gemv
+from hyprstream_tui.engine.sequence import SequenceState
 from hyprstream_tui.engine.generate import generate_tokens
 from hyprstream_tui.engine.tuned.kernels import GemvLinear, UpcastPrefillLinear, native_gemv
 from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
@@ -160,7 +161,7 @@ def test_greedy_bf16_tokens_are_the_same_with_and_without_the_kernel(tiny_models
     params = SamplingParams(temperature=0, max_tokens=24)
 
     def run():
-        return list(generate_tokens(lm.model, ids, params, eos_ids=frozenset(), generator=None))
+        return list(generate_tokens(lm.model, SequenceState(ids, params, eos_ids=frozenset(), generator=None)))
 
     with_kernel = run()
     used = len(counted)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyprstream_tui.engine.generate import GenerationStats, generate_tokens, stream_text
+from hyprstream_tui.engine.generate import generate_tokens, stream_text
 from hyprstream_tui.engine.loader import AdapterSource, LoadOptions, ModelSource, load_model
 from hyprstream_tui.engine.params import SamplingParams
+from hyprstream_tui.engine.sequence import SequenceState
 from hyprstream_tui.engine.tiny import ARCHS
 
 PROMPT = "Once upon a time there was a small village by the sea."
@@ -24,7 +25,7 @@ def _reference(model, ids, max_new):
 
 
 def _ours(lm, ids, params=GREEDY, *, generator=None):
-    return list(generate_tokens(lm.model, ids, params, eos_ids=frozenset(), generator=generator))
+    return list(generate_tokens(lm.model, SequenceState(ids, params, eos_ids=frozenset(), generator=generator)))
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +135,11 @@ def test_stop_string_split_across_tokens_is_never_emitted(loaded):
     k = next(i for i in range(5, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
     stop = pieces[k][-2:] + pieces[k + 1][:2]
     full = lm.tokenizer.decode(full_ids)
-    stats = GenerationStats()
     params = SamplingParams(temperature=0, max_tokens=40, stop=(stop,))
-    deltas = list(stream_text(lm.model, lm.tokenizer, ids, params, eos_ids=frozenset(),
-                              generator=None, stats=stats))
-    assert "".join(deltas) == full[: full.index(stop)]
-    assert stats.finish_reason == "stop" and stats.stop == stop
+    seq = SequenceState(ids, params, eos_ids=frozenset(), generator=None, tokenizer=lm.tokenizer)
+    deltas = list(stream_text(lm.model, seq))
+    assert "".join(deltas) == full[: full.index(stop)] == seq.text
+    assert seq.finish_reason == "stop" and seq.stop == stop
     assert not any(stop in "".join(deltas[: i + 1]) for i in range(len(deltas)))
 
 
@@ -158,10 +158,9 @@ def test_eos_ends_generation(loaded):
     lm = loaded["qwen2"]
     ids = lm.tokenizer.encode(PROMPT)
     first = _ours(lm, ids)[3]
-    stats = GenerationStats()
-    out = list(generate_tokens(lm.model, ids, GREEDY, eos_ids=frozenset({first}),
-                               generator=None, stats=stats))
-    assert first not in out and stats.finish_reason == "eos"
+    seq = SequenceState(ids, GREEDY, eos_ids=frozenset({first}), generator=None)
+    out = list(generate_tokens(lm.model, seq))
+    assert first not in out and seq.finish_reason == "eos" and out == seq.token_ids
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hyprstream_tui.engine.sequence import SequenceState
 from hyprstream_tui.engine.generate import decode_one_token, generate_tokens, new_cache, prefill
 from hyprstream_tui.engine.tuned.lean import FIRST_CAPACITY, LeanDecoder
 from hyprstream_tui.engine.loader import AdapterSource, LoadOptions, ModelSource, load_model
@@ -92,7 +93,7 @@ def test_lean_cache_grows_past_its_first_capacity(tiny_models):
     params = SamplingParams(temperature=0, max_tokens=FIRST_CAPACITY + 40)
 
     def run(tuned: bool) -> list[int]:
-        return list(generate_tokens(lm.model, ids, params, eos_ids=frozenset(), generator=None, tuned=tuned))
+        return list(generate_tokens(lm.model, SequenceState(ids, params, eos_ids=frozenset(), generator=None), tuned=tuned))
 
     lean = run(True)
     assert len(lean) == params.max_tokens and lean == run(False)
@@ -129,7 +130,7 @@ def test_generation_from_a_prefilled_prefix_equals_a_whole_run(tiny_models):
     params = SamplingParams(temperature=0, max_tokens=24)
 
     def run(cache=None) -> list[int]:
-        return list(generate_tokens(lm.model, ids, params, eos_ids=frozenset(), generator=None,
+        return list(generate_tokens(lm.model, SequenceState(ids, params, eos_ids=frozenset(), generator=None),
                                     cache=cache))
 
     whole = run()

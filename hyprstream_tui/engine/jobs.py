@@ -1,0 +1,136 @@
+"""The one job type of every generation, wherever it runs, and what all of them share.
+
+A `Job` is returned by `Engine.generate/chat` (a worker thread), `Batcher.submit` (a batch row),
+`ChildEngine.chat` (an engine in a child process) and `RemoteEngine.chat` (a server): cancel it,
+wait for it, or take its result (which raises its error). `ChatEngine` is what the TUI needs of
+any of them.
+
+Also here, once: the request id, the seed draw, and the mapping from an exception to the
+`GenerationError` event.
+
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, TypeVar
+
+from hyprstream_tui.engine.events import Event, EventCallback, GenerationDone, GenerationError
+from hyprstream_tui.errors import HyprError
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.params import SamplingParams
+
+
+class Job:
+    """A running generation: cancel it, wait for it, or take its result.
+
+    `on_cancel` runs once when the job is cancelled (an engine in another process passes the
+    cancel on). `steps`, when set, counts the decode steps of the batch the job is in, so a
+    cancelled job records at which step it was cancelled (`cancel_step`).
+    """
+
+    def __init__(self, request_id: str, *, on_cancel: Callable[[], None] | None = None) -> None:
+        self.request_id = request_id
+        self.cancel_token = threading.Event()
+        self.cancel_step: int | None = None
+        self.steps: Callable[[], int] | None = None
+        self.done: GenerationDone | None = None
+        self.error: BaseException | None = None
+        self.prompt_tokens = 0
+        self.thread: threading.Thread | None = None
+        self._on_cancel = on_cancel
+        self._finished = threading.Event()
+
+    def cancel(self) -> None:
+        if self.cancel_token.is_set() or self.finished:
+            return
+        if self.steps is not None:
+            self.cancel_step = self.steps()
+        self.cancel_token.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_token.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def finish(self) -> bool:
+        """Mark the job finished (set `done` or `error` first) and wake its waiters.
+
+        Returns False when it had finished already: the first outcome stands."""
+        if self._finished.is_set():
+            return False
+        self._finished.set()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._finished.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> GenerationDone:
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"Request {self.request_id} is still running.")
+        if self.error is not None:
+            raise self.error
+        assert self.done is not None
+        return self.done
+
+
+class ChatEngine(Protocol):
+    """What a front end needs of an engine, local or not: answer a conversation with a Job."""
+
+    def chat(
+        self,
+        spec: str,
+        messages: Sequence[Mapping[str, str]],
+        params: "SamplingParams",
+        *,
+        on_event: EventCallback | None = None,
+        request_id: str | None = None,
+    ) -> Job: ...
+
+    def close(self) -> None: ...
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def draw_seed(seed: int | None) -> int:
+    """`seed`, or a fresh one from the OS when none was asked for (it goes into the provenance)."""
+    return seed if seed is not None else random.SystemRandom().randrange(2**63)
+
+
+def error_event(request_id: str, exc: BaseException) -> GenerationError:
+    """The event that reports `exc`: a HyprError's own one line, anything else as a bug."""
+    if isinstance(exc, HyprError):
+        return GenerationError(request_id=request_id, message=exc.message,
+                               kind=type(exc).__name__, exit_code=exc.exit_code)
+    return GenerationError(request_id=request_id, kind="bug",
+                           message=f"Internal error: {type(exc).__name__}: {exc}")
+
+
+E = TypeVar("E")
+
+
+def emit_quietly(emit: Callable[[E], None], event: E) -> None:
+    """Deliver an event where a failing callback must not stop the sender (a final error event,
+    a batch's other rows)."""
+    try:
+        emit(event)
+    except Exception:  # noqa: BLE001 - the consumer's bug is its own
+        pass
+
+
+def ignore(event: object) -> None:
+    pass
+
+
+__all__ = ["ChatEngine", "Job", "draw_seed", "emit_quietly", "error_event", "new_request_id"]
