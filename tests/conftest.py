@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -14,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT, Result  # noqa: E402
 
 
 def pytest_configure(config) -> None:
@@ -104,13 +103,6 @@ def real_home(home, smollm2_home) -> Path:
     return home
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
 def cli(home):
     """Run `python -m hyprstream_tui ARGS` against the test's home; returns (code, stdout, stderr)."""
@@ -122,20 +114,6 @@ def cli(home):
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
     return run
-
-
-def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Plain git (and git-lfs) as a reader of our repositories."""
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=check)
-
-
-def assert_one_line_error(result: Result, *needles: str) -> None:
-    assert result.returncode != 0, result
-    err = result.stderr.strip()
-    assert err.startswith("error: "), err
-    assert "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle.lower() in err.lower(), err
 
 
 LONG_RUN = "HYPRSTREAM_LONG_TESTS"

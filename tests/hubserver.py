@@ -18,7 +18,7 @@ Fault knobs: `cut_after` (send N bytes of a file then drop the connection), `cor
 byte: right size, wrong sha256), a repository's `extra_siblings` (listed, e.g. '../../x'), and a
 repository's `commit` can be overwritten. Every request is logged in `hub.hits`.
 
-The `hub_server` fixture (for the folders whose conftest imports it) runs one per test.
+The `hub_server` fixture (for the folders whose conftest makes it theirs) runs one per test.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hyprstream_tui.store.commits import parse_trailers
-from tests.conftest import assert_one_line_error, git
+from tests.helpers import assert_one_line_error, git
 from tests.gguf_files import write_other_arch_gguf, write_tiny_gguf
 
 EXPECTED_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "Q8_0": "float32"}

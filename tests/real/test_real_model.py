@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from hyprstream_tui.store.commits import parse_trailers
-from tests.conftest import git
+from tests.helpers import git
 from tests.realmodel import MODEL_NAME
 
 FRANCE = "What is the capital of France?"
@@ -48,7 +48,7 @@ def test_infer_answers_paris(cli, real_home):
 def test_the_server_answers_paris_to_the_openai_client(store):
     from hyprstream_tui.engine.engine import Engine
     from hyprstream_tui.engine.loader import LoadOptions
-    from tests.server.conftest import live_server, make_app
+    from tests.server.live import live_server, make_app
 
     engine = Engine(store=store, options=LoadOptions(dtype="float32"))
     try:

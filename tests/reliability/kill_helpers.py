@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyprstream_tui.store.lfs import LfsObjects, Pointer, is_large
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 LONG = os.environ.get("HYPRSTREAM_LONG_TESTS") == "1"
 ZYGOTE = Path(__file__).with_name("kill_zygote.py")

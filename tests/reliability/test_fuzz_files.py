@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from hyprstream_tui.engine.train.data import parse_jsonl
 from hyprstream_tui.errors import HyprError, InvalidInput, UnsafeContent
 from hyprstream_tui.store.inspect import DTYPE_BYTES, read_config, read_safetensors_header
-from tests.conftest import REPO_ROOT, assert_one_line_error
+from tests.helpers import REPO_ROOT, assert_one_line_error
 
 LONG = os.environ.get("HYPRSTREAM_LONG_TESTS") == "1"
 SEED = int(os.environ.get("HYPRSTREAM_FUZZ_SEED", str(random.randrange(1 << 30) if LONG else 0)))

@@ -367,7 +367,7 @@ def test_hostile_names_through_real_processes(world):
 def hostile_server(world):
     from hyprstream_tui.engine.engine import Engine
     from hyprstream_tui.engine.loader import LoadOptions
-    from tests.server.conftest import live_server, make_app
+    from tests.server.live import live_server, make_app
 
     engine = Engine(store=world.store, options=LoadOptions(dtype="float32"), threads=1)
     with live_server(make_app(engine, max_batch=2, max_queue=4)) as live:

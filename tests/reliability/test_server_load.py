@@ -37,7 +37,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.server.conftest import LONG_PROMPT, free_port
+from tests.server.live import LONG_PROMPT, free_port
 
 LONG = os.environ.get("HYPRSTREAM_LONG_TESTS") == "1"
 LOAD_SECONDS = float(os.environ.get("HYPRSTREAM_LOAD_SECONDS") or (300 if LONG else 60))

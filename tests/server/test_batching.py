@@ -11,7 +11,7 @@ from hyprstream_tui.engine.batching import Batcher, Overloaded, RowJoined, RowLe
 from hyprstream_tui.engine.events import GenerationDone, TokenDelta
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.engine.tiny import ARCHS, build_tiny_model
-from tests.server.conftest import LONG_PROMPT, wait_for
+from tests.server.live import LONG_PROMPT, wait_for
 
 PROMPTS = [
     "Once upon a time",

@@ -11,7 +11,7 @@ import pytest
 
 from hyprstream_tui.client import Client, ServerBusy, ServerUnavailable
 from hyprstream_tui.errors import InvalidInput, NotFound
-from tests.server.conftest import LONG_PROMPT, REPO_ROOT, free_port, live_server, make_app, wait_for
+from tests.server.live import LONG_PROMPT, REPO_ROOT, free_port, live_server, make_app, wait_for
 
 CHAT = [{"role": "user", "content": "Say hello."}]
 

@@ -15,7 +15,7 @@ import httpx
 
 from hyprstream_tui.engine.batching import RowLeft
 from hyprstream_tui.engine.events import TokenDelta
-from tests.server.conftest import LONG_PROMPT, live_server, make_app, wait_for
+from tests.server.live import LONG_PROMPT, live_server, make_app, wait_for
 
 MAX_TOKENS = 400
 

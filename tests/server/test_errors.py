@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.server.conftest import LONG_PROMPT, live_server, make_app, wait_for
+from tests.server.live import LONG_PROMPT, live_server, make_app, wait_for
 
 CHAT = [{"role": "user", "content": "hi"}]
 

@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from tests.server.conftest import LONG_PROMPT
+from tests.server.live import LONG_PROMPT
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 

@@ -15,7 +15,7 @@ from hyprstream_tui.engine.events import GenerationDone, TokenDelta
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.errors import HubError, HyprError, InvalidInput, NotFound
 from hyprstream_tui.tui.engine_link import RemoteEngine
-from tests.server.conftest import LONG_PROMPT, free_port, live_server, make_app, wait_for
+from tests.server.live import LONG_PROMPT, free_port, live_server, make_app, wait_for
 
 CHAT = [{"role": "user", "content": "Say hello."}]
 

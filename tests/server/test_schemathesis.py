@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
-from tests.server.conftest import live_server, make_app
+from tests.server.live import live_server, make_app
 
 CHECKS = [
     checks.not_a_server_error,

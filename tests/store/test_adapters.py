@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from hyprstream_tui.errors import Conflict, InvalidInput, NotFound
 from hyprstream_tui.store.lfs import LfsObjects
-from tests.conftest import assert_one_line_error, git
+from tests.helpers import assert_one_line_error, git
 
 
 def write_checkpoint(worktree: Path, step: int) -> None:

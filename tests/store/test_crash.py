@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from hyprstream_tui.errors import Conflict
 from hyprstream_tui.store.lfs import LfsObjects, Pointer
-from tests.conftest import REPO_ROOT, git
+from tests.helpers import REPO_ROOT, git
 
 LONG = os.environ.get("HYPRSTREAM_LONG_TESTS") == "1"
 WORKER = Path(__file__).with_name("crash_worker.py")

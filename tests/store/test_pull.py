@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from tests.conftest import assert_one_line_error, git
+from tests.helpers import assert_one_line_error, git
 
 REPO = "tinyorg/tiny-chat"
 

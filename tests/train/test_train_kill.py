@@ -24,7 +24,7 @@ from pathlib import Path
 from hyprstream_tui.engine.train import checkpoint as ckpt
 from hyprstream_tui.engine.train.job import request_stop, train_status
 from hyprstream_tui.store.locks import is_locked
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.store.test_crash import assert_repository_sound
 from tests.train.helpers import make_store
 

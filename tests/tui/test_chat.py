@@ -13,7 +13,7 @@ from hyprstream_tui.tui.app import HyprApp
 from hyprstream_tui.tui.screens.chat import ChatScreen
 from hyprstream_tui.tui.screens.conversations import ConversationsDialog
 from hyprstream_tui.tui.screens.dialogs import FormDialog, PickDialog
-from tests.tui.conftest import add_adapter, add_checkpoint
+from tests.tui.helpers import add_adapter, add_checkpoint
 from tests.tui.helpers import wait_for
 
 pytestmark = pytest.mark.asyncio

@@ -12,7 +12,7 @@ from hyprstream_tui.tui.app import MODE_KEYS, HyprApp
 from hyprstream_tui.tui.screens.chat import ChatScreen
 from hyprstream_tui.tui.screens.dialogs import FormDialog
 from hyprstream_tui.tui.screens.history import HistoryScreen
-from tests.tui.conftest import add_adapter, add_checkpoint
+from tests.tui.helpers import add_adapter, add_checkpoint
 from tests.tui.helpers import screen_text, wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -101,7 +101,7 @@ def checkpoint_with_steps(home, *, steps: int, elapsed: float, adapter: str = "q
     from hyprstream_tui.engine.tiny import DEMO_NAME
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store import Store
-    from tests.tui.conftest import lora_weights
+    from tests.tui.helpers import lora_weights
 
     lines = [json.dumps({"step": s, "loss": round(3.0 * 0.97 ** s, 4), "lr": 0.001, "tokens_per_s": 900.0,
                          "time": 1_767_225_600 + s}) for s in range(1, steps + 1)]

@@ -7,8 +7,8 @@ import pytest
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.tui.app import HyprApp
 from hyprstream_tui.tui.screens.chat import ChatScreen
-from tests.server.conftest import live_server, make_app
-from tests.tui.conftest import add_adapter, add_checkpoint
+from tests.server.live import live_server, make_app
+from tests.tui.helpers import add_adapter, add_checkpoint
 from tests.tui.helpers import wait_for
 
 pytestmark = pytest.mark.asyncio
