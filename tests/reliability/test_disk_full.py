@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, Result, assert_one_line_error, git
+from tests.helpers import REPO_ROOT, Result, assert_one_line_error, git
 
 LONG = os.environ.get("HYPRSTREAM_LONG_TESTS") == "1"
 SEED = int(os.environ.get("HYPRSTREAM_DISK_SEED", "7"))
@@ -350,15 +350,20 @@ def test_a_really_full_filesystem(small_fs, tiny_model_src, tmp_path):
     home = small_fs / "home"
     assert hyprstream(home, "model", "import", tiny_model_src, "--name", "tiny").returncode == 0
     assert hyprstream(home, "lora", "create", "--name", "qa", "--base-model", "tiny").returncode == 0
-    assert hyprstream(home, "lora", "tag", "qa", "v1").returncode == 0
-    before = refs(home)
+    first = adapter_tip(home)
+    assert hyprstream(home, "lora", "train", "sample", "qa", "--input", "q0", "--output", "a0").returncode == 0
     tip = adapter_tip(home)
+    assert tip != first
+    # v1 on the first commit, so `v1 --force` below moves it: a new tag object that must be written
+    # (a tag moved onto its own commit could reuse its object and need no space at all).
+    assert hyprstream(home, "lora", "tag", "qa", "v1", "--commit", first).returncode == 0
+    before = refs(home)
     for args in (("model", "import", tiny_model_src, "--name", "second"),
                  ("lora", "train", "sample", "qa", "--input", "q", "--output", "a"),
                  ("lora", "create", "--name", "qb", "--base-model", "tiny"),
                  ("lora", "tag", "qa", "v2"),
                  ("lora", "tag", "qa", "v1", "--force"),  # moving a tag never loses it
-                 ("lora", "rollback", "qa", tip)):
+                 ("lora", "rollback", "qa", first)):
         # Full before each command: a refused command's clean-up (or the next one's sweep of
         # leftovers) can give back a page, and a tag needs no more (a full run once saw it pass).
         filler = fill(small_fs, 0)
