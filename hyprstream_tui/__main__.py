@@ -1,6 +1,6 @@
-from hyprstream_tui import _sigint
+from hyprstream_tui import interrupt
 
-_sigint.during_start_up()  # Ctrl-C while the CLI loads: one line, not a traceback
+interrupt.during_start_up()  # Ctrl-C while the CLI loads: one line, not a traceback
 
 from hyprstream_tui.cli import main  # noqa: E402
 

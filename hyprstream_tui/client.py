@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Generator, Iterator, Mapping, Sequence
 
 import httpx
 
@@ -112,14 +112,15 @@ class Client:
                         yield text
 
     def chunks(self, *, model: str, prompt: str | None = None,
-               messages: Sequence[Mapping[str, str]] | None = None, **params: Any) -> Iterator[dict[str, Any]]:
+               messages: Sequence[Mapping[str, str]] | None = None,
+               **params: Any) -> Generator[dict[str, Any], None, None]:
         """The server's streamed chunks (OpenAI `text_completion` or `chat.completion.chunk` objects,
         each with its `choices` and their `finish_reason`) as they arrive."""
         if (prompt is None) == (messages is None):
             raise InvalidInput("Give either prompt= or messages= to stream.")
         chat = messages is not None
-        body = _body(model=model, stream=True, **params,
-                     **({"messages": list(messages)} if chat else {"prompt": prompt}))  # type: ignore[arg-type]
+        inputs: dict[str, Any] = {"messages": list(messages)} if messages is not None else {"prompt": prompt}
+        body = _body(model=model, stream=True, **params, **inputs)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         try:
             with self._http.stream("POST", path, json=body) as response:
@@ -134,7 +135,7 @@ class Client:
             raise _unreachable(self.base_url, exc) from None
 
     # ---- plumbing ------------------------------------------------------------------------------
-    def _json(self, method: str, path: str, body: dict | None = None) -> Any:
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
             response = self._http.request(method, path, json=body)
         except httpx.TransportError as exc:
@@ -151,14 +152,14 @@ def _body(**fields: Any) -> dict[str, Any]:
     return body
 
 
-def _completion(data: dict, text: str) -> Completion:
+def _completion(data: dict[str, Any], text: str) -> Completion:
     usage = data.get("usage") or {}
     return Completion(text=text, finish_reason=data["choices"][0].get("finish_reason"),
                       model=data.get("model", ""), prompt_tokens=usage.get("prompt_tokens", 0),
                       completion_tokens=usage.get("completion_tokens", 0))
 
 
-def _sse(lines: Iterator[str]) -> Iterator[dict]:
+def _sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     for line in lines:
         if not line.startswith("data:"):
             continue
@@ -182,8 +183,9 @@ def _error(response: httpx.Response) -> HyprError:
     return error
 
 
-def _error_from(status: int, data: dict) -> HyprError:
-    error = data.get("error") if isinstance(data.get("error"), dict) else {}
+def _error_from(status: int, data: dict[str, Any]) -> HyprError:
+    raw = data.get("error")
+    error = raw if isinstance(raw, dict) else {}
     message = error.get("message") or f"The server answered HTTP {status}."
     if status == 401:
         return InvalidInput(f"{message} (check --api-key / HYPRSTREAM_API_KEY)")

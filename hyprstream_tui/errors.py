@@ -1,11 +1,21 @@
 """Every failure a user can cause is a HyprError with one sentence that says what to do.
 
 Tracebacks are for bugs; the CLI prints `error: <message>` for these and exits with `exit_code`.
+
+A message about a setting (a training option, a load option, a name to choose) names the setting,
+never a front end's way to give it: `learning_rate`, in backticks, as a plain lowercase name.
+`settings` lists those names, and `worded` lets each front end say them its own way: the CLI as
+its flag (`--learning-rate`), the TUI as its field's label (`Learning rate`). Commands, also
+written in backticks, always hold a space (`hyprstream lora list`), so they never count as one.
 """
 
 from __future__ import annotations
 
 import errno
+import re
+from typing import Callable
+
+SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")  # a setting named in a message
 
 
 class HyprError(Exception):
@@ -16,10 +26,28 @@ class HyprError(Exception):
     def __init__(self, message: str) -> None:
         # One line, always: a multi-line message would read like a traceback.
         super().__init__(" ".join(str(message).split()))
+        # Read from the message, so an error rebuilt from its class name and message in another
+        # process (engine/forkserver.py) names the same settings.
+        self.settings: tuple[str, ...] = tuple(dict.fromkeys(SETTING.findall(self.message)))
 
     @property
     def message(self) -> str:
         return str(self.args[0])
+
+    @property
+    def setting(self) -> str | None:
+        """The setting to change, the first one the message names (None: it names none)."""
+        return self.settings[0] if self.settings else None
+
+    def worded(self, name: Callable[[str], str]) -> str:
+        """The message with each setting it names written as `name(setting)`."""
+        return worded(self.message, name)
+
+
+def worded(message: str, name: Callable[[str], str]) -> str:
+    """`message` (a HyprError's, or an event's that carries one) with each setting it names
+    written as `name(setting)`."""
+    return SETTING.sub(lambda m: name(m.group(1)), message)
 
 
 class InvalidInput(HyprError):

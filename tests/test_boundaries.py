@@ -118,7 +118,7 @@ def test_no_module_is_over_500_lines():
 
 # Private names of other libraries that the package reaches on purpose, each for a reason.
 FOREIGN_PRIVATE = {
-    "os._exit",  # leave at once after Ctrl-C (_sigint.py)
+    "os._exit",  # leave at once after Ctrl-C (interrupt.py)
     "aten._weight_int8pack_mm",  # torch's int8 weight-only matmul: no public name exists
     "module._non_persistent_buffers_set",  # torch: which buffers a state dict leaves out
     "super()._watch_value",  # textual: extending Input's own watcher

@@ -5,5 +5,5 @@ Public entry points (import them from their modules; importing this package stay
   threads, events to a callback, cancel, LRU of loaded models);
 - `events`: the frozen dataclasses it reports (TokenDelta, GenerationDone, GenerationError, ...);
 - `params.SamplingParams`, `loader.LoadOptions`: validated, frozen settings;
-- `cli_support`: the `infer` and `chat` verbs; `tiny`: tiny random models for tests and the demo.
+- `tiny`: tiny random models for tests and the demo. (The `infer` and `chat` verbs are cli/generate.py.)
 """

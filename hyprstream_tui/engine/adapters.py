@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING
 from hyprstream_tui.errors import InvalidInput
 
 if TYPE_CHECKING:
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from hyprstream_tui.engine.loader import AdapterSource, LoadedModel
 
 MAX_ADAPTERS = 8  # adapters kept attached to one base model; the least recently used goes
@@ -37,13 +40,13 @@ def switch(lm: "LoadedModel", adapter: "AdapterSource | None") -> None:
         lm.active = adapter.key
 
 
-def _tuner_layers(model) -> list:
+def _tuner_layers(model: "torch.nn.Module") -> list["BaseTunerLayer"]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def _activate(model, key: str | None) -> None:
+def _activate(model: "torch.nn.Module", key: str | None) -> None:
     """Route every LoRA layer through adapter `key`, or around all adapters for None."""
     for layer in _tuner_layers(model):
         if key is None:
@@ -51,10 +54,11 @@ def _activate(model, key: str | None) -> None:
         else:
             layer.enable_adapters(True)
             layer.set_adapter(key)
-            layer.requires_grad_(False)
+            # every tuner layer is an nn.Module; peft's BaseTunerLayer mixin does not declare it
+            layer.requires_grad_(False)  # type: ignore[attr-defined]
 
 
-def _detach(model, key: str) -> None:
+def _detach(model: "torch.nn.Module", key: str) -> None:
     for layer in _tuner_layers(model):
         layer.delete_adapter(key)
     getattr(model, "peft_config", {}).pop(key, None)
@@ -65,7 +69,7 @@ def _attach(lm: "LoadedModel", adapter: "AdapterSource") -> None:
 
     if lm.options.quantize:
         raise InvalidInput(
-            "Adapters do not combine with --quantize int8 yet: drop --quantize to use an adapter."
+            "Adapters do not combine with `quantize` int8 yet: leave `quantize` out to use an adapter."
         )
     if not check_weights(adapter.path, allow_pickle=False, what="adapter"):  # pragma: no cover
         raise InvalidInput("Adapters load from safetensors only.")

@@ -11,10 +11,14 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from hyprstream_tui.engine.params import check_text
 from hyprstream_tui.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_SECONDS = 2.0  # a chat template renders in milliseconds; a hostile one loops forever
@@ -49,7 +53,7 @@ def template_budget(seconds: float | None = None, memory: int | None = None) -> 
     deadline, watch_from = started + seconds, started + TEMPLATE_GRACE_S
     ceiling: list[int] = []  # the size at the first check, plus `memory`
 
-    def line(frame: Any, event: str, arg: Any):
+    def line(frame: FrameType, event: str, arg: Any) -> Callable[..., Any]:
         if event == "line":
             now = time.thread_time()
             if now > deadline:
@@ -61,7 +65,7 @@ def template_budget(seconds: float | None = None, memory: int | None = None) -> 
                     raise TemplateBudgetExceeded(f"the chat template used more than {memory >> 20} MiB")
         return line
 
-    def call(frame: Any, event: str, arg: Any):
+    def call(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
         return line if frame.f_code.co_filename == "<template>" else None
 
     previous = sys.gettrace()
@@ -97,12 +101,13 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]
     return out
 
 
-def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
     """Token ids of `messages` followed by the assistant's generation prompt."""
     if getattr(tokenizer, "chat_template", None):
         try:
             with template_budget():
-                text = tokenizer.apply_chat_template(
+                # tokenize=False returns a str; transformers types every variant's result as one union
+                text: str = tokenizer.apply_chat_template(  # type: ignore[assignment]
                     list(messages), tokenize=False, add_generation_prompt=True
                 )
         except Exception as exc:  # jinja's TemplateError: e.g. Gemma refuses a system message
@@ -117,7 +122,7 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
 
 
 def fit_conversation(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, budget: int
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *, budget: int
 ) -> ChatPrompt:
     """The prompt for the longest suffix of the conversation that fits `budget` tokens.
 

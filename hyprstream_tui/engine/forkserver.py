@@ -15,18 +15,18 @@ import multiprocessing
 import os
 import sys
 import threading
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
-from typing import Any
 
 from hyprstream_tui import errors
 from hyprstream_tui.errors import HyprError
 
 PRELOAD = ["hyprstream_tui.engine.warm_child"]
 _lock = threading.Lock()
-_context: Any = None
+_context: ForkServerContext | None = None
 
 
-def context() -> Any:
+def context() -> ForkServerContext:
     """The forkserver context, started if it is not running (its preload set once per process)."""
     global _context
     with _lock:
@@ -34,8 +34,9 @@ def context() -> Any:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(PRELOAD)
             _context = ctx
+        ctx = _context
     _ensure_running()
-    return _context
+    return ctx
 
 
 def warm() -> None:

@@ -25,13 +25,17 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from hyprstream_tui.errors import Conflict, HyprError, InvalidInput, NotFound, disk_full, is_disk_full
 from hyprstream_tui.store.gguf import GGUFHeader, read_gguf_header
 from hyprstream_tui.store.types import Progress
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    import torch
+
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store.store import Store
     from hyprstream_tui.store.types import ModelSummary
@@ -94,7 +98,7 @@ def sha256_file(path: Path, progress: Callable[[Progress], None] | None = None) 
     return digest.hexdigest()
 
 
-def stored_dtype(tensors: Mapping[str, Any], source_types: Mapping[str, int]) -> tuple[str, str]:
+def stored_dtype(tensors: Mapping[str, torch.Tensor], source_types: Mapping[str, int]) -> tuple[str, str]:
     """(dtype name, why): the smallest dtype holding every value of `tensors` (float32) exactly."""
     import torch
 
@@ -133,8 +137,9 @@ def convert(path: Path, dest: Path, header: GGUFHeader) -> Converted:
     finally:
         shutil.rmtree(view, ignore_errors=True)
     # The weights are plain tensors now; what is left of the GGUF "quantizer" only stops save_pretrained.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # torch types Module.__setattr__'s value as Tensor | Module; any value is accepted
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     dtype, reason = stored_dtype(dict(model.state_dict()), header.quant_types())
@@ -172,7 +177,7 @@ def import_gguf(store: "Store", path: Path | str, *, name: str | None = None,
     path = Path(path).expanduser().absolute()
     name = names.model_name(name if name is not None else default_name(path))
     if (store.paths.models / name).exists():
-        raise Conflict(f"A model named {name!r} exists already: choose another --name or remove it first.")
+        raise Conflict(f"A model named {name!r} exists already: choose another `name` or remove it first.")
     header = check_gguf(path)
     digest = sha256_file(path, progress)
     cache = store.paths.cache
@@ -240,7 +245,7 @@ def import_in_child(paths: "Paths", path: Path | str, *, name: str | None,
                     "see logs/engine.log; nothing was added.")
 
 
-def _child(conn: Any, paths: "Paths", path: str, name: str | None) -> None:
+def _child(conn: "Connection", paths: "Paths", path: str, name: str | None) -> None:
     from hyprstream_tui.engine.forkserver import log_to
     from hyprstream_tui.store import Store
 

@@ -13,10 +13,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hyprstream_tui.errors import InvalidInput, NotFound
 from hyprstream_tui.store.inspect import check_weights
+
+if TYPE_CHECKING:  # transformers loads on first use: `hyprstream --help` must not pay for it
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -74,8 +77,8 @@ class LoadedModel:
 
     source: ModelSource
     options: LoadOptions
-    model: Any
-    tokenizer: Any
+    model: PreTrainedModel  # eval mode, no grad; LoRA layers injected in place by `use_adapter`
+    tokenizer: PreTrainedTokenizerBase
     dtype: str
     device: str
     window: int
@@ -107,7 +110,7 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInput("CUDA was asked for but no GPU is available: use --device cpu.")
+        raise InvalidInput("CUDA was asked for but no GPU is available: set `device` to cpu.")
     return device
 
 
@@ -136,7 +139,7 @@ def quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def load_tokenizer(path: Path) -> Any:
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -167,7 +170,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     dtype = pick_dtype(options.dtype, device, options.quantize)
     if options.quantize and device != "cpu":
         raise InvalidInput(
-            "--quantize int8 runs on the CPU only: drop --quantize or use --device cpu."
+            "`quantize` int8 runs on the CPU only: leave `quantize` out or set `device` to cpu."
         )
     try:
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
@@ -206,7 +209,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         from hyprstream_tui.engine.tuned.kernels import rows_first
 
         rows_first(model)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) types `self` as the first argument
     tokenizer = load_tokenizer(source.path)
     return LoadedModel(
         source=source,
@@ -221,12 +224,12 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     )
 
 
-def context_window(config: Any, tokenizer: Any) -> int:
+def context_window(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     window = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
     return int(window)
 
 
-def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """Every id that ends a reply: generation_config's eos ids plus the tokenizer's."""
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)

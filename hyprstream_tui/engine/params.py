@@ -105,7 +105,7 @@ def check_text(text: object, what: str = "prompt") -> str:
 
 def check_prompt(text: object) -> str:
     """A prompt: valid Unicode and not empty."""
-    check_text(text, "prompt")
+    text = check_text(text, "prompt")
     if not text.strip():
         raise InvalidInput("The prompt is empty: give some text to continue.")
     return text

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hyprstream_tui.engine.loader import AdapterSource, ModelSource
 from hyprstream_tui.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from hyprstream_tui.store import Store
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +57,7 @@ def is_adapter_path(text: str) -> bool:
     return text.startswith(("/", ".", "~"))
 
 
-def resolve_source(spec: str | ModelSpec, store: Any = None) -> ModelSource:
+def resolve_source(spec: str | ModelSpec, store: Store | None = None) -> ModelSource:
     """Folders and commits for `spec`; unknown models and adapters raise NotFound."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if is_path(spec.model):
@@ -88,7 +91,7 @@ def _folder(text: str, what: str) -> Path:
     return path
 
 
-def _default_store() -> Any:
+def _default_store() -> Store:
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store import Store
 

@@ -12,8 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hyprstream_tui.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 ARCHS = ("qwen2", "llama", "gemma", "mistral")
 ARCH_CLASSES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM",
@@ -53,7 +58,7 @@ def tiny_config_dict(
     initializer_range: float = 0.2,
     max_position_embeddings: int = 512,
     dtype: str = "float32",
-) -> dict:
+) -> dict[str, Any]:
     """The `config.json` of a tiny `arch`: 4 heads of 16, 2 kv heads, MLP 4x.
 
     Written by hand rather than by `config.save_pretrained`: that stamps `transformers_version`
@@ -88,15 +93,19 @@ def tiny_config_dict(
     return config
 
 
-def tiny_config(arch: str, **kwargs):
+def tiny_config(arch: str, **kwargs: Any) -> "PretrainedConfig":
     """The transformers config of `tiny_config_dict(arch, **kwargs)`."""
+    return _config_of(tiny_config_dict(arch, **kwargs))
+
+
+def _config_of(config: dict[str, Any]) -> "PretrainedConfig":
     from transformers import AutoConfig
 
-    config = tiny_config_dict(arch, **kwargs)
-    return AutoConfig.for_model(arch, **{k: v for k, v in config.items() if k not in ("model_type", "dtype")})
+    return AutoConfig.for_model(config["model_type"],
+                                **{k: v for k, v in config.items() if k not in ("model_type", "dtype")})
 
 
-def generation_config_dict() -> dict:
+def generation_config_dict() -> dict[str, Any]:
     """`generation_config.json`: greedy by default, stopping at either end token (by hand, for
     the reason `tiny_config_dict` gives)."""
     special = _special_ids()
@@ -104,7 +113,7 @@ def generation_config_dict() -> dict:
             "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]]}
 
 
-def _seeded_init(model, arch: str, *, seed: int, std: float) -> None:
+def _seeded_init(model: "torch.nn.Module", arch: str, *, seed: int, std: float) -> None:
     """Every weight from one seeded stream in a fixed order: matrices N(0, std), biases 0, norms
     1 (0 for Gemma, whose norm scales by 1 + weight). transformers' own `_init_weights` differs
     between releases; this depends on torch's CPU generator alone."""
@@ -121,7 +130,7 @@ def _seeded_init(model, arch: str, *, seed: int, std: float) -> None:
                 param.fill_(0.0 if arch == "gemma" else 1.0)
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -144,9 +153,10 @@ def build_tiny_model(
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise InvalidInput(f"Unknown dtype {dtype!r}: use float32, bfloat16 or float16.")
-    shape = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                 initializer_range=initializer_range, max_position_embeddings=max_position_embeddings)
-    config = tiny_config(arch, **shape)
+    written = tiny_config_dict(arch, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                               initializer_range=initializer_range, max_position_embeddings=max_position_embeddings,
+                               dtype=dtype)
+    config = _config_of(written)
     # from_config runs transformers' own init on the global RNG first: fork it so building a
     # model never disturbs the caller's torch RNG.
     with torch.random.fork_rng(devices=[]):
@@ -158,7 +168,7 @@ def build_tiny_model(
     # safetensors' save_model drops tied duplicates the way save_pretrained does, without its
     # progress bar; from_pretrained ties them again.
     save_model(model, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(dest / "config.json", tiny_config_dict(arch, dtype=dtype, **shape))
+    _write_json(dest / "config.json", written)
     _write_json(dest / "generation_config.json", generation_config_dict())
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir() / name, dest / name)

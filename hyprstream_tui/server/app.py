@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -22,7 +22,7 @@ from hyprstream_tui.engine.batching import Batcher
 from hyprstream_tui.errors import InvalidInput, NotFound
 from hyprstream_tui.server import errors
 from hyprstream_tui.server.generation import (
-    Chunks, chat_messages, completion_prompt, finish_reason, sampling_params, start,
+    Chunks, Run, chat_messages, completion_prompt, finish_reason, sampling_params, start,
     stream_chunks, usage, wait_done,
 )
 from hyprstream_tui.server.schemas import (
@@ -30,6 +30,10 @@ from hyprstream_tui.server.schemas import (
     CompletionChoice, CompletionRequest, ErrorResponse, Health, ModelCard, ModelList,
 )
 from hyprstream_tui.server.security import DEFAULT_MAX_BODY, Guard, allowed_hosts_for
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.engine import Engine
+    from hyprstream_tui.store import Store
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid parameters, or context_length_exceeded"},
@@ -45,13 +49,13 @@ SSE_EVENT = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"},
                    "id": {"type": "string"}, "retry": {"type": "integer"}},
 }
-SSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
              "description": "JSON, or with stream: true a text/event-stream of chunks"}}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(
-    source: Any = None,
+    source: Store | Engine | Batcher | None = None,
     *,
     api_key: str | None = None,
     max_queue: int = 32,
@@ -64,12 +68,12 @@ def create_app(
 
     Host names answered are the loopback names and `bind`, plus `allowed_hosts`.
     """
-    batcher = _batcher(source, max_batch=max_batch, max_queue=max_queue)
+    batcher, store = _batcher(source, max_batch=max_batch, max_queue=max_queue)
     if api_key is not None and (not api_key.isascii() or not api_key.isprintable() or not api_key.strip()):
         raise InvalidInput("The API key must be printable ASCII text.")
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         from anyio import to_thread
 
@@ -79,14 +83,15 @@ def create_app(
                   description="OpenAI-compatible API on the hyprstream engine.")
     app.state.batcher = batcher
     errors.install(app)
-    _routes(app, batcher)
+    _routes(app, batcher, store)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     hosts = allowed_hosts_for(bind, allowed_hosts or ())
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=hosts, max_body_bytes=max_body_bytes)
     return app
 
 
-def _batcher(source: Any, *, max_batch: int, max_queue: int) -> Batcher:
+def _batcher(source: Store | Engine | Batcher | None, *, max_batch: int, max_queue: int) -> tuple[Batcher, Store]:
+    """The batcher serving `source`, and the store its engine reads (given one if it had none)."""
     from hyprstream_tui.engine.engine import Engine
 
     if isinstance(source, Batcher):
@@ -94,14 +99,15 @@ def _batcher(source: Any, *, max_batch: int, max_queue: int) -> Batcher:
     else:
         engine = source if isinstance(source, Engine) else Engine(store=source or _default_store())
         batcher = Batcher(engine, max_batch=max_batch, max_queue=max_queue)
-    if batcher.engine.store is None:
-        batcher.engine.store = _default_store()
+    store = batcher.engine.store
+    if store is None:
+        store = batcher.engine.store = _default_store()
     if batcher.engine.options.allow_pickle:
         raise InvalidInput("The server never loads pickle weights: start it without allow_pickle.")
-    return batcher
+    return batcher, store
 
 
-def _default_store() -> Any:
+def _default_store() -> Store:
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store import Store
 
@@ -114,9 +120,7 @@ def _version() -> str:
     return __version__
 
 
-def _routes(app: FastAPI, batcher: Batcher) -> None:
-    store = batcher.engine.store
-
+def _routes(app: FastAPI, batcher: Batcher, store: Store) -> None:
     @app.get("/health", response_model=Health)
     def health() -> Health:
         loaded = [m.source.name for m in batcher.engine.loaded()]
@@ -135,7 +139,7 @@ def _routes(app: FastAPI, batcher: Batcher) -> None:
         raise NotFound(f"The model {model_id!r} does not exist: see GET /v1/models.")
 
     @app.post("/v1/completions", response_model=Completion, responses={**SSE, **ERRORS})
-    async def completions(body: CompletionRequest, request: Request) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
         params, fill = sampling_params(body)
         run = await start(batcher, body.model, prompt=completion_prompt(body), params=params,
                           fill=fill, param="prompt")
@@ -148,7 +152,7 @@ def _routes(app: FastAPI, batcher: Batcher) -> None:
                                                     finish_reason=finish_reason(done))])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**SSE, **ERRORS})
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
         params, fill = sampling_params(body)
         run = await start(batcher, body.model, messages=chat_messages(body), params=params,
                           fill=fill, param="messages")
@@ -163,13 +167,13 @@ def _routes(app: FastAPI, batcher: Batcher) -> None:
                                 finish_reason=finish_reason(done))])
 
 
-def _streaming(run: Any, chunks: Chunks, body: Any) -> StreamingResponse:
+def _streaming(run: Run, chunks: Chunks, body: CompletionRequest | ChatCompletionRequest) -> StreamingResponse:
     include = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(stream_chunks(run, chunks, include_usage=include),
                              media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _model_cards(store: Any) -> list[ModelCard]:
+def _model_cards(store: Store) -> list[ModelCard]:
     """Every store model, then every adapter that has weights (trained) as `model:adapter`."""
     cards = []
     for summary in store.list_models():
@@ -181,7 +185,7 @@ def _model_cards(store: Any) -> list[ModelCard]:
     return cards
 
 
-def _has_weights(store: Any, model: str, commit: str) -> bool:
+def _has_weights(store: Store, model: str, commit: str) -> bool:
     """Whether the adapter at `commit` can load (the snapshot is cached per commit)."""
     try:
         folder = store.snapshot(model, commit, subdir="adapter")
@@ -190,14 +194,14 @@ def _has_weights(store: Any, model: str, commit: str) -> bool:
     return any(p.suffix == ".safetensors" for p in folder.iterdir())
 
 
-def _created(store: Any, name: str) -> int:
+def _created(store: Store, name: str) -> int:
     try:
         return int(os.stat(store.model_dir(name)).st_mtime)
     except OSError:
         return 0
 
 
-def _openapi(app: FastAPI) -> dict:
+def _openapi(app: FastAPI) -> dict[str, Any]:
     """The schema without FastAPI's 422 entries: validation problems are 400s in OpenAI's shape."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description,

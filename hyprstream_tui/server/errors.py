@@ -48,19 +48,25 @@ def clean(text: str) -> str:
 
 
 def from_hypr(exc: HyprError, *, param: str | None = None) -> APIError:
+    message = exc.worded(quoted)
     if isinstance(exc, ContextLengthExceeded):
-        return APIError(400, exc.message, param=param, code="context_length_exceeded")
+        return APIError(400, message, param=param, code="context_length_exceeded")
     if isinstance(exc, Overloaded):
-        return APIError(503, exc.message, type="server_error", code="overloaded",
+        return APIError(503, message, type="server_error", code="overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, NotFound):
-        return APIError(404, exc.message, param="model", code="model_not_found")
+        return APIError(404, message, param="model", code="model_not_found")
     if isinstance(exc, (InvalidInput, UnsafeContent)):
-        return APIError(400, exc.message, param=param, code="invalid_value")
+        return APIError(400, message, param=param, code="invalid_value")
     if isinstance(exc, Conflict):
-        return APIError(409, exc.message, code="conflict")
-    log.error("request failed: %s: %s", type(exc).__name__, exc.message)
-    return APIError(500, exc.message, type="server_error")
+        return APIError(409, message, code="conflict")
+    log.error("request failed: %s: %s", type(exc).__name__, message)
+    return APIError(500, message, type="server_error")
+
+
+def quoted(setting: str) -> str:
+    """How the server words a setting that a message names: its plain name, quoted."""
+    return f"'{setting}'"
 
 
 def internal_error() -> APIError:

@@ -22,9 +22,14 @@ from hyprstream_tui.engine.events import GenerationDone, GenerationError, TokenD
 from hyprstream_tui.engine.jobs import Job
 from hyprstream_tui.engine.rows import BatchEvent
 from hyprstream_tui.engine.params import SamplingParams
-from hyprstream_tui.errors import HyprError, InvalidInput
-from hyprstream_tui.server.errors import APIError, from_hypr
-from hyprstream_tui.server.schemas import ChatCompletionRequest, CompletionRequest, Usage
+from hyprstream_tui.errors import HyprError, InvalidInput, worded
+from hyprstream_tui.server.errors import APIError, from_hypr, quoted
+from hyprstream_tui.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FinishReason,
+    Usage,
+)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 UNBOUNDED = 2**31 - 1  # chat without max_tokens: whatever the window leaves
@@ -194,7 +199,7 @@ def _event_error(event: GenerationError) -> APIError:
     if event.kind == "bug":
         return APIError(500, "The server had an internal error while generating; the details "
                              "are in its log.", type="server_error")
-    return APIError(400, event.message, code="generation_failed")
+    return APIError(400, worded(event.message, quoted), code="generation_failed")
 
 
 def usage(done: GenerationDone) -> Usage:
@@ -202,7 +207,7 @@ def usage(done: GenerationDone) -> Usage:
                  total_tokens=done.prompt_tokens + done.completion_tokens)
 
 
-def finish_reason(done: GenerationDone) -> str:
+def finish_reason(done: GenerationDone) -> FinishReason:
     return "length" if done.finish_reason == "length" else "stop"
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-from typing import Any, Iterable
+from typing import Iterable, Sequence
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hyprstream_tui.errors import InvalidInput
 
@@ -62,14 +64,14 @@ def host_name(header: str) -> str:
 class Guard:
     """ASGI middleware: Host check, API key, body size limit (in that order)."""
 
-    def __init__(self, app: Any, *, api_key: str | None, allowed_hosts: Iterable[str],
+    def __init__(self, app: ASGIApp, *, api_key: str | None, allowed_hosts: Iterable[str],
                  max_body_bytes: int = DEFAULT_MAX_BODY) -> None:
         self.app = app
         self.api_key = api_key
         self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
         self.max_body_bytes = max_body_bytes
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -93,17 +95,18 @@ class Guard:
 
     def _key_ok(self, headers: dict[str, str]) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme.lower() != "bearer" or self.api_key is None:
             return False
-        return hmac.compare_digest(token.strip().encode(), self.api_key.encode())  # type: ignore[union-attr]
+        return hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
-    async def _read_body(self, headers: dict[str, str], receive: Any, send: Any) -> bytes | None:
+    async def _read_body(self, headers: dict[str, str], receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None after answering 413 when it is too large."""
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(send)
             return None
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -117,16 +120,16 @@ class Guard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _too_large(self, send: Any) -> None:
+    async def _too_large(self, send: Send) -> None:
         await _reply(send, 413, f"The request body is larger than {self.max_body_bytes} bytes: "
                                 "send a shorter prompt.", code="request_too_large")
 
 
-def _replay(body: bytes, receive: Any) -> Any:
+def _replay(body: bytes, receive: Receive) -> Receive:
     """A receive() that gives the buffered body once, then the real channel (disconnects)."""
     sent = False
 
-    async def replay() -> dict:
+    async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True
@@ -136,8 +139,8 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replay
 
 
-async def _reply(send: Any, status: int, message: str, *, code: str,
-                 headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+async def _reply(send: Send, status: int, message: str, *, code: str,
+                 headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps({"error": {"message": message, "type": "invalid_request_error",
                                     "param": None, "code": code}}).encode()
     await send({"type": "http.response.start", "status": status,

@@ -34,14 +34,14 @@ _STEP_REF_RE = re.compile(r"step:(\d+)")
 def peft_config(*, base_model: str, rank: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> dict[str, Any]:
     """PEFT's LoraConfig as JSON (what `LoraConfig.to_dict()` writes), validated here without peft."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise InvalidInput(f"--rank must be a positive whole number, got {rank!r}.")
+        raise InvalidInput(f"`rank` must be a positive whole number, got {rank!r}.")
     if not alpha > 0:
-        raise InvalidInput(f"--alpha must be positive, got {alpha!r}.")
+        raise InvalidInput(f"`alpha` must be positive, got {alpha!r}.")
     if not 0 <= dropout < 1:
-        raise InvalidInput(f"--dropout must be in [0, 1), got {dropout!r}.")
+        raise InvalidInput(f"`dropout` must be in [0, 1), got {dropout!r}.")
     targets = sorted({t.strip() for t in target_modules if t.strip()})
     if not targets or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t) for t in targets):
-        raise InvalidInput("--target-modules must be module names such as q_proj,v_proj.")
+        raise InvalidInput("`target_modules` must be module names such as q_proj,v_proj.")
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
@@ -55,7 +55,7 @@ def check_targets(weight_names: Iterable[str], targets: Sequence[str]) -> None:
     missing = [t for t in targets if t not in modules]
     if len(missing) == len(targets):
         raise InvalidInput(
-            f"The base model has none of the target modules {', '.join(targets)}: pick --target-modules from its "
+            f"The base model has none of the target modules {', '.join(targets)}: pick `target_modules` from its "
             "layer names (e.g. q_proj,k_proj,v_proj,o_proj)."
         )
 
@@ -95,7 +95,7 @@ def create(repo: pygit2.Repository, model: str, name: str, adapter_config: dict[
     """Commit the new adapter's files on a new branch forked from main; returns (uuid, commit)."""
     names.adapter_name(name)
     if any(a.name == name for a in adapter_infos(repo, model, Path("/"))):
-        raise Conflict(f"Model {model!r} has an adapter named {name!r} already: choose another --name.")
+        raise Conflict(f"Model {model!r} has an adapter named {name!r} already: choose another `name`.")
     main = gitrepo.commit_of(repo, "refs/heads/main")
     uid = str(uuidlib.uuid4())
     meta = {"name": name, "uuid": uid, "base_model": model, "base_commit": str(main.id), "created": int(time.time())}

@@ -86,6 +86,20 @@ def commit_of(repo: pygit2.Repository, rev: str) -> pygit2.Commit:
         raise NotFound(f"No commit {rev!r} in {Path(repo.workdir or repo.path).name}: see `hyprstream lora log`.") from None
 
 
+def tree_at(repo: pygit2.Repository, oid: pygit2.Oid | str) -> pygit2.Tree:
+    """The tree object `oid` (pygit2's `repo[oid]` is typed as any object)."""
+    return repo[oid].peel(pygit2.Tree)
+
+
+def commit_at(repo: pygit2.Repository, oid: pygit2.Oid | str) -> pygit2.Commit:
+    return repo[oid].peel(pygit2.Commit)
+
+
+def blob_data(repo: pygit2.Repository, oid: pygit2.Oid | str) -> bytes:
+    """The content of the blob `oid` (a blob's raw object is its content)."""
+    return repo[oid].read_raw()
+
+
 def write_tree(repo: pygit2.Repository, base: pygit2.Tree | None, changes: Mapping[str, Change]) -> pygit2.Oid:
     """A new tree: `base` with `changes` applied (bytes -> blob, Pointer -> pointer blob, None -> removed)."""
     index = pygit2.Index()
@@ -118,9 +132,9 @@ def entries(repo: pygit2.Repository, tree: pygit2.Tree, prefix: str = "") -> dic
     for item in tree:
         path = f"{prefix}{item.name}"
         if item.type_str == "tree":
-            out.update(entries(repo, repo[item.id], path + "/"))
+            out.update(entries(repo, tree_at(repo, item.id), path + "/"))
         elif item.type_str == "blob":
-            pointer = Pointer.parse(repo[item.id].data) if is_large(path) else None
+            pointer = Pointer.parse(blob_data(repo, item.id)) if is_large(path) else None
             out[path] = Entry(str(item.id), item.filemode, pointer)
     return out
 
@@ -132,7 +146,7 @@ def read_blob(repo: pygit2.Repository, tree: pygit2.Tree, path: str) -> bytes:
         raise NotFound(f"No file {path!r} in that commit.") from None
     if item.type_str != "blob":
         raise NotFound(f"{path!r} is a folder, not a file.")
-    return repo[item.id].data
+    return blob_data(repo, item.id)
 
 
 def materialize(repo: pygit2.Repository, lfs: LfsObjects, tree: pygit2.Tree, dest: Path, *, prune: bool = True) -> None:
@@ -144,7 +158,7 @@ def materialize(repo: pygit2.Repository, lfs: LfsObjects, tree: pygit2.Tree, des
         if entry.pointer is not None:
             lfs.materialize(entry.pointer, target)
             continue
-        data = repo[entry.oid].data
+        data = blob_data(repo, entry.oid)
         if not (target.is_file() and not target.is_symlink() and target.stat().st_size == len(data) and target.read_bytes() == data):
             write_bytes(target, data)
     if prune:

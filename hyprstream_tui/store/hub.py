@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from hyprstream_tui import names
@@ -140,7 +140,7 @@ def _choose(repo_id: str, entries: list[_Entry], *, allow_pickle: bool) -> tuple
         shown = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
         raise UnsafeContent(
             f"{repo_id} has only pickle weights ({shown}), which can run code when loaded: "
-            "pass --allow-pickle only if you trust its author."
+            "set `allow_pickle` only if you trust its author."
         )
 
     def skip(relpath: str) -> bool:
@@ -284,7 +284,7 @@ class _Pull:
         os.replace(partial, blob)
         return digest
 
-    def stream(self, url: str, f: Any, digest: _Digest, entry: _Entry) -> None:
+    def stream(self, url: str, f: BinaryIO, digest: _Digest, entry: _Entry) -> None:
         """One GET from byte `digest.size` on, appended to `f` and hashed on the way."""
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -356,7 +356,7 @@ class _Digest:
         self.git = hashlib.sha1(b"blob %d\0" % entry.size) if entry.git_oid and entry.size is not None else None
 
     @classmethod
-    def of_file(cls, f: Any, entry: _Entry, check_cancel: Callable[[], None]) -> _Digest:
+    def of_file(cls, f: BinaryIO, entry: _Entry, check_cancel: Callable[[], None]) -> _Digest:
         digest = cls(entry)
         f.seek(0)
         while chunk := f.read(8 << 20):
@@ -370,9 +370,9 @@ class _Digest:
         if self.git is not None:
             self.git.update(chunk)
 
-    def restart(self, f: Any) -> None:
+    def restart(self, f: BinaryIO) -> None:
         f.truncate(0)
-        self.__init__(self.entry)
+        _Digest.__init__(self, self.entry)
 
     def complete(self) -> bool:
         size = self.entry.size
@@ -385,7 +385,7 @@ class _Digest:
             return f"has the wrong size ({self.size} bytes, expected {entry.size})"
         if entry.sha256 and self.sha256.hexdigest() != entry.sha256:
             return f"does not match its sha256 (got {self.sha256.hexdigest()[:12]}, expected {entry.sha256[:12]})"
-        if not entry.sha256 and self.git is not None and self.git.hexdigest() != entry.git_oid:
+        if not entry.sha256 and self.git is not None and entry.git_oid and self.git.hexdigest() != entry.git_oid:
             return f"does not match its git blob id (got {self.git.hexdigest()[:12]}, expected {entry.git_oid[:12]})"
         return None
 
@@ -442,7 +442,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 def _starts_at(response: Any, start: int) -> bool:
     match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-    return bool(match) and int(match.group(1)) == start
+    return match is not None and int(match.group(1)) == start
 
 
 def _reason(err: BaseException) -> str:

@@ -165,6 +165,6 @@ def check_weights(folder: Path, *, allow_pickle: bool, what: str = "model") -> b
     if not allow_pickle:
         raise UnsafeContent(
             f"The {what} in {str(folder)!r} has only pickle weights ({pickles[0]}), which can run "
-            "code when loaded: convert it to safetensors, or pass --allow-pickle if you trust it."
+            "code when loaded: convert it to safetensors, or set `allow_pickle` if you trust it."
         )
     return False

@@ -69,7 +69,7 @@ def check_files(files: list[SourceFile], *, allow_pickle: bool) -> tuple[list[So
         if not weights:
             raise UnsafeContent(
                 f"{pickles[0].relpath} is a pickle file, which can run code when loaded: convert the model to "
-                "safetensors, or pass --allow-pickle if you trust its source."
+                "safetensors, or set `allow_pickle` if you trust its source."
             )
         skipped = [f.relpath for f in pickles]
         files = [f for f in files if f not in pickles]
@@ -112,7 +112,7 @@ def build_repository(
             advance(len(data))
     tree_oid = gitrepo.write_tree(repo, None, changes)
     sha = gitrepo.commit(repo, "refs/heads/main", tree_oid, message, [])
-    tree = repo[tree_oid]
+    tree = gitrepo.tree_at(repo, tree_oid)
     gitrepo.materialize(repo, lfs, tree, tmp, prune=False)
     gitrepo.write_index(repo, tree)
     return sha
@@ -132,7 +132,7 @@ def import_files(
     """Build the repository aside and rename it into `models/<name>`. Caller holds the model lock."""
     dest = models_dir / name
     if dest.exists():
-        raise Conflict(f"A model named {name!r} exists already: choose another --name or remove it with `hyprstream model rm {name}`.")
+        raise Conflict(f"A model named {name!r} exists already: choose another `name` or remove it with `hyprstream model rm {name}`.")
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = models_dir / f".import-{name}-{uuid.uuid4().hex[:8]}"
     try:
@@ -153,7 +153,7 @@ def import_files(
 
 def sweep_leftovers(models_dir: Path, is_busy: Callable[[str], bool]) -> list[Path]:
     """Remove `.import-*` / `.trash-*` folders of killed processes (not those being written now)."""
-    removed = []
+    removed: list[Path] = []
     if not models_dir.is_dir():
         return removed
     for entry in models_dir.iterdir():
@@ -168,7 +168,8 @@ def sweep_leftovers(models_dir: Path, is_busy: Callable[[str], bool]) -> list[Pa
 
 def weights_summary(repo: pygit2.Repository, lfs: LfsObjects, tree: pygit2.Tree) -> tuple[int, str]:
     """(parameter count, dtype) from the safetensors headers of the LFS objects, no torch."""
-    params, dtypes = 0, set()
+    params = 0
+    dtypes: set[str] = set()
     for path, entry in gitrepo.entries(repo, tree).items():
         if entry.pointer and path.endswith(".safetensors") and lfs.has(entry.pointer):
             tensors = read_safetensors_header(lfs.path(entry.pointer.oid))

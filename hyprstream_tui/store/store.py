@@ -10,7 +10,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import pygit2
 
@@ -26,6 +26,9 @@ from hyprstream_tui.store.inspect import read_safetensors_header
 from hyprstream_tui.store.lfs import LfsObjects, Pointer
 from hyprstream_tui.store.locks import FileLock, is_locked
 from hyprstream_tui.store.types import AdapterInfo, CommitInfo, FileInfo, ModelInfo, ModelSummary, Progress
+
+if TYPE_CHECKING:
+    from hyprstream_tui.store.hub import DownloadProgress  # the hub module loads when a pull starts
 
 CHECKPOINT_PATHS = ("adapter", "optimizer", "metrics", "data")
 
@@ -85,14 +88,14 @@ class Store:
         return self.summary(name)
 
     def pull_model(self, repo_id: str, *, name: str | None = None, revision: str = "main", allow_pickle: bool = False,
-                   token: str | None = None, progress: Callable[[Any], None] | None = None,
+                   token: str | None = None, progress: Callable[[DownloadProgress], None] | None = None,
                    cancel: threading.Event | None = None) -> ModelSummary:
         from hyprstream_tui.store import hub
 
         _org, repo_name = names.repo_id(repo_id)
         name = names.model_name(name if name is not None else repo_name)
         if (self.paths.models / name).exists():
-            raise Conflict(f"A model named {name!r} exists already: choose another --name or remove it first.")
+            raise Conflict(f"A model named {name!r} exists already: choose another `name` or remove it first.")
         snap = hub.fetch(repo_id, revision=revision, token=token, allow_pickle=allow_pickle, progress=progress, cancel=cancel)
         files = [md.SourceFile(f.relpath, f.path, f.sha256) for f in snap.files]
         files, _skipped = md.check_files(files, allow_pickle=allow_pickle)
@@ -118,11 +121,11 @@ class Store:
         main = gitrepo.commit_of(repo, "refs/heads/main")
         config = md.read_json_blob(gitrepo.read_blob(repo, main.tree, "config.json"))
         params, dtype = md.weights_summary(repo, self._lfs(repo), main.tree)
-        source = repo.config["hyprstream.source"] if "hyprstream.source" in repo.config else "unknown"
+        source = repo.config["hyprstream.source"] if "hyprstream.source" in repo.config else None
         return ModelSummary(
             name=name, architecture=md.architecture_of(config), model_type=str(config.get("model_type", "unknown")),
             parameters=params, dtype=dtype, size_bytes=md.disk_usage(self.model_dir(name)),
-            adapters=len(ad.adapter_infos(repo, name, self.paths.working)), head=str(main.id), source=source,
+            adapters=len(ad.adapter_infos(repo, name, self.paths.working)), head=str(main.id), source=source if source is not None else "unknown",
         )
 
     def model_info(self, name: str, *, commits: int = 10) -> ModelInfo:
@@ -131,7 +134,7 @@ class Store:
         main = gitrepo.commit_of(repo, "refs/heads/main")
         config = md.read_json_blob(gitrepo.read_blob(repo, main.tree, "config.json"))
         files = tuple(
-            FileInfo(path=p, size=e.pointer.size if e.pointer else len(repo[e.oid].data), lfs=e.pointer is not None,
+            FileInfo(path=p, size=e.pointer.size if e.pointer else len(gitrepo.blob_data(repo, e.oid)), lfs=e.pointer is not None,
                      oid=e.pointer.oid if e.pointer else e.oid, present=lfs.has(e.pointer) if e.pointer else True)
             for p, e in sorted(gitrepo.entries(repo, main.tree).items())
         )
@@ -174,7 +177,7 @@ class Store:
         if subdir:
             rel = str(names.repo_relpath(subdir))
             try:
-                tree = repo[tree[rel].id]
+                tree = gitrepo.tree_at(repo, tree[rel].id)
             except KeyError:
                 raise NotFound(f"Commit {str(c.id)[:7]} of {model!r} has no {rel}/ folder.") from None
         dest = self.paths.cache / "snapshots" / model / str(c.id) / (subdir or "all")
@@ -255,12 +258,12 @@ class Store:
             tree_oid = gitrepo.write_tree(repo, tip.tree, changes)
             sha = gitrepo.commit(repo, f"refs/heads/{adapter.branch}", tree_oid, format_message(summary, trailers), [tip.id])
             try:
-                gitrepo.write_index(pygit2.Repository(str(worktree)), repo[tree_oid])
+                gitrepo.write_index(pygit2.Repository(str(worktree)), gitrepo.tree_at(repo, tree_oid))
             except StorageError:
                 # The commit is made (the ref moved): failing now (disk full) would have the user
                 # repeat it. The index only serves plain `git status`; the next reset rewrites it.
                 pass
-            return ad.commit_info(repo[sha], ad.tags_by_commit(repo))
+            return ad.commit_info(gitrepo.commit_at(repo, sha), ad.tags_by_commit(repo))
 
     def commit_checkpoint(self, model: str, ref: str, *, step: int, metrics: Mapping[str, Any],
                           paths: Sequence[str] = CHECKPOINT_PATHS) -> CommitInfo:
@@ -298,13 +301,13 @@ class Store:
         with self._writing(model):
             repo = self._repo(model)
             sha = ad.resolve_rev(repo, adapter, target)
-            chosen, tip = repo[sha], gitrepo.commit_of(repo, adapter.branch)
+            chosen, tip = gitrepo.commit_at(repo, sha), gitrepo.commit_of(repo, adapter.branch)
             info = ad.commit_info(chosen, {})
             step = f"step {info.step}" if info.step is not None else "commit"
             trailers = {"rollback-of": sha, **({"step": info.step} if info.step is not None else {})}
             trailers.update({k: v for k, v in info.metrics.items() if k not in trailers and k != "rollback-of"})
             new = gitrepo.commit(repo, f"refs/heads/{adapter.branch}", chosen.tree.id,
                                  format_message(f"Roll back to {step} ({sha[:7]})", trailers), [tip.id])
-            result = ad.commit_info(repo[new], ad.tags_by_commit(repo))
+            result = ad.commit_info(gitrepo.commit_at(repo, new), ad.tags_by_commit(repo))
         self.reset_worktree(model, adapter.uuid)
         return result

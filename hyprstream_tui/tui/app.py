@@ -9,17 +9,18 @@ import logging
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable
 
 from textual import events
 from textual.app import App, SystemCommand
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 from hyprstream_tui.errors import Cancelled, HyprError
 from hyprstream_tui.tui.backend import Backend
 from hyprstream_tui.tui.batch import IDLE_S, TYPING_S
+from hyprstream_tui.tui.format import setting_label
 from hyprstream_tui.tui.messages import Target, TargetChanged
 from hyprstream_tui.tui.priority import Collections, SwitchInterval
 from hyprstream_tui.tui.screens.dialogs import ConfirmDialog, ErrorDialog
@@ -58,7 +59,8 @@ class HyprApp(App[int]):
     TITLE = "hyprstream"
     MODES = {"models": ModelsScreen, **{mode: _lazy(mode) for mode in LAZY_SCREENS}}
     DEFAULT_MODE = "models"
-    BINDINGS = [Binding(key, f"switch_mode('{mode}')", title, priority=True) for mode, key, title in MODE_KEYS] + [
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *(Binding(key, f"switch_mode('{mode}')", title, priority=True) for mode, key, title in MODE_KEYS),
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
     ]
 
@@ -199,17 +201,17 @@ class HyprApp(App[int]):
         self.on_worker_state(event)
 
     def on_worker_state(self, event: Worker.StateChanged) -> None:
-        if event.state != WorkerState.ERROR:
-            return
         error = event.worker.error
+        if event.state != WorkerState.ERROR or error is None:
+            return
         if isinstance(error, Cancelled):
             self.notify(error.message, title="Stopped")
             return
         if isinstance(error, HyprError):
-            self.show_error(error.message)
+            self.show_error(error.worded(setting_label))  # a setting by its label, never a CLI flag
             return
         log.error("worker %s failed:\n%s", event.worker.name,
-                  "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+                  "".join(traceback.format_exception(error)))
         self.show_error(f"Unexpected {type(error).__name__}: {error}. This is a bug; the app keeps running.",
                         title="Internal error")
 

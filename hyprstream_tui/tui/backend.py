@@ -13,15 +13,24 @@ import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from hyprstream_tui.errors import HyprError, InvalidInput
 from hyprstream_tui.settings import Paths
+from hyprstream_tui.tui.targets import ChatTargets
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the engine's types only: this process never imports torch
+    from hyprstream_tui.engine.events import EventCallback, GenerationDone
+    from hyprstream_tui.engine.jobs import ChatEngine
+    from hyprstream_tui.engine.params import SamplingParams
+    from hyprstream_tui.engine.train.config import TrainConfig
+    from hyprstream_tui.engine.train.defaults import TrainDefaults
+    from hyprstream_tui.engine.train.job import TrainEvent, TrainFinished, TrainStatus
+    from hyprstream_tui.store.hub import DownloadProgress
     from hyprstream_tui.store.store import Store
-    from hyprstream_tui.store.types import AdapterInfo, CommitInfo, ModelInfo, ModelSummary
+    from hyprstream_tui.store.types import AdapterInfo, CommitInfo, ModelInfo, ModelSummary, Progress
     from hyprstream_tui.tui.conversations import ConversationStore
+    from hyprstream_tui.tui.engine_link import RemoteEngine
 
 
 class Backend:
@@ -31,7 +40,7 @@ class Backend:
         self._lock = threading.RLock()
         self._store: Store | None = None
         self._conversations: ConversationStore | None = None
-        self._engine: Any = None
+        self._engine: ChatEngine | None = None
         self._heavy_lock = threading.Lock()
         self._engine_lock = threading.Lock()
         self._heavy_done = False
@@ -39,7 +48,7 @@ class Backend:
 
     # ---- lazily created services ---------------------------------------------------------------
     @property
-    def store(self) -> "Store":
+    def store(self) -> Store:
         with self._lock:
             if self._store is None:
                 from hyprstream_tui.store import Store
@@ -48,7 +57,7 @@ class Backend:
             return self._store
 
     @property
-    def conversations(self) -> "ConversationStore":
+    def conversations(self) -> ConversationStore:
         with self._lock:
             if self._conversations is None:
                 from hyprstream_tui.tui.conversations import ConversationStore
@@ -71,7 +80,7 @@ class Backend:
                 self._heavy_done = True
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> ChatEngine:
         """Created on first use; starting the engine's process can take seconds (the forkserver
         imports torch first), so it has a lock of its own and the store stays usable meanwhile."""
         store = self.store
@@ -83,6 +92,15 @@ class Backend:
                 with self._lock:
                     self._engine = engine
             return self._engine
+
+    def _remote_engine(self) -> RemoteEngine:
+        """The engine with --remote: a server's, which also lists what it serves."""
+        from hyprstream_tui.tui.engine_link import RemoteEngine
+
+        engine = self.engine
+        if not isinstance(engine, RemoteEngine):
+            raise TypeError(f"With --remote the engine is a RemoteEngine, not a {type(engine).__name__}.")
+        return engine
 
     def warm_up(self) -> None:
         """Import the heavy libraries in the background once the first frame is on screen, and start
@@ -123,19 +141,20 @@ class Backend:
         with self._lock:
             engine, self._engine = self._engine, None
             conversations, self._conversations = self._conversations, None
-        if engine is not None and hasattr(engine, "close"):
+        if engine is not None:
             engine.close()
         if conversations is not None:
             conversations.close()
 
     # ---- models --------------------------------------------------------------------------------
-    def list_models(self) -> list["ModelSummary"]:
+    def list_models(self) -> list[ModelSummary]:
         return self.store.list_models()
 
-    def model_info(self, name: str) -> "ModelInfo":
+    def model_info(self, name: str) -> ModelInfo:
         return self.store.model_info(name)
 
-    def import_model(self, src: str, *, name: str | None, progress: Callable[[Any], None] | None = None) -> "ModelSummary":
+    def import_model(self, src: str, *, name: str | None,
+                     progress: Callable[[Progress], None] | None = None) -> ModelSummary:
         from hyprstream_tui.engine.gguf import import_in_child, is_gguf
 
         path = Path(src).expanduser()
@@ -146,8 +165,8 @@ class Backend:
                                "give one of those.")
         return self.store.import_model(path, name=name or None, progress=progress)
 
-    def pull_model(self, repo_id: str, *, name: str | None, revision: str, progress: Callable[[Any], None],
-                   cancel: threading.Event) -> "ModelSummary":
+    def pull_model(self, repo_id: str, *, name: str | None, revision: str,
+                   progress: Callable[[DownloadProgress], None], cancel: threading.Event) -> ModelSummary:
         return self.store.pull_model(repo_id, name=name or None, revision=revision or "main", progress=progress,
                                      cancel=cancel)
 
@@ -156,7 +175,7 @@ class Backend:
             self._engine.unload(name)
         self.store.remove_model(name)
 
-    def build_demo(self) -> "ModelSummary":
+    def build_demo(self) -> ModelSummary:
         """Build the tiny demo model (no network) and import it into the store."""
         from hyprstream_tui.engine.tiny import DEMO_NAME, build_demo_model
 
@@ -169,8 +188,8 @@ class Backend:
             shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- chat ----------------------------------------------------------------------------------
-    def chat(self, specs: Sequence[str], messages: Sequence[dict[str, str]], params: Any, *,
-             request_ids: Sequence[str], on_event: Callable[[Any], None], cancel: threading.Event) -> list[Any]:
+    def chat(self, specs: Sequence[str], messages: Sequence[Mapping[str, str]], params: SamplingParams, *,
+             request_ids: Sequence[str], on_event: EventCallback, cancel: threading.Event) -> list[GenerationDone]:
         """Answer `messages` once per spec (compare mode: two), streaming events; returns GenerationDone each."""
         from hyprstream_tui.tui.engine_link import run_chats
 
@@ -179,26 +198,30 @@ class Backend:
             return run_chats(engine, specs, messages, params, request_ids=request_ids, on_event=on_event,
                              cancel=cancel)
 
-    def chat_targets(self, model: str | None) -> tuple[list[str], str | None, list[str], set[str], int]:
-        """What can answer: (models, the chosen model, its adapters, those without weights, window).
+    def chat_targets(self, model: str | None) -> ChatTargets:
+        """What can answer, `model` chosen when it is one of them (else the first model).
         With --remote, the server's /v1/models list; otherwise the local store."""
         if self.remote:
-            ids = self.engine.model_ids()
+            ids = self._remote_engine().model_ids()
             models = sorted({i.partition(":")[0] for i in ids})
             model = model if model in models else (models[0] if models else None)
             adapters = sorted(i.partition(":")[2] for i in ids if model and i.startswith(model + ":"))
-            return models, model, adapters, set(), 0
+            return ChatTargets(models=tuple(models), model=model, adapters=tuple(adapters), untrained=frozenset(),
+                               window=0)
         models = [m.name for m in self.list_models()]
         model = model if model in models else (models[0] if models else None)
-        adapters, untrained = [], set()
-        for a in self.list_adapters(model) if model else []:
-            adapters.append(a.name)
-            if not any(c.kind in ("checkpoint", "rollback") for c in self.log(model, a.uuid)):
-                untrained.add(a.name)
-        return models, model, adapters, untrained, self.context_window(model) if model else 0
+        adapters = []
+        untrained: set[str] = set()
+        if model:
+            for a in self.list_adapters(model):
+                adapters.append(a.name)
+                if not any(c.kind in ("checkpoint", "rollback") for c in self.log(model, a.uuid)):
+                    untrained.add(a.name)
+        return ChatTargets(models=tuple(models), model=model, adapters=tuple(adapters), untrained=frozenset(untrained),
+                           window=self.context_window(model) if model else 0)
 
     @staticmethod
-    def reply_meta(done: Any, *, side: str = "a") -> dict[str, Any]:
+    def reply_meta(done: GenerationDone, *, side: str = "a") -> dict[str, Any]:
         from hyprstream_tui.tui.engine_link import reply_meta
 
         return reply_meta(done, side=side)
@@ -226,19 +249,19 @@ class Backend:
         return path
 
     # ---- adapters and history ------------------------------------------------------------------
-    def list_adapters(self, model: str) -> list["AdapterInfo"]:
+    def list_adapters(self, model: str) -> list[AdapterInfo]:
         return self.store.list_adapters(model)
 
-    def create_adapter(self, model: str, name: str, *, rank: int, alpha: float) -> "AdapterInfo":
+    def create_adapter(self, model: str, name: str, *, rank: int, alpha: float) -> AdapterInfo:
         return self.store.create_adapter(model, name, rank=rank, alpha=alpha)
 
-    def log(self, model: str, adapter: str, limit: int | None = None) -> list["CommitInfo"]:
+    def log(self, model: str, adapter: str, limit: int | None = None) -> list[CommitInfo]:
         return self.store.log(model, adapter, limit)
 
     def tag(self, model: str, adapter: str, label: str, commit: str) -> str:
         return self.store.tag(model, adapter, label, commit=commit)
 
-    def rollback(self, model: str, adapter: str, target: str) -> "CommitInfo":
+    def rollback(self, model: str, adapter: str, target: str) -> CommitInfo:
         return self.store.rollback(model, adapter, target)
 
     def is_training(self, model: str, adapter_uuid: str) -> bool:
@@ -273,14 +296,14 @@ class Backend:
         _commit, total = add_samples(self.store, model, adapter, rows)
         return total
 
-    def train_defaults(self, model: str, adapter: str) -> Any:
+    def train_defaults(self, model: str, adapter: str) -> TrainDefaults:
         """What a new run of `adapter` gets for the values left out (engine/train/defaults.py)."""
         from hyprstream_tui.engine.train.defaults import defaults_for
 
         return defaults_for(self.store, model, adapter)
 
-    def train(self, model: str, adapter: str, config: Any, *, on_event: Callable[[Any], None],
-              cancel: threading.Event, name: str | None = None) -> Any:
+    def train(self, model: str, adapter: str, config: TrainConfig, *, on_event: Callable[[TrainEvent], None],
+              cancel: threading.Event, name: str | None = None) -> TrainFinished:
         """Run a training job to its end (or until `cancel`); returns TrainFinished.
 
         The job runs in a child process (`engine.train.process`): the UI's interpreter stays free
@@ -290,7 +313,7 @@ class Backend:
         with self._job(cancel, f"training of {name or adapter} on {model}"):
             return run_training(self.paths, model, adapter, config, on_event=on_event, cancel=cancel)
 
-    def train_status(self, model: str, adapter: str) -> Any:
+    def train_status(self, model: str, adapter: str) -> TrainStatus:
         from hyprstream_tui.engine.train.job import train_status
 
         return train_status(self.store, model, adapter)

@@ -37,10 +37,8 @@ class Buffer(Generic[T]):
 
 
 class Latest(Generic[T]):
-    _EMPTY = object()
-
     def __init__(self) -> None:
-        self._value: object = self._EMPTY
+        self._value: T | None = None  # None: nothing new since the last take
         self._lock = threading.Lock()
 
     def set(self, value: T) -> None:
@@ -49,5 +47,5 @@ class Latest(Generic[T]):
 
     def take(self) -> T | None:
         with self._lock:
-            value, self._value = self._value, self._EMPTY
-        return None if value is self._EMPTY else value  # type: ignore[return-value]
+            value, self._value = self._value, None
+        return value

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 _LAYER_RE = re.compile(r"(.*?)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
@@ -35,13 +39,14 @@ class LayerChange:
     change: float  # ||delta W_b - delta W_a||
 
 
-def _deltas(data: bytes | None) -> dict:
+def _deltas(data: bytes | None) -> dict[str, NDArray]:
+    """The weight change B @ A of each LoRA module in a safetensors file."""
     if not data:
         return {}
     from safetensors.numpy import load
 
     tensors = load(data)
-    pairs: dict[str, dict[str, object]] = {}
+    pairs: dict[str, dict[str, NDArray]] = {}
     for key, value in tensors.items():
         match = _LAYER_RE.match(key)
         if match:
@@ -67,7 +72,7 @@ def layer_changes(weights_a: bytes | None, weights_b: bytes | None, *, scale: fl
     out = []
     for name in sorted(set(a) | set(b), key=_natural):
         da, db = a.get(name), b.get(name)
-        shape = (da if da is not None else db).shape
+        shape = (da if da is not None else b[name]).shape
         da = da if da is not None else np.zeros(shape, "float32")
         db = db if db is not None else np.zeros(shape, "float32")
         out.append(LayerChange(_short(name), float(np.linalg.norm(da)) * scale, float(np.linalg.norm(db)) * scale,

@@ -7,6 +7,7 @@ as JSON. One connection guarded by a lock: calls come from the TUI's worker thre
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -85,7 +86,7 @@ class ConversationStore:
         with self._lock:
             self._db.close()
 
-    def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    def _run(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         with self._lock:
             try:
                 return self._db.execute(sql, args)
@@ -97,7 +98,7 @@ class ConversationStore:
         now = time.time()
         cur = self._run("INSERT INTO conversations(title, model, adapter, created, updated) VALUES (?,?,?,?,?)",
                         (_title(title), model, adapter, now, now))
-        return self.get(int(cur.lastrowid))
+        return self.get(_inserted_id(cur))
 
     def get(self, conversation_id: int) -> Conversation:
         row = self._run("SELECT id, title, model, adapter, created, updated FROM conversations WHERE id=?",
@@ -128,16 +129,16 @@ class ConversationStore:
         cur = self._run("INSERT INTO messages(conversation_id, role, content, meta, created) VALUES (?,?,?,?,?)",
                         (conversation_id, role, content, json.dumps(meta or {}), now))
         self._run("UPDATE conversations SET updated=? WHERE id=?", (now, conversation_id))
-        return StoredMessage(id=int(cur.lastrowid), conversation_id=conversation_id, role=role, content=content,
+        return StoredMessage(id=_inserted_id(cur), conversation_id=conversation_id, role=role, content=content,
                              meta=dict(meta or {}), created=now)
 
-    def messages(self, conversation_id: int) -> list[StoredMessage]:
+    def messages(self, conversation_id: int) -> builtins.list[StoredMessage]:
         rows = self._run("SELECT id, conversation_id, role, content, meta, created FROM messages "
                          "WHERE conversation_id=? ORDER BY id", (conversation_id,)).fetchall()
         return [StoredMessage(id=r[0], conversation_id=r[1], role=r[2], content=r[3], meta=json.loads(r[4] or "{}"),
                               created=r[5]) for r in rows]
 
-    def delete_messages(self, conversation_id: int, ids: list[int]) -> None:
+    def delete_messages(self, conversation_id: int, ids: builtins.list[int]) -> None:
         """Delete exactly these messages (a regenerated reply, an edited prompt and what followed)."""
         if ids:
             marks = ",".join("?" * len(ids))
@@ -165,6 +166,13 @@ class ConversationStore:
 
     def __iter__(self) -> Iterator[Conversation]:
         return iter(self.list())
+
+
+def _inserted_id(cur: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just added (sqlite3 types `lastrowid` as optional)."""
+    if cur.lastrowid is None:
+        raise StorageError("The conversations database added no row.")
+    return cur.lastrowid
 
 
 def format_provenance(meta: dict[str, Any]) -> str:

@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from hyprstream_tui.store import Store
 
 
-def is_token(event: object) -> bool:
-    return isinstance(event, TokenDelta)
-
-
 def preload() -> None:
     """Import what the first chat or training run needs, once, after the first paint: their lazy
     modules are not safe to import from two threads at once. (importlib keeps the TUI's own source

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from hyprstream_tui import _sigint
+from hyprstream_tui import interrupt
 from tests.zygote import run_cli_and_exit, warm_up
 
 
@@ -30,7 +30,7 @@ def child(log: str, env: dict[str, str], args: list[str]) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    _sigint.during_start_up()  # as `python -m hyprstream_tui` does before it calls main
+    interrupt.during_start_up()  # as `python -m hyprstream_tui` does before it calls main
     run_cli_and_exit(args)
 
 

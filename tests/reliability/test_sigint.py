@@ -353,11 +353,11 @@ def test_a_ctrl_c_python_would_drop_is_delivered_again(tmp_path):
     delivered again."""
     script = (
         "import time\n"
-        "from hyprstream_tui import _sigint\n"
+        "from hyprstream_tui import interrupt\n"
         "class Dropped:\n"
         "    def __del__(self):\n"
         "        raise KeyboardInterrupt  # what a Ctrl-C landing in a __del__ is\n"
-        "with _sigint.redelivered():\n"
+        "with interrupt.redelivered():\n"
         "    try:\n"
         "        Dropped()\n"
         "        for _ in range(200):\n"
@@ -386,6 +386,6 @@ def test_a_ctrl_c_wrapped_by_a_library_is_one_line(tmp_path, monkeypatch, capsys
         except KeyboardInterrupt as exc:
             raise RuntimeError("Error calling __set_name__ on 'Field' instance 'name'") from exc
 
-    monkeypatch.setattr(cli, "cmd_model_list", wrapped)
+    monkeypatch.setattr(cli.models, "cmd_model_list", wrapped)
     assert cli.main(["--home", str(tmp_path), "model", "list"]) == 130
     assert capsys.readouterr().err == "error: interrupted; what was complete is kept.\n"

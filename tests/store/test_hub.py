@@ -264,7 +264,7 @@ def test_bad_repo_id_is_refused_without_a_request(hub_server, bad):
 
 def test_pickle_only_repo_is_refused(hub_server, tmp_path):
     hub_server.add_repo("org/old", files={"config.json": b"{}", "pytorch_model.bin": pickle.dumps({"w": [1.0]})})
-    with pytest.raises(UnsafeContent, match="pytorch_model.bin.*--allow-pickle"):
+    with pytest.raises(UnsafeContent, match="pytorch_model.bin.*`allow_pickle`"):
         hub.fetch("org/old")
     assert not hub_server.file_hits("pytorch_model.bin") and not cache_files(tmp_path)
 

@@ -13,7 +13,7 @@ import pytest
 from hyprstream_tui.errors import Conflict, InvalidInput, NotFound, UnsafeContent
 from hyprstream_tui.store.lfs import LfsObjects, Pointer
 from hyprstream_tui.store.models import disk_usage
-from tests.conftest import assert_one_line_error, git
+from tests.helpers import assert_one_line_error, git
 
 
 def lfs_files(repo: Path) -> dict[str, str]:
@@ -151,7 +151,7 @@ def test_malformed_safetensors_are_refused(store, tiny_model_src, tmp_path, dama
 def test_pickle_only_model_is_refused_unless_allowed(store, tiny_model_src, tmp_path):
     bad = copy_model(tiny_model_src, tmp_path / "pickled")
     (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
-    with pytest.raises(UnsafeContent, match="allow-pickle"):
+    with pytest.raises(UnsafeContent, match="`allow_pickle`"):
         store.import_model(bad, name="pickled")
     summary = store.import_model(bad, name="pickled", allow_pickle=True)
     assert summary.name == "pickled"

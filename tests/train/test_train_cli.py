@@ -11,7 +11,7 @@ import re
 import time
 
 from hyprstream_tui.engine.train.job import train_status
-from tests.conftest import assert_one_line_error, git
+from tests.helpers import assert_one_line_error, git
 from tests.train.helpers import ANSWERS, QA, QUESTIONS, adapter_answers, greedy_answers, load_base
 
 STEPS = 200  # default lr (3e-2 here): memorised after about 50; the rest lets the background run be watched
@@ -103,12 +103,12 @@ def test_bad_input_is_one_line_and_changes_nothing(cli, qa_store, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "q", "output": "a"}\n{"input": "q", "output": "a"}\n{"input": "q"}\n')
     cases = [
-        (("lora", "create", "--name", "r0", "--base-model", "tiny", "--rank", "0"), "rank"),
-        (("lora", "create", "--name", "a0", "--base-model", "tiny", "--alpha", "0"), "alpha"),
+        (("lora", "create", "--name", "r0", "--base-model", "tiny", "--rank", "0"), "--rank must be a positive whole number, got 0."),
+        (("lora", "create", "--name", "a0", "--base-model", "tiny", "--alpha", "0"), "--alpha must be positive, got 0.0."),
         (("lora", "create", "--name", "t0", "--base-model", "tiny", "--target-modules", "c_attn,c_proj"), "none of the target"),
-        (("lora", "train", "start", "qa", "--learning-rate", "0"), "--learning-rate"),
+        (("lora", "train", "start", "qa", "--learning-rate", "0"), "--learning-rate must be greater than 0, got 0.0."),
         (("lora", "train", "start", "qa", "--learning-rate", "-0.1"), "--learning-rate"),
-        (("lora", "train", "start", "qa", "--steps", "5", "--epochs", "1"), "not both"),
+        (("lora", "train", "start", "qa", "--steps", "5", "--epochs", "1"), "Give --steps or --epochs, not both."),
         (("lora", "train", "start", "nope"), "nope"),
         (("lora", "train", "start", "empty"), "no samples"),
         (("lora", "train", "start", "empty", "--detach"), "no samples"),
@@ -117,7 +117,7 @@ def test_bad_input_is_one_line_and_changes_nothing(cli, qa_store, tmp_path):
         (("lora", "train", "sample", "nope", "--input", "q", "--output", "a"), "nope"),
         (("lora", "train", "stop", "qa"), "not training"),
         (("lora", "export", "empty", "--output", tmp_path / "e.safetensors"), "no trained weights"),
-        (("lora", "merge", "qa", "--name", "tiny"), "exists already"),
+        (("lora", "merge", "qa", "--name", "tiny"), "exists already: choose another --name."),
     ]
     for args, needle in cases:
         assert_one_line_error(cli(*args), needle)

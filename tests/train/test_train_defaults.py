@@ -72,7 +72,7 @@ def test_model_shape_comes_from_config_json_also_nested_and_refuses_none():
     assert ModelShape.from_config({"hidden_size": 576, "num_hidden_layers": 30, "_name_or_path": "tiny-x"}) == SMOLLM2
     assert ModelShape.from_config({"text_config": {"hidden_size": 576, "num_hidden_layers": 30}}) == SMOLLM2
     assert ModelShape.from_config({"n_embd": 576, "n_layer": 30}) == SMOLLM2
-    with pytest.raises(InvalidInput, match="--learning-rate"):
+    with pytest.raises(InvalidInput, match="`learning_rate` yourself"):
         ModelShape.from_config({"vocab_size": 10})
     with pytest.raises(InvalidInput, match="lora_alpha"):
         learning_rate_for(SMOLLM2, {"target_modules": QV})

@@ -118,7 +118,7 @@ def test_changing_the_schedule_of_an_unfinished_run_is_refused(qa_store):
     cancel_after = lambda e: isinstance(e, TrainStep) and cancel.set()  # noqa: E731
     TrainJob(qa_store, "tiny", "qa", TrainConfig(steps=10, learning_rate=1e-2), on_event=cancel_after, cancel=cancel).run()
     tip = qa_store.head("tiny", "adapter/" + _uuid(qa_store))
-    with pytest.raises(InvalidInput, match="unfinished run .*learning_rate.*--new-run"):
+    with pytest.raises(InvalidInput, match="unfinished run .*`learning_rate`.*`new_run`"):
         TrainJob(qa_store, "tiny", "qa", TrainConfig(steps=10, learning_rate=2e-2), explicit={"learning_rate"}).run()
     with pytest.raises(InvalidInput, match="unfinished run .*steps"):
         TrainJob(qa_store, "tiny", "qa", TrainConfig(steps=20), explicit={"steps"}).run()

@@ -14,26 +14,29 @@ from hyprstream_tui.engine.train.data import (IGNORE_INDEX, check_row, collate, 
 from hyprstream_tui.errors import InvalidInput
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(learning_rate=0), "--learning-rate"),
-    (dict(learning_rate=-1e-3), "--learning-rate"),
-    (dict(learning_rate=float("nan")), "--learning-rate"),
-    (dict(batch_size=0), "--batch-size"),
-    (dict(steps=0), "--steps"),
-    (dict(epochs=-1.0), "--epochs"),
-    (dict(steps=5, epochs=1.0), "not both"),
-    (dict(checkpoint_every=0), "--checkpoint-every"),
-    (dict(max_seq_len=2), "--max-seq-len"),
-    (dict(grad_clip=-1.0), "--grad-clip"),
-    (dict(min_lr_ratio=2.0), "--min-lr-ratio"),
-    (dict(dtype="float8"), "--dtype"),
-    (dict(device="tpu"), "--device"),
-    (dict(batch_size=True), "--batch-size"),
+@pytest.mark.parametrize("kwargs, setting", [
+    (dict(learning_rate=0), "learning_rate"),
+    (dict(learning_rate=-1e-3), "learning_rate"),
+    (dict(learning_rate=float("nan")), "learning_rate"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(steps=0), "steps"),
+    (dict(epochs=-1.0), "epochs"),
+    (dict(steps=5, epochs=1.0), "steps"),
+    (dict(checkpoint_every=0), "checkpoint_every"),
+    (dict(max_seq_len=2), "max_seq_len"),
+    (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(min_lr_ratio=2.0), "min_lr_ratio"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(device="tpu"), "device"),
+    (dict(batch_size=True), "batch_size"),
 ])
-def test_config_refuses_bad_values_with_one_line(kwargs, needle):
+def test_config_refuses_bad_values_with_one_line_naming_the_setting(kwargs, setting):
+    """The error names the setting (no front end's flag or label): each front end words it."""
     with pytest.raises(InvalidInput) as info:
         TrainConfig(**kwargs)
-    assert needle in info.value.message and "\n" not in info.value.message
+    message = info.value.message
+    assert info.value.setting == setting and f"`{setting}`" in message, message
+    assert "\n" not in message and "--" not in message, message
 
 
 def test_config_run_length_from_steps_or_epochs():

@@ -9,7 +9,7 @@ from hyprstream_tui.tui.screens.chat import ChatScreen
 from hyprstream_tui.tui.screens.dialogs import ErrorDialog, FormDialog
 from hyprstream_tui.tui.screens.models import ModelsScreen
 from hyprstream_tui.tui.screens.training import TrainingScreen
-from tests.tui.conftest import add_adapter
+from tests.tui.helpers import add_adapter
 from tests.tui.helpers import screen_text, wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -127,12 +127,35 @@ async def test_bad_parameter_values_are_named_inline(demo_home):
         dialog = await open_form(pilot, "s")
         for values, reason in (({"learning_rate": "fast"}, "Learning rate must be a number"),
                                ({"learning_rate": "5"}, "far too large"),
-                               ({"learning_rate": "1e-3", "batch_size": "0"}, "--batch-size must be at least 1")):
+                               ({"learning_rate": "1e-3", "batch_size": "0"}, "Batch size must be at least 1")):
             await submit(pilot, dialog, values)
             await wait_for(pilot, lambda: reason in dialog.error_text, what=reason)
             assert app.screen is dialog
         await pilot.press("escape")
         assert training.jobs == {} and app.errors == []
+
+
+async def test_an_error_about_a_setting_names_its_field_never_a_cli_flag(demo_home):
+    """The engine names a setting (`batch_size`); the TUI says it as its form does: inline under
+    the form (with the field focused), and in the error dialog of a worker that failed."""
+    add_adapter(demo_home)
+    app = HyprApp(home=demo_home, warm_up=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, TrainingScreen) and app.screen.selected)
+        # Checked by TrainConfig while the form is open.
+        dialog = await open_form(pilot, "s")
+        await submit(pilot, dialog, {"batch_size": "0", "checkpoint_every": "5"})
+        await wait_for(pilot, lambda: dialog.error_text, what="the inline error")
+        assert dialog.error_text == "Batch size must be at least 1, got 0."
+        assert app.focused is not None and app.focused.id == "field-batch_size"
+        await pilot.press("escape")
+        # Refused by the store in a worker, after the form closed: a name taken already.
+        dialog = await open_form(pilot, "n")
+        await submit(pilot, dialog, {"name": "quiz"})
+        message = await close_error(pilot)
+        assert message.endswith("has an adapter named 'quiz' already: choose another Name."), message
+        assert "--" not in message and "`" not in message
 
 
 async def test_rollback_while_training_and_a_bug_in_a_worker_show_dialogs(demo_home):

@@ -14,9 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hyprstream_tui.store.atomic import write_bytes
+
+if TYPE_CHECKING:  # torch and peft load when training starts
+    import torch
+    from peft import PeftModel
 
 ADAPTER_FILE = "adapter/adapter_model.safetensors"
 STATE_FILE = "optimizer/state.safetensors"
@@ -65,10 +69,10 @@ class Saved:
     state: RunState
     optimizer: dict[int, dict[str, Any]]  # AdamW per-parameter state, by index
     param_names: list[str]
-    rng: Any  # torch uint8 tensor or None
+    rng: torch.Tensor | None  # torch's CPU generator state (uint8)
 
 
-def adapter_bytes(model) -> bytes:
+def adapter_bytes(model: PeftModel) -> bytes:
     """The LoRA weights in PEFT's on-disk format."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save
@@ -77,7 +81,7 @@ def adapter_bytes(model) -> bytes:
     return save(tensors, metadata={"format": "pt"})
 
 
-def state_bytes(optimizer, param_names: list[str], state: RunState) -> bytes:
+def state_bytes(optimizer: torch.optim.Optimizer, param_names: list[str], state: RunState) -> bytes:
     import torch
     from safetensors.torch import save
 
@@ -90,7 +94,7 @@ def state_bytes(optimizer, param_names: list[str], state: RunState) -> bytes:
     return save(tensors, metadata=metadata)
 
 
-def save(worktree: Path, *, model, optimizer, param_names: list[str], state: RunState, metric_lines: list[str]) -> None:
+def save(worktree: Path, *, model: PeftModel, optimizer: torch.optim.Optimizer, param_names: list[str], state: RunState, metric_lines: list[str]) -> None:
     """Write the three checkpoint files into the worktree (each atomically, as a new file)."""
     write_bytes(worktree / ADAPTER_FILE, adapter_bytes(model))
     write_bytes(worktree / STATE_FILE, state_bytes(optimizer, param_names, state))

@@ -44,44 +44,45 @@ class TrainConfig:
     new_run: bool = False  # start a new schedule even if the last run was stopped part-way
 
     def __post_init__(self) -> None:
+        # Errors name the setting (`batch_size`): each front end words it its own way (errors.py).
         if self.learning_rate is not None:
             self._check_learning_rate()
-        _positive_int(self.batch_size, "--batch-size")
-        _positive_int(self.checkpoint_every, "--checkpoint-every")
-        _positive_int(self.max_seq_len, "--max-seq-len")
+        _positive_int(self.batch_size, "batch_size")
+        _positive_int(self.checkpoint_every, "checkpoint_every")
+        _positive_int(self.max_seq_len, "max_seq_len")
         if self.max_seq_len < 8:
-            raise InvalidInput(f"--max-seq-len must be at least 8 tokens, got {self.max_seq_len}.")
+            raise InvalidInput(f"`max_seq_len` must be at least 8 tokens, got {self.max_seq_len}.")
         if self.steps is not None and self.epochs is not None:
-            raise InvalidInput("Give --steps or --epochs, not both.")
+            raise InvalidInput("Give `steps` or `epochs`, not both.")
         if self.steps is not None:
-            _positive_int(self.steps, "--steps")
+            _positive_int(self.steps, "steps")
         if self.epochs is not None:
-            _positive_number(self.epochs, "--epochs")
+            _positive_number(self.epochs, "epochs")
         if self.warmup_steps is not None:
-            _int(self.warmup_steps, "--warmup-steps")
+            _int(self.warmup_steps, "warmup_steps")
             if self.warmup_steps < 0:
-                raise InvalidInput(f"--warmup-steps must be 0 or more, got {self.warmup_steps}.")
-        _number(self.min_lr_ratio, "--min-lr-ratio")
+                raise InvalidInput(f"`warmup_steps` must be 0 or more, got {self.warmup_steps}.")
+        _number(self.min_lr_ratio, "min_lr_ratio")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise InvalidInput(f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}.")
-        _number(self.weight_decay, "--weight-decay")
+            raise InvalidInput(f"`min_lr_ratio` must be between 0 and 1, got {self.min_lr_ratio}.")
+        _number(self.weight_decay, "weight_decay")
         if self.weight_decay < 0:
-            raise InvalidInput(f"--weight-decay must be 0 or more, got {self.weight_decay}.")
-        _number(self.grad_clip, "--grad-clip")
+            raise InvalidInput(f"`weight_decay` must be 0 or more, got {self.weight_decay}.")
+        _number(self.grad_clip, "grad_clip")
         if self.grad_clip < 0:
-            raise InvalidInput(f"--grad-clip must be 0 (off) or more, got {self.grad_clip}.")
-        _int(self.seed, "--seed")
+            raise InvalidInput(f"`grad_clip` must be 0 (off) or more, got {self.grad_clip}.")
+        _int(self.seed, "seed")
         if not 0 <= self.seed < 2**63:
-            raise InvalidInput(f"--seed must be between 0 and 2**63-1, got {self.seed}.")
+            raise InvalidInput(f"`seed` must be between 0 and 2**63-1, got {self.seed}.")
         if self.dtype not in DTYPES:
-            raise InvalidInput(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+            raise InvalidInput(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if not isinstance(self.device, str) or not self.device.split(":")[0] in ("cpu", "cuda", "mps"):
-            raise InvalidInput(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}.")
+            raise InvalidInput(f"`device` must be cpu, cuda, cuda:N or mps, got {self.device!r}.")
 
     def _check_learning_rate(self) -> None:
-        _positive_number(self.learning_rate, "--learning-rate")
+        _positive_number(self.learning_rate, "learning_rate")
         if self.learning_rate > 1:  # type: ignore[operator]
-            raise InvalidInput(f"--learning-rate {self.learning_rate} is far too large: LoRA uses about 1e-4 to 3e-2.")
+            raise InvalidInput(f"`learning_rate` {self.learning_rate} is far too large: LoRA uses about 1e-4 to 3e-2.")
 
     def run_steps(self, steps_per_epoch: int) -> int:
         """The length of a new run, given how many steps one pass over the samples takes."""
@@ -111,23 +112,23 @@ def lr_at(step_in_run: int, *, learning_rate: float, total_steps: int, warmup_st
     return learning_rate * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
-def _number(value: object, what: str) -> None:
+def _number(value: object, setting: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInput(f"{what} must be a number, got {value!r}.")
+        raise InvalidInput(f"`{setting}` must be a number, got {value!r}.")
 
 
-def _positive_number(value: object, what: str) -> None:
-    _number(value, what)
+def _positive_number(value: object, setting: str) -> None:
+    _number(value, setting)
     if value <= 0:  # type: ignore[operator]
-        raise InvalidInput(f"{what} must be greater than 0, got {value}.")
+        raise InvalidInput(f"`{setting}` must be greater than 0, got {value}.")
 
 
-def _int(value: object, what: str) -> None:
+def _int(value: object, setting: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{what} must be a whole number, got {value!r}.")
+        raise InvalidInput(f"`{setting}` must be a whole number, got {value!r}.")
 
 
-def _positive_int(value: object, what: str) -> None:
-    _int(value, what)
+def _positive_int(value: object, setting: str) -> None:
+    _int(value, setting)
     if value <= 0:  # type: ignore[operator]
-        raise InvalidInput(f"{what} must be at least 1, got {value}.")
+        raise InvalidInput(f"`{setting}` must be at least 1, got {value}.")

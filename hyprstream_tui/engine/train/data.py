@@ -12,9 +12,13 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from hyprstream_tui.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 SAMPLES_PATH = "data/samples.jsonl"
 ROLES = ("system", "user", "assistant")
@@ -67,8 +71,10 @@ def parse_jsonl(data: bytes, source: str) -> list[dict[str, Any]]:
             value = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise InvalidInput(f"{where}: not UTF-8 text.") from None
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise InvalidInput(f"{where}: not valid JSON ({exc.msg}).") from None
+        except ValueError as exc:  # valid syntax json still refuses: an integer past int_max_str_digits
+            raise InvalidInput(f"{where}: not valid JSON ({str(exc).split(':')[0]}).") from None
         except RecursionError:
             raise InvalidInput(f"{where}: not valid JSON (nested too deeply).") from None
         rows.append(check_row(value, where))
@@ -97,7 +103,7 @@ class Encoded:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def _render(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
     """The model's chat template; a model without one gets the plain transcript that inference
     (engine/chat.py) uses for it too."""
     if getattr(tokenizer, "chat_template", None):
@@ -105,7 +111,8 @@ def _render(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bo
 
         try:
             with template_budget():
-                return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                # tokenize=False returns a str; transformers types every variant's result as one union
+                return tokenizer.apply_chat_template(list(messages), tokenize=False,  # type: ignore[return-value]
                                                      add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja's TemplateError, a sandbox refusal, the budget
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -116,7 +123,7 @@ def _render(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bo
     return text + ("assistant:" if generation_prompt else "")
 
 
-def answer_spans(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def answer_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant answer (with the
     template's end-of-turn marker, so the model learns to stop)."""
     text = _render(tokenizer, messages, False)
@@ -136,7 +143,7 @@ def answer_spans(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[str, li
     return text, spans
 
 
-def encode(tokenizer, row: dict[str, Any], max_seq_len: int) -> Encoded:
+def encode(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], max_seq_len: int) -> Encoded:
     """Token ids of the chat-formatted row and labels that keep only the answer tokens."""
     text, spans = answer_spans(tokenizer, to_messages(row))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -152,7 +159,7 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def collate(batch: Sequence[Encoded], pad_id: int):
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors: input_ids, attention_mask, labels, each [B, S]."""
     import torch
 

@@ -39,9 +39,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from hyprstream_tui.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from hyprstream_tui.store import Store
 
 DEFAULT_EPOCHS = 3.0
 MIN_STEPS = 60
@@ -63,12 +66,13 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelShape":
         """From a transformers `config.json` (a multimodal one keeps its decoder in text_config)."""
-        text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
+        nested = config.get("text_config")
+        text: Mapping[str, Any] = nested if isinstance(nested, Mapping) else {}
         width = _first_int(config, text, ("hidden_size", "d_model", "n_embd"))
         layers = _first_int(config, text, ("num_hidden_layers", "n_layer", "num_layers"))
         if width is None or layers is None:
-            raise InvalidInput("The model's config.json gives no hidden_size or num_hidden_layers: pass "
-                               "--learning-rate yourself.")
+            raise InvalidInput("The model's config.json gives no hidden_size or num_hidden_layers: set "
+                               "`learning_rate` yourself.")
         return cls(hidden_size=width, num_layers=layers)
 
     @classmethod
@@ -77,9 +81,9 @@ class ModelShape:
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise InvalidInput(f"Cannot read {path}: pass --learning-rate yourself.") from None
+            raise InvalidInput(f"Cannot read {path}: set `learning_rate` yourself.") from None
         if not isinstance(config, Mapping):
-            raise InvalidInput(f"{path} is not a JSON object: pass --learning-rate yourself.")
+            raise InvalidInput(f"{path} is not a JSON object: set `learning_rate` yourself.")
         return cls.from_config(config)
 
 
@@ -148,7 +152,7 @@ def read_adapter_config(data: bytes | str, where: str) -> dict[str, Any]:
     return config
 
 
-def defaults_for(store, model: str, ref: str, *, batch_size: int = DEFAULT_BATCH_SIZE) -> TrainDefaults:
+def defaults_for(store: Store, model: str, ref: str, *, batch_size: int = DEFAULT_BATCH_SIZE) -> TrainDefaults:
     """What a new run of adapter `ref` would get now: from the model's config.json and the
     adapter's config and samples at its tip (what the TUI's train form shows)."""
     from hyprstream_tui.engine.train.samples import read_rows

@@ -17,11 +17,16 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hyprstream_tui import names
 from hyprstream_tui.errors import Conflict, InvalidInput, disk_full, is_disk_full
 from hyprstream_tui.store.atomic import disk_error, write_bytes
 from hyprstream_tui.store.locks import is_locked, locked
+
+if TYPE_CHECKING:
+    from hyprstream_tui.store import Store
+    from hyprstream_tui.store.types import AdapterInfo, ModelSummary
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -37,7 +42,7 @@ class Exported:
     size: int
 
 
-def _adapter_files(store, model: str, ref: str, rev: str | None):
+def _adapter_files(store: Store, model: str, ref: str, rev: str | None) -> tuple[AdapterInfo, Path]:
     adapter = store.resolve_adapter(model, ref, rev)
     folder = store.snapshot(model, adapter.tip, "adapter")
     if not (folder / WEIGHTS).is_file():
@@ -46,7 +51,7 @@ def _adapter_files(store, model: str, ref: str, rev: str | None):
     return adapter, folder
 
 
-def _metadata(adapter, folder: Path) -> dict[str, str]:
+def _metadata(adapter: AdapterInfo, folder: Path) -> dict[str, str]:
     return {"format": "pt", "base_model": adapter.model, "base_commit": adapter.base_commit or "",
             "adapter": adapter.name, "adapter_commit": adapter.tip,
             "peft_config": json.dumps(json.loads((folder / CONFIG).read_text()), sort_keys=True)}
@@ -62,10 +67,10 @@ def with_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data[8 + length:]
 
 
-def _check_output(store, output: Path, *, force: bool, is_dir: bool) -> Path:
+def _check_output(store: Store, output: Path, *, force: bool, is_dir: bool) -> Path:
     text = str(output)
     if not text or "\x00" in text or any(ord(ch) < 32 for ch in text):
-        raise InvalidInput("The --output path is empty or has control characters.")
+        raise InvalidInput("The `output` path is empty or has control characters.")
     output = Path(os.path.abspath(Path(text).expanduser()))
     home = store.paths.home.resolve()
     if output.resolve() == home or home in output.resolve().parents:
@@ -73,17 +78,17 @@ def _check_output(store, output: Path, *, force: bool, is_dir: bool) -> Path:
     if not output.parent.is_dir():
         raise InvalidInput(f"The folder {output.parent} does not exist: create it first.")
     if not is_dir and output.suffix != ".safetensors":
-        raise InvalidInput(f"The output {output.name!r} must end in .safetensors (or use --format peft --output DIR).")
+        raise InvalidInput(f"The output {output.name!r} must end in .safetensors (or set `format` to peft and `output` to a folder).")
     if output.exists() and not force:
-        raise Conflict(f"{output} exists already: choose another --output or pass --force.")
+        raise Conflict(f"{output} exists already: choose another `output` or set `force`.")
     if output.exists() and (output.is_dir() != is_dir):
-        raise Conflict(f"{output} exists and is a {'folder' if output.is_dir() else 'file'}: choose another --output.")
+        raise Conflict(f"{output} exists and is a {'folder' if output.is_dir() else 'file'}: choose another `output`.")
     if is_dir and output.is_dir() and any(output.iterdir()) and not (output / CONFIG).is_file():
-        raise Conflict(f"{output} is a folder that holds no adapter: --force replaces only an earlier export.")
+        raise Conflict(f"{output} is a folder that holds no adapter: `force` replaces only an earlier export.")
     return output
 
 
-def export_adapter(store, model: str, ref: str, output: Path | str, *, fmt: str = "safetensors",
+def export_adapter(store: Store, model: str, ref: str, output: Path | str, *, fmt: str = "safetensors",
                    rev: str | None = None, force: bool = False) -> Exported:
     if fmt not in ("safetensors", "peft"):
         raise InvalidInput(f"Unknown export format {fmt!r}: use safetensors or peft.")
@@ -115,13 +120,14 @@ def export_adapter(store, model: str, ref: str, output: Path | str, *, fmt: str 
     return Exported(output, adapter.tip, len(data) + (folder / CONFIG).stat().st_size)
 
 
-def merge_adapter(store, model: str, ref: str, new_name: str, *, rev: str | None = None, dtype: str = "auto"):
+def merge_adapter(store: Store, model: str, ref: str, new_name: str, *, rev: str | None = None,
+                  dtype: str = "auto") -> ModelSummary:
     """Merge the adapter into its base and import the result as model `new_name`."""
     from hyprstream_tui.engine.train.loop import load_base_model, peft_model
 
     new_name = names.model_name(new_name)
     if (store.paths.models / new_name).exists():
-        raise Conflict(f"A model named {new_name!r} exists already: choose another --name.")
+        raise Conflict(f"A model named {new_name!r} exists already: choose another `name`.")
     # Held while cache/merge-<name>-<id> exists; the folders of killed merges (lock free) are swept.
     with locked(store.paths.locks / f"merge-{new_name}.lock", f"A merge into {new_name!r}", wait=0):
         _sweep_merge_leftovers(store, new_name)
@@ -151,7 +157,7 @@ def merge_adapter(store, model: str, ref: str, new_name: str, *, rev: str | None
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sweep_merge_leftovers(store, own: str) -> None:
+def _sweep_merge_leftovers(store: Store, own: str) -> None:
     """Remove `cache/merge-<name>-<id>` folders that killed merges left (their merge lock is free,
     or it is `own`, held by the caller): each can be a whole model's size."""
     for entry in store.paths.cache.glob("merge-*"):

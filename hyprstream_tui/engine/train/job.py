@@ -11,18 +11,22 @@ progress, commits a checkpoint and returns.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Union
+from typing import TYPE_CHECKING, Any, Callable, Collection, Union
 
 from hyprstream_tui.engine.train.config import TrainConfig
 from hyprstream_tui.engine.train.samples import read_rows, samples_lock
 from hyprstream_tui.errors import Conflict, HyprError, InvalidInput
 from hyprstream_tui.store.locks import FileLock, is_locked, read_info
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.train.loop import Trainer
+    from hyprstream_tui.store import Store
+    from hyprstream_tui.store.types import AdapterInfo
 
 
 # ---- events ----------------------------------------------------------------------------------
@@ -96,7 +100,7 @@ def stop_path(lock_path: Path) -> Path:
     return lock_path.with_suffix(".stop")
 
 
-def train_status(store, model: str, ref: str) -> TrainStatus:
+def train_status(store: Store, model: str, ref: str) -> TrainStatus:
     adapter = store.resolve_adapter(model, ref)
     lock_path = store.train_lock_path(model, adapter.uuid)
     if is_locked(lock_path):
@@ -106,11 +110,10 @@ def train_status(store, model: str, ref: str) -> TrainStatus:
             if info.get("pid"):
                 break
             time.sleep(0.01)
-        keys = ("pid", "state", "step", "target", "loss", "lr", "tokens_per_s", "eta_s", "last_checkpoint",
+        keys = ("pid", "step", "target", "loss", "lr", "tokens_per_s", "eta_s", "last_checkpoint",
                 "last_checkpoint_step", "updated")
-        values = {k: info.get(k) for k in keys}
-        values["state"] = values["state"] or "loading"
-        return TrainStatus(model=model, adapter=adapter.name, running=True, **values)
+        return TrainStatus(model=model, adapter=adapter.name, running=True, state=info.get("state") or "loading",
+                           **{k: info.get(k) for k in keys})
     last = next((c for c in store.log(model, adapter.uuid) if c.kind == "checkpoint"), None)
     if last is None:
         return TrainStatus(model=model, adapter=adapter.name, running=False)
@@ -120,7 +123,7 @@ def train_status(store, model: str, ref: str) -> TrainStatus:
                        last_checkpoint_step=last.step, updated=float(last.time))
 
 
-def request_stop(store, model: str, ref: str, *, wait: float = 0.0) -> bool:
+def request_stop(store: Store, model: str, ref: str, *, wait: float = 0.0) -> bool:
     """Ask the process training `ref` to finish its step, commit and exit. With `wait`, wait up to
     that many seconds for it to let go of the adapter; returns True once it has."""
     from hyprstream_tui.store.atomic import write_text
@@ -144,7 +147,15 @@ class TrainJob:
 
     HEARTBEAT_S = 0.25
 
-    def __init__(self, store, model: str, adapter: str, config: TrainConfig, *,
+    # Set by run(): the train lock (its file is the heartbeat) and the stop file beside it.
+    _lock: FileLock
+    _stop_file: Path
+    # Set by _train():
+    adapter: AdapterInfo
+    tip: str  # the branch tip: the last checkpoint committed
+    best: float | None  # the lowest checkpoint loss so far, with config.tag_best
+
+    def __init__(self, store: Store, model: str, adapter: str, config: TrainConfig, *,
                  on_event: Callable[[TrainEvent], None] | None = None, cancel: threading.Event | None = None,
                  explicit: Collection[str] = ()) -> None:
         self.store = store
@@ -154,7 +165,7 @@ class TrainJob:
         self.on_event = on_event or (lambda _event: None)
         self.cancel = cancel or threading.Event()
         self.explicit = explicit
-        self._lock: FileLock | None = None
+        self.trainer: Trainer | None = None  # once training has started
         self._beat = 0.0
 
     def start(self) -> threading.Thread:
@@ -180,7 +191,7 @@ class TrainJob:
             self._stop_file.unlink(missing_ok=True)
             return self._train(adapter)
         except BaseException as exc:
-            state = getattr(getattr(self, "trainer", None), "state", None)
+            state = getattr(self.trainer, "state", None)  # None until Trainer.setup() planned the run
             message = exc.message if isinstance(exc, HyprError) else f"{type(exc).__name__}: {exc}"
             self.on_event(TrainFailed(message=message, step=state.step if state else None))
             raise
@@ -188,7 +199,7 @@ class TrainJob:
             self._stop_file.unlink(missing_ok=True)
             self._lock.release()
 
-    def _acquire(self, adapter) -> FileLock:
+    def _acquire(self, adapter: AdapterInfo) -> FileLock:
         path = self.store.train_lock_path(self.model, adapter.uuid)
         tip = self.store.log(self.model, adapter.uuid, 1)[0]
         last, last_step = (tip.sha, tip.step) if tip.kind == "checkpoint" else (None, None)
@@ -208,7 +219,7 @@ class TrainJob:
     def cancelled(self) -> bool:
         return self.cancel.is_set() or self._stop_file.exists()
 
-    def _train(self, adapter) -> TrainFinished:
+    def _train(self, adapter: AdapterInfo) -> TrainFinished:
         from hyprstream_tui.engine.train.loop import Trainer
 
         with samples_lock(self.store, self.model, adapter.uuid).acquire(wait=60):
@@ -220,7 +231,7 @@ class TrainJob:
         self.tip, committed_step = adapter.tip, trainer.state.step
         self.best = self._best_loss() if self.config.tag_best else None
         self.on_event(TrainStarted(model=self.model, adapter=adapter.name, step=trainer.state.step,
-                                   target=trainer.target_step, resumed=trainer.resumed, samples=len(trainer._rows),
+                                   target=trainer.target_step, resumed=trainer.resumed, samples=trainer.sample_count,
                                    learning_rate=trainer.state.hparams["learning_rate"]))
         ema = None
         while not trainer.done and not self.cancelled():
@@ -248,7 +259,7 @@ class TrainJob:
                               tokens_per_s=round(event.tokens_per_s, 1), eta_s=round(event.eta_s, 1),
                               updated=time.time())
 
-    def _checkpoint(self, trainer) -> None:
+    def _checkpoint(self, trainer: Trainer) -> None:
         self._lock.update(state="checkpointing", step=trainer.state.step, updated=time.time())
         metrics = trainer.save()
         info = self.store.commit_checkpoint(self.model, self.adapter.uuid, step=trainer.state.step, metrics=metrics)
@@ -267,9 +278,3 @@ class TrainJob:
                   if c.kind == "checkpoint" and isinstance(c.metrics.get("loss"), (int, float))]
         return min(losses) if losses else None
 
-
-def eta_text(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"

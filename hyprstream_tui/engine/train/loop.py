@@ -15,13 +15,18 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection
+from typing import TYPE_CHECKING, Any, Collection
 
 from hyprstream_tui.engine.train import checkpoint as ckpt
 from hyprstream_tui.engine.train.config import RUN_KEYS, TrainConfig, lr_at
 from hyprstream_tui.engine.train.data import SAMPLES_PATH, Encoded, collate, encode, epoch_order, parse_jsonl
 from hyprstream_tui.engine.train.defaults import ADAPTER_CONFIG, ModelShape, learning_rate_for, read_adapter_config
 from hyprstream_tui.errors import HyprError, InvalidInput
+
+if TYPE_CHECKING:  # torch, transformers and peft load when training starts
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,13 @@ class StepResult:
     epoch: int
 
 
-def load_tokenizer(base_dir: Path):
+def load_tokenizer(base_dir: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(base_dir))
 
 
-def load_base_model(base_dir: Path, *, dtype: str = "auto", device: str = "cpu"):
+def load_base_model(base_dir: Path, *, dtype: str = "auto", device: str = "cpu") -> PreTrainedModel:
     """The base model from its folder: safetensors only, no remote code. dtype "auto" keeps the
     checkpoint's, except that bf16/fp16 weights train in fp32 on a CPU without native bf16
     arithmetic (there PyTorch falls back to a scalar bf16 matmul, about 100x slower)."""
@@ -63,10 +68,10 @@ def load_base_model(base_dir: Path, *, dtype: str = "auto", device: str = "cpu")
     half = model.dtype in (torch.bfloat16, torch.float16)
     if dtype == "auto" and half and device == "cpu" and not cpu_has_bf16():
         model = model.float()
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) types `self` as the first argument
 
 
-def lora_config(adapter_dir: Path, *, trainable: bool):
+def lora_config(adapter_dir: Path, *, trainable: bool) -> LoraConfig:
     from peft import LoraConfig
 
     try:
@@ -79,11 +84,11 @@ def lora_config(adapter_dir: Path, *, trainable: bool):
     return config
 
 
-def peft_model(base, adapter_dir: Path, *, seed: int, trainable: bool):
+def peft_model(base: PreTrainedModel, adapter_dir: Path, *, seed: int, trainable: bool) -> PeftModel:
     """`base` wrapped with the adapter described in `adapter_dir` (weights loaded if present;
     otherwise PEFT's initialisation, seeded)."""
     import torch
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -93,6 +98,7 @@ def peft_model(base, adapter_dir: Path, *, seed: int, trainable: bool):
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         torch.manual_seed(seed)
         model = get_peft_model(base, lora_config(adapter_dir, trainable=trainable))
+    assert isinstance(model, PeftModel)  # get_peft_model(mixed=False) never returns a PeftMixedModel
     weights = adapter_dir / Path(ckpt.ADAPTER_FILE).name
     if weights.is_file():
         result = set_peft_model_state_dict(model, load_file(str(weights)))
@@ -103,6 +109,16 @@ def peft_model(base, adapter_dir: Path, *, seed: int, trainable: bool):
 
 class Trainer:
     """One adapter being trained in its worktree."""
+
+    # Set by setup():
+    tokenizer: PreTrainedTokenizerBase
+    pad_id: int
+    state: ckpt.RunState
+    model: PeftModel  # the base model with the adapter, in train mode
+    param_names: list[str]  # the trainable parameters, sorted by name
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.AdamW
+    metric_lines: list[str]  # metrics/steps.jsonl, one line per step
 
     def __init__(self, *, base_dir: Path, worktree: Path, config: TrainConfig, explicit: Collection[str] = ()) -> None:
         self.base_dir = Path(base_dir)
@@ -185,7 +201,7 @@ class Trainer:
             left = state.run_total - state.run_done
             raise InvalidInput(
                 f"This adapter has an unfinished run ({left} of {state.run_total} steps left) with other "
-                f"{', '.join(sorted(clash))}: leave those options out to resume it, or pass --new-run.")
+                f"{', '.join(f'`{k}`' for k in sorted(clash))}: leave those options out to resume it, or set `new_run`.")
 
     # ---- data --------------------------------------------------------------------------------
     def _read_rows(self) -> list[Encoded]:
@@ -205,7 +221,7 @@ class Trainer:
         self._rows = self._read_rows()
         if not self._rows:
             raise InvalidInput("The adapter has no samples to learn from: add some with `hyprstream lora train sample`"
-                               " (or raise --max-seq-len if every answer is cut off).")
+                               " (or raise `max_seq_len` if every answer is cut off).")
 
     def _next_batch(self) -> list[Encoded]:
         s, size = self.state, self.state.hparams["batch_size"]
@@ -218,6 +234,11 @@ class Trainer:
         picked = self._order[1][s.epoch_pos: s.epoch_pos + size]
         s.epoch_pos += len(picked)
         return [self._rows[i] for i in picked]
+
+    @property
+    def sample_count(self) -> int:
+        """Samples the current pass draws from (those with at least one answer token)."""
+        return len(self._rows)
 
     # ---- one step ------------------------------------------------------------------------------
     @property
@@ -244,7 +265,7 @@ class Trainer:
             group["lr"] = lr
         loss = self.model(**tensors).loss
         if not torch.isfinite(loss):
-            raise HyprError(f"The loss became {loss.item()} at step {self.state.step + 1}: lower --learning-rate "
+            raise HyprError(f"The loss became {loss.item()} at step {self.state.step + 1}: lower `learning_rate` "
                             "and start again (the last checkpoint is kept).")
         loss.backward()
         if self.state.hparams["grad_clip"] > 0:

@@ -23,6 +23,9 @@ from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error
 from hyprstream_tui.errors import HyprError
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
     from hyprstream_tui.engine.train.config import TrainConfig
     from hyprstream_tui.engine.train.job import TrainEvent, TrainFinished
     from hyprstream_tui.settings import Paths
@@ -76,7 +79,7 @@ def run_training(paths: "Paths", model: str, adapter: str, config: "TrainConfig"
                     f"the last checkpoint is kept; start the training again to resume.")
 
 
-def _forward_stop(cancel: threading.Event, conn: Any, proc: Any) -> None:
+def _forward_stop(cancel: threading.Event, conn: "Connection", proc: "BaseProcess") -> None:
     while proc.is_alive():
         if cancel.wait(0.2):
             try:
@@ -86,7 +89,7 @@ def _forward_stop(cancel: threading.Event, conn: Any, proc: Any) -> None:
             return
 
 
-def _child(conn: Any, paths: "Paths", model: str, adapter: str, config: "TrainConfig",
+def _child(conn: "Connection", paths: "Paths", model: str, adapter: str, config: "TrainConfig",
            explicit: tuple[str, ...]) -> None:
     """The job, in the child. Everything it reports goes through `conn`."""
     from hyprstream_tui.engine.train.job import TrainJob

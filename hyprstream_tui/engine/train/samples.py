@@ -8,19 +8,22 @@ it resets the worktree. Rows are validated before anything is written: one bad r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from hyprstream_tui.engine.train.data import SAMPLES_PATH, check_row, dump_rows, parse_jsonl
 from hyprstream_tui.errors import InvalidInput, NotFound
 from hyprstream_tui.store.locks import FileLock
 from hyprstream_tui.store.types import CommitInfo
 
+if TYPE_CHECKING:
+    from hyprstream_tui.store import Store
 
-def samples_lock(store, model: str, adapter_uuid: str) -> FileLock:
+
+def samples_lock(store: Store, model: str, adapter_uuid: str) -> FileLock:
     return FileLock(store.paths.locks / f"samples-{model}-{adapter_uuid}.lock", "The adapter's samples")
 
 
-def read_rows(store, model: str, commit: str) -> list[dict[str, Any]]:
+def read_rows(store: Store, model: str, commit: str) -> list[dict[str, Any]]:
     """The samples committed at `commit` (none if the file does not exist yet)."""
     try:
         data = store.read_file(model, commit, SAMPLES_PATH)
@@ -42,11 +45,11 @@ def rows_from_file(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def add_samples(store, model: str, ref: str, rows: Sequence[dict[str, Any]]) -> tuple[CommitInfo, int]:
+def add_samples(store: Store, model: str, ref: str, rows: Sequence[dict[str, Any]]) -> tuple[CommitInfo, int]:
     """Append `rows` to the adapter's samples and commit; returns (commit, total rows)."""
     clean = [check_row(r, f"sample {i}") for i, r in enumerate(rows, 1)]
     if not clean:
-        raise InvalidInput("No samples given: use --input and --output, or --file.")
+        raise InvalidInput("No samples given: give `input` and `output`, or `file`.")
     adapter = store.worktree_info(model, ref)
     with samples_lock(store, model, adapter.uuid).acquire(wait=60):
         tip = store.resolve_adapter(model, adapter.uuid).tip

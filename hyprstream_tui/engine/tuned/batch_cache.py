@@ -55,6 +55,7 @@ class BatchCache:
         if self.cache is None:
             self.cache, self.mask = cache, row_mask
             return
+        assert self.mask is not None  # set together with the cache
         width = max(self.length, length)
         pad_batch, pad_row = width - self.length, width - length
         for batch_layer, row_layer in zip(self.cache.layers, cache.layers):

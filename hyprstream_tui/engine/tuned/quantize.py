@@ -20,9 +20,15 @@ Imports torch at module level: only `loader.load_model` imports this module, laz
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from hyprstream_tui.engine.tuned.kernels import UPCAST_MIN_ROWS
+from hyprstream_tui.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class Bf16Embedding(torch.nn.Module):
@@ -109,8 +115,9 @@ def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32) -> 
     count = 0
     for module in list(model.modules()):
         for names in FUSED:
-            linears = [getattr(module, name, None) for name in names]
-            if not all(type(lin) is torch.nn.Linear for lin in linears):
+            found = [getattr(module, name, None) for name in names]
+            linears = [lin for lin in found if type(lin) is torch.nn.Linear]
+            if len(linears) != len(names):
                 continue
             if len({lin.in_features for lin in linears}) != 1:
                 continue
@@ -123,6 +130,12 @@ def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32) -> 
 
 class Int8WeightOnlyLinear(torch.nn.Module):
     """y = x @ (int8 weight * per-row scale)^T + bias; x stays in its dtype (fp32, bf16, fp16)."""
+
+    # Buffers (register_buffer), declared for the type checker only: no class attributes.
+    weight_int8: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out]
+    ones: torch.Tensor | None  # [out] bf16, for fp32 activations only
+    bias: torch.Tensor | None  # [out]
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -151,10 +164,13 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_int8(model: torch.nn.Module, *, dtype: str = "float32") -> torch.nn.Module:
+def quantize_int8(model: PreTrainedModel, *, dtype: str = "float32") -> PreTrainedModel:
     """Quantize `model` in place (CPU) with activations in `dtype`, and return it."""
     act = getattr(torch, dtype)
     embed = model.get_input_embeddings()
+    if not isinstance(embed, torch.nn.Embedding):  # a lookup table in every architecture transformers ships
+        raise InvalidInput(f"`quantize` int8 needs a plain token embedding, this model has {type(embed).__name__}: "
+                           "leave `quantize` out.")
     scale = getattr(embed, "embed_scale", None)  # Gemma scales every row
     embedding = Bf16Embedding(embed.weight.detach(), padding_idx=embed.padding_idx, dtype=act,
                               scale=None if scale is None else float(scale))

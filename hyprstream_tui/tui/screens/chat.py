@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -21,14 +21,16 @@ from textual.worker import Worker, WorkerState
 from hyprstream_tui.errors import InvalidInput
 from hyprstream_tui.tui.batch import TYPING_HZ, UI_HZ
 from hyprstream_tui.tui.messages import TargetChanged
-from hyprstream_tui.tui.targets import label_of, spec_of
-from hyprstream_tui.tui.screens.base import HyprScreen
+from hyprstream_tui.tui.targets import ChatTargets, label_of, spec_of
 from hyprstream_tui.tui.screens.chat_conversations import ConversationActions
-from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, PickDialog
+from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, PickDialog, when_given
 from hyprstream_tui.tui.widgets.chat_log import ChatLog
 from hyprstream_tui.tui.widgets.context_meter import ContextMeter
 from hyprstream_tui.tui.widgets.params_panel import ParamsPanel
 from hyprstream_tui.tui.widgets.text_input import TextInput
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.params import SamplingParams
 
 BASE = "__base__"
 
@@ -40,14 +42,14 @@ class Request:
     messages: list[dict[str, str]]
     specs: list[str]
     request_ids: list[str]
-    params: Any
+    params: SamplingParams
     conversation_id: int | None
     title: str
     user_text: str | None  # saved before generating (None when regenerating)
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-class ChatScreen(ConversationActions, HyprScreen):
+class ChatScreen(ConversationActions):
     MODE_TITLE = "Chat"
     MODE = "chat"
     AUTO_FOCUS = "#chat-input"
@@ -75,7 +77,7 @@ class ChatScreen(ConversationActions, HyprScreen):
         self.request: Request | None = None
         self.window = 0
         self._shown = 0.0  # time.monotonic() when streamed text was last drawn
-        self.untrained: set[str] = set()  # adapters without a checkpoint: nothing to load yet
+        self.untrained: frozenset[str] = frozenset()  # adapters without a checkpoint: nothing to load yet
         self.generations = 0  # requests started (tests wait on it)
 
     def compose(self) -> ComposeResult:
@@ -112,10 +114,6 @@ class ChatScreen(ConversationActions, HyprScreen):
         self.load_targets(self.model, self.adapter)
 
     @property
-    def log_view(self) -> ChatLog:
-        return self.query_one(ChatLog)
-
-    @property
     def params(self) -> ParamsPanel:
         return self.query_one(ParamsPanel)
 
@@ -133,26 +131,25 @@ class ChatScreen(ConversationActions, HyprScreen):
     # ---- targets -------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, exit_on_error=False, group="chat-targets")
     def load_targets(self, model: str | None, adapter: str | None) -> None:
-        models, model, adapters, untrained, window = self.backend.chat_targets(model)
-        self.app.call_from_thread(self._show_targets, models, model, adapters, adapter if adapter in adapters else None,
-                                  window, untrained)
+        targets = self.backend.chat_targets(model)
+        self.app.call_from_thread(self._show_targets, targets, adapter if adapter in targets.adapters else None)
 
-    def _show_targets(self, models: list[str], model: str | None, adapters: list[str], adapter: str | None,
-                      window: int, untrained: set[str]) -> None:
-        self.untrained = untrained
+    def _show_targets(self, targets: ChatTargets, adapter: str | None) -> None:
+        model = targets.model
+        self.untrained = targets.untrained
         if adapter != self.adapter or model != self.model:
             self.rev = None
-        self.model, self.adapter, self.window = model, adapter, window
+        self.model, self.adapter, self.window = model, adapter, targets.window
         with self.prevent(Select.Changed):
             picker = self.query_one("#chat-model", Select)
-            picker.set_options([(m, m) for m in models])
+            picker.set_options([(m, m) for m in targets.models])
             if model:
                 picker.value = model
             adapter_picker = self.query_one("#chat-adapter", Select)
             adapter_picker.set_options([("(base model)", BASE)] +
-                                       [(a + (" (untrained)" if a in self.untrained else ""), a) for a in adapters])
+                                       [(a + (" (untrained)" if a in self.untrained else ""), a) for a in targets.adapters])
             adapter_picker.value = adapter or BASE
-        self.query_one(ContextMeter).set_usage(window=window)
+        self.query_one(ContextMeter).set_usage(window=targets.window)
         self._show_target_label()
 
     def _show_target_label(self) -> None:
@@ -198,7 +195,8 @@ class ChatScreen(ConversationActions, HyprScreen):
     def _request(self, user_text: str | None, context: list | None = None) -> Request | None:
         """The request for `user_text` after the conversation on screen (or `context`, when the
         widgets after it are on their way out)."""
-        if self.model is None:
+        spec = self.spec
+        if spec is None:
             self.notify("No model: build the demo model or import one on the Models screen (F1).", severity="warning")
             return None
         if self.adapter in self.untrained and not self.rev:
@@ -209,7 +207,7 @@ class ChatScreen(ConversationActions, HyprScreen):
         if problem:
             self.notify(problem, title="Parameters", severity="error")
             return None
-        specs = [self.spec]
+        specs = [spec]
         if self.compare:
             other = self.second_spec()
             if other is None:
@@ -250,7 +248,8 @@ class ChatScreen(ConversationActions, HyprScreen):
         for side, (request_id, done) in enumerate(zip(req.request_ids, results)):
             meta = b.reply_meta(done, side="b" if side else "a")
             saved = conversations.add_message(req.conversation_id, "assistant", done.text, meta)
-            self.app.call_from_thread(self._finished, request_id, done.text, meta, saved.id)
+            # textual types the callback as `T | Awaitable[T]`, which mypy cannot solve for a coroutine of None
+            self.app.call_from_thread(self._finished, request_id, done.text, meta, saved.id)  # type: ignore[arg-type]
 
     async def _finished(self, request_id: str, text: str, meta: dict[str, Any], message_id: int) -> None:
         await self.log_view.drain()
@@ -331,10 +330,10 @@ class ChatScreen(ConversationActions, HyprScreen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="chat-targets")
     def pick_commit(self, model: str, adapter: str) -> None:
-        from hyprstream_tui.tui import format as fmt
+        from hyprstream_tui import units
 
         commits = [c for c in self.backend.log(model, adapter) if c.kind in ("checkpoint", "rollback")]
-        options = [(f"{c.short}  {c.summary}  loss {fmt.metric(c.metrics.get('loss'))}  {' '.join(c.tags)}", c.sha)
+        options = [(f"{c.short}  {c.summary}  loss {units.metric(c.metrics.get('loss'))}  {' '.join(c.tags)}", c.sha)
                    for c in commits]
         options.insert(0, ("the branch tip (follows new checkpoints)", ""))
         self.app.call_from_thread(self.app.push_screen, PickDialog(f"Chat with a commit of {adapter}", options),
@@ -358,15 +357,15 @@ class ChatScreen(ConversationActions, HyprScreen):
 
     # ---- chat, correct, train ------------------------------------------------------------------
     def action_to_training(self) -> None:
-        reply, user = self.log_view.last_reply(), self.log_view.last_user()
-        if reply is None or user is None or self.model is None:
+        reply, user, model = self.log_view.last_reply(), self.log_view.last_user(), self.model
+        if reply is None or user is None or model is None:
             self.notify("Nothing to send yet: chat first, then send the reply (edited if you like) to training.",
                         severity="warning")
             return
         fields = [Field("adapter", "Adapter (on this model)", self.adapter or ""), Field("input", "Prompt", user.text),
                   Field("output", "Answer to learn (edit it first if it needs correcting)", reply.text, multiline=True)]
         self.app.push_screen(FormDialog("Send to training", fields, submit="Add sample", check=_check_training_row),
-                             lambda v: v and self.add_training_row(self.model, v))
+                             when_given(lambda v: self.add_training_row(model, v)))
 
     @work(thread=True, exclusive=False, exit_on_error=False, group="chat-train")
     def add_training_row(self, model: str, values: dict[str, Any]) -> None:

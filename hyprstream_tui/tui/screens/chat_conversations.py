@@ -3,16 +3,33 @@ the database in step when replies are regenerated or prompts edited."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual import work
 
+from hyprstream_tui.tui.screens.base import HyprScreen
 from hyprstream_tui.tui.screens.conversations import ConversationsDialog
-from hyprstream_tui.tui.screens.dialogs import Field, FormDialog
+from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, when_given
 from hyprstream_tui.tui.targets import label_of, spec_of
+from hyprstream_tui.tui.widgets.chat_log import ChatLog
 from hyprstream_tui.tui.widgets.context_meter import ContextMeter
 
+if TYPE_CHECKING:
+    from hyprstream_tui.tui.conversations import Conversation, StoredMessage
 
-class ConversationActions:
-    """Mixed into ChatScreen (which provides backend, log_view, conversation_id, load_targets)."""
+
+class ConversationActions(HyprScreen):
+    """The base of ChatScreen, which sets `conversation_id` and shows targets (`load_targets`)."""
+
+    conversation_id: int | None  # the conversation on screen; None until its first message is saved
+
+    @property
+    def log_view(self) -> ChatLog:
+        return self.query_one(ChatLog)
+
+    def load_targets(self, model: str | None, adapter: str | None) -> object:
+        """Show what can answer, `model` and `adapter` chosen (ChatScreen's worker)."""
+        raise NotImplementedError
 
     def _forget(self, ids: list[int]) -> None:
         """Delete these saved messages (by id, so a reply saved meanwhile is never caught)."""
@@ -44,7 +61,7 @@ class ConversationActions:
         action, conversation_id = choice
         if action == "rename":
             self.app.push_screen(FormDialog("Rename conversation", [Field("title", "Title")], submit="Rename"),
-                                 lambda v: v and self.conversation_op("rename", conversation_id, v["title"]))
+                                 when_given(lambda v: self.conversation_op("rename", conversation_id, v["title"])))
         else:
             self.conversation_op(action, conversation_id)
 
@@ -66,7 +83,7 @@ class ConversationActions:
             path = self.backend.export_conversation(conversation_id, action)
             self.app.call_from_thread(self.notify, f"Exported to {path}")
 
-    def _open_conversation(self, conv, messages) -> None:
+    def _open_conversation(self, conv: Conversation, messages: list[StoredMessage]) -> None:
         if self.log_view.streaming:
             return
         self.log_view.clear_log()

@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from hyprstream_tui.tui import format as fmt
+from hyprstream_tui import units
 
 if TYPE_CHECKING:
     from hyprstream_tui.tui.conversations import Conversation
@@ -37,7 +37,7 @@ class ConversationsDialog(ModalScreen[tuple[str, int] | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box text-box"):
             yield Label("Conversations", classes="dialog-title")
-            options = [Option(f"{c.title}  ·  {c.model}{':' + c.adapter if c.adapter else ''}  ·  {fmt.when(c.updated)}",
+            options = [Option(f"{c.title}  ·  {c.model}{':' + c.adapter if c.adapter else ''}  ·  {units.when(c.updated)}",
                               id=str(c.id)) for c in self.conversations]
             yield OptionList(*options, id="conversation-list")
             yield Static("enter open · r rename · d delete · m export Markdown · j export JSONL · esc close"
@@ -50,10 +50,9 @@ class ConversationsDialog(ModalScreen[tuple[str, int] | None]):
         options = self.query_one(OptionList)
         if options.highlighted is None or not self.conversations:
             return
-        option = options.get_option_at_index(options.highlighted)
-        self.dismiss((action, int(option.id)))
+        self.dismiss((action, self.conversations[options.highlighted].id))
 
     @on(OptionList.OptionSelected)
     def _selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
-        self.dismiss(("open", int(event.option.id)))
+        self.dismiss(("open", self.conversations[event.option_index].id))

@@ -19,7 +19,18 @@ from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
 from hyprstream_tui.errors import HyprError
+from hyprstream_tui.tui.format import setting_label
 from hyprstream_tui.tui.widgets.text_input import TextInput
+
+def when_given(action: Callable[[Any], object]) -> Callable[[Any], None]:
+    """A dialog's callback that runs `action` with the answer, unless the dialog was cancelled
+    (dismissed with None) or answered no (False)."""
+
+    def answered(value: Any) -> None:
+        if value:
+            action(value)
+
+    return answered
 
 
 class ErrorDialog(ModalScreen[None]):
@@ -83,7 +94,9 @@ class Field:
 
 
 class FormDialog(ModalScreen[Any]):
-    """Fields, a submit button, and an inline error line; dismisses with `check(values)`."""
+    """Fields, a submit button, and an inline error line; dismisses with `check(values)`.
+
+    An error about a setting names it by its field's label (never a CLI flag) and focuses it."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "submit", "Submit", show=False)]
 
@@ -118,8 +131,10 @@ class FormDialog(ModalScreen[Any]):
     def values(self) -> dict[str, str]:
         out = {}
         for f in self.fields:
-            widget = self.query_one(f"#field-{f.name}")
-            out[f.name] = widget.text if isinstance(widget, TextArea) else widget.value
+            if f.multiline:
+                out[f.name] = self.query_one(f"#field-{f.name}", TextArea).text
+            else:
+                out[f.name] = self.query_one(f"#field-{f.name}", Input).value
         return out
 
     def show_error(self, message: str) -> None:
@@ -132,9 +147,15 @@ class FormDialog(ModalScreen[Any]):
         try:
             result = self.check(self.values())
         except HyprError as exc:
-            self.show_error(exc.message)
+            self.show_error(exc.worded(self.label_of))
+            if any(f.name == exc.setting for f in self.fields):
+                self.query_one(f"#field-{exc.setting}").focus()  # the field to change
             return
         self.dismiss(result)
+
+    def label_of(self, setting: str) -> str:
+        """A setting an error names, as this form calls it: its field's label where it has one."""
+        return next((f.label for f in self.fields if f.name == setting), setting_label(setting))
 
     def action_cancel(self) -> None:
         self.dismiss(None)
@@ -175,7 +196,7 @@ class PickDialog(ModalScreen[Any]):
     @on(OptionList.OptionSelected)
     def _selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
-        self.dismiss(self.options[int(event.option.id)][1])
+        self.dismiss(self.options[event.option_index][1])
 
 
 class TextDialog(ModalScreen[None]):

@@ -15,11 +15,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Select, Static
 
-from hyprstream_tui import names
+from hyprstream_tui import names, units
 from hyprstream_tui.tui import format as fmt
 from hyprstream_tui.tui.messages import TargetChanged
 from hyprstream_tui.tui.screens.base import HyprScreen
-from hyprstream_tui.tui.screens.dialogs import ConfirmDialog, Field, FormDialog
+from hyprstream_tui.tui.screens.dialogs import ConfirmDialog, Field, FormDialog, when_given
 from hyprstream_tui.tui.widgets.commit_graph import CommitGraph, GraphRow, build_rows
 from hyprstream_tui.tui.widgets.loss_plot import LossPlot
 
@@ -161,7 +161,7 @@ class HistoryScreen(HyprScreen):
         table = Table.grid(padding=(0, 2))
         for key, value in c.metrics.items():
             table.add_row(Text(key, style="dim"), Text(fmt.commit_metric(key, value)))
-        head = Text.assemble((c.short, "yellow"), "  ", (row.adapter.name, "bold"), f"  {fmt.when(c.time)}\n",
+        head = Text.assemble((c.short, "yellow"), "  ", (row.adapter.name, "bold"), f"  {units.when(c.time)}\n",
                              c.summary, ("\n" + ", ".join(c.tags) if c.tags else "", "cyan"))
         self._detail(Group(head, table))
         self.curve(row)
@@ -224,8 +224,8 @@ class HistoryScreen(HyprScreen):
         for ch in changes:
             table.add_row(ch.module, f"{ch.norm_a:.4f}", f"{ch.norm_b:.4f}", f"{ch.change:.4f}")
         head = Text.assemble("Compare ", (first.commit.short, "yellow"), " → ", (second.commit.short, "yellow"),
-                             f"\nloss {fmt.metric(first.commit.metrics.get('loss'))} → "
-                             f"{fmt.metric(second.commit.metrics.get('loss'))}\n")
+                             f"\nloss {units.metric(first.commit.metrics.get('loss'))} → "
+                             f"{units.metric(second.commit.metrics.get('loss'))}\n")
         note = Text("" if changes else "No LoRA weights at these commits yet.", style="dim")
         self._detail(Group(head, table, note))
 
@@ -235,7 +235,7 @@ class HistoryScreen(HyprScreen):
             return
         title = f"Tag {row.commit.short} of {row.adapter.name} as {row.adapter.name}/<label>"
         self.app.push_screen(FormDialog(title, [Field("label", "Label", placeholder="good")], submit="Tag",
-                                        check=_check_tag), lambda label: label and self.tag(row, label))
+                                        check=_check_tag), when_given(lambda label: self.tag(row, label)))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="history-write")
     def tag(self, row: GraphRow, label: str) -> None:
@@ -251,7 +251,7 @@ class HistoryScreen(HyprScreen):
         question = (f"Roll back adapter {row.adapter.name!r} to {what} ({row.commit.short})? A new commit with that "
                     "checkpoint's files is added on top; no history is lost.")
         self.app.push_screen(ConfirmDialog(question, title="Roll back", yes="Roll back"),
-                             lambda yes: yes and self.rollback(row))
+                             when_given(lambda _yes: self.rollback(row)))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="history-write")
     def rollback(self, row: GraphRow) -> None:

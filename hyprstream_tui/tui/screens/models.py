@@ -12,8 +12,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Footer, Header, Static
 from textual.worker import Worker, WorkerState
 
-from hyprstream_tui import names
-from hyprstream_tui.tui import format as fmt
+from hyprstream_tui import names, units
 from hyprstream_tui.tui.batch import UI_HZ, Latest
 from hyprstream_tui.tui.screens.base import HyprScreen
 from hyprstream_tui.tui.screens.dialogs import ConfirmDialog, Field, FormDialog
@@ -60,7 +59,7 @@ class ModelsScreen(HyprScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self._progress: Latest = Latest()
+        self._progress: Latest[tuple[str, int, int]] = Latest()  # (what, done, total)
         self._cancel = threading.Event()
         self._task_running = False
 
@@ -170,7 +169,7 @@ class ModelsScreen(HyprScreen):
     @work(thread=True, exclusive=True, exit_on_error=False, group="models-task")
     def pull(self, repo: str, name: str, revision: str) -> str:
         def progress(p) -> None:
-            label = f"{repo}: {p.relpath} ({p.index}/{p.count}) {fmt.size(p.bytes_done)} of {fmt.size(p.bytes_total)}"
+            label = f"{repo}: {p.relpath} ({p.index}/{p.count}) {units.size(p.bytes_done)} of {units.size(p.bytes_total)}"
             self._progress.set((label, p.bytes_done, p.bytes_total))
 
         summary = self.backend.pull_model(repo, name=name, revision=revision, progress=progress, cancel=self._cancel)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import on, work
@@ -17,16 +17,23 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Select, Static
 from textual.worker import Worker, WorkerState
 
+from hyprstream_tui import units
 from hyprstream_tui.errors import HyprError
 from hyprstream_tui.tui import format as fmt
 from hyprstream_tui.tui.batch import UI_HZ, Buffer
 from hyprstream_tui.tui.compare import metric_curve
 from hyprstream_tui.tui.messages import TargetChanged
 from hyprstream_tui.tui.screens.base import HyprScreen
-from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, TextDialog
+from hyprstream_tui.tui.screens.dialogs import Field, FormDialog, TextDialog, when_given
 from hyprstream_tui.tui.screens.training_forms import check_adapter, check_sample, check_train
 from hyprstream_tui.tui.widgets.adapter_table import AdapterRow, AdapterTable
 from hyprstream_tui.tui.widgets.loss_plot import LossPlot
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.train.config import TrainConfig
+    from hyprstream_tui.engine.train.defaults import TrainDefaults
+    from hyprstream_tui.engine.train.job import TrainEvent, TrainFinished, TrainStatus
+    from hyprstream_tui.store.types import CommitInfo
 
 METRICS = "metrics/steps.jsonl"
 
@@ -39,7 +46,7 @@ class Job:
     uuid: str
     name: str
     cancel: threading.Event = field(default_factory=threading.Event)
-    events: Buffer = field(default_factory=Buffer)
+    events: Buffer[TrainEvent] = field(default_factory=Buffer)
     state: str = "loading"
     step: int | None = None
     target: int | None = None
@@ -57,10 +64,10 @@ class Selected:
     model: str
     uuid: str
     name: str
-    checkpoints: list = field(default_factory=list)
-    curve: list = field(default_factory=list)
+    checkpoints: list[CommitInfo] = field(default_factory=list)
+    curve: list[tuple[int, float, float | None]] = field(default_factory=list)  # (step, loss, lr)
     samples: int = 0
-    status: Any = None
+    status: TrainStatus | None = None
 
 
 class TrainingScreen(HyprScreen):
@@ -192,7 +199,7 @@ class TrainingScreen(HyprScreen):
         checkpoints = self.query_one("#train-checkpoints", DataTable)
         checkpoints.clear()
         for c in sel.checkpoints:
-            checkpoints.add_row("" if c.step is None else str(c.step), c.short, fmt.metric(c.metrics.get("loss")),
+            checkpoints.add_row("" if c.step is None else str(c.step), c.short, units.metric(c.metrics.get("loss")),
                                 ", ".join(c.tags), key=c.sha)
         self.query_one("#train-samples", Static).update(f"{sel.samples} samples · a adds one, f a JSONL file")
         self._render_status()
@@ -213,7 +220,7 @@ class TrainingScreen(HyprScreen):
                     plot.add_points("lr", lrs, side="right")
                 self._render_status()
 
-    def _apply(self, job: Job, events: list) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    def _apply(self, job: Job, events: list[TrainEvent]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         from hyprstream_tui.engine.train.job import CheckpointCommitted, TrainFinished, TrainStarted, TrainStep
 
         points, lrs = [], []
@@ -243,9 +250,9 @@ class TrainingScreen(HyprScreen):
             return
         job = self.jobs.get(sel.uuid)
         if job is not None:
-            eta = fmt.duration(job.eta_s) if job.eta_s is not None else "-"
+            eta = units.eta(job.eta_s)
             line = Text.assemble((f"{sel.name}", "bold"), f"  {job.state}  step {job.step or 0}/{job.target or '?'}",
-                                 f"  loss {fmt.metric(job.loss)}  lr {fmt.metric(job.lr)}",
+                                 f"  loss {units.metric(job.loss)}  lr {units.metric(job.lr)}",
                                  f"  {job.tokens_per_s or 0:.0f} tok/s  ETA {eta}")
             ckpt = job.last_checkpoint
             line.append(f"\nlast checkpoint {ckpt[:7]} (step {job.last_checkpoint_step})" if ckpt else "\nno checkpoint yet")
@@ -254,7 +261,7 @@ class TrainingScreen(HyprScreen):
             last = sel.checkpoints[0] if sel.checkpoints else None
             step = last.step if last and last.step is not None else 0
             line = Text.assemble((sel.name, "bold"), "  idle" if not (st and st.running) else "  training (another process)",
-                                 f"  step {step}", f"  loss {fmt.metric(last.metrics.get('loss')) if last else '-'}")
+                                 f"  step {step}", f"  loss {units.metric(last.metrics.get('loss')) if last else '-'}")
             line.append(f"\nlast checkpoint {last.short} · {last.summary}" if last else "\nno checkpoint yet: s starts training")
         self._status(line)
 
@@ -273,10 +280,10 @@ class TrainingScreen(HyprScreen):
     def action_new_adapter(self) -> None:
         if not self._need_model():
             return
-        fields = [Field("name", "Name", placeholder="my-adapter"), Field("rank", "LoRA rank", "8"),
-                  Field("alpha", "LoRA alpha", "16")]
+        fields = [Field("name", "Name", placeholder="my-adapter"), Field("rank", fmt.setting_label("rank"), "8"),
+                  Field("alpha", fmt.setting_label("alpha"), "16")]
         self.app.push_screen(FormDialog(f"New adapter on {self.model}", fields, submit="Create", check=check_adapter),
-                             lambda v: v and self.create_adapter(self.model, v))
+                             when_given(lambda v: self.create_adapter(self.model, v)))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="train-write")
     def create_adapter(self, model: str, values: dict[str, Any]) -> None:
@@ -290,7 +297,7 @@ class TrainingScreen(HyprScreen):
             return
         fields = [Field("input", "Prompt"), Field("output", "Answer to learn", multiline=True)]
         self.app.push_screen(FormDialog(f"Add a sample to {sel.name}", fields, submit="Add", check=check_sample),
-                             lambda row: row and self.add_samples(sel.model, sel.uuid, [row]))
+                             when_given(lambda row: self.add_samples(sel.model, sel.uuid, [row])))
 
     @work(thread=True, exclusive=False, exit_on_error=False, group="train-samples")
     def add_samples(self, model: str, uuid: str, rows: list[dict[str, str]]) -> None:
@@ -304,7 +311,7 @@ class TrainingScreen(HyprScreen):
             return
         fields = [Field("path", "JSONL file (input/output or messages per line)", placeholder="~/samples.jsonl")]
         self.app.push_screen(FormDialog(f"Add samples to {sel.name}", fields, submit="Add"),
-                             lambda v: v and self.samples_file(sel.model, sel.uuid, v["path"]))
+                             when_given(lambda v: self.samples_file(sel.model, sel.uuid, v["path"])))
 
     @work(thread=True, exclusive=False, exit_on_error=False, group="train-samples")
     def samples_file(self, model: str, uuid: str, path: str) -> None:
@@ -339,21 +346,22 @@ class TrainingScreen(HyprScreen):
         try:
             defaults, note = self.backend.train_defaults(sel.model, sel.uuid), ""
         except HyprError as exc:
-            defaults, note = None, exc.message
+            defaults, note = None, exc.worded(fmt.setting_label)
         self.app.call_from_thread(self._push_train_form, sel, defaults, note)
 
-    def _push_train_form(self, sel: Selected, defaults, note: str) -> None:
+    def _push_train_form(self, sel: Selected, defaults: TrainDefaults | None, note: str) -> None:
         steps, lr = (str(defaults.steps), f"{defaults.learning_rate:g}") if defaults else ("", "")
-        fields = [Field("steps", "Steps in this run", steps, placeholder="automatic"),
-                  Field("learning_rate", "Learning rate", lr, placeholder="automatic"),
-                  Field("batch_size", "Batch size", str(defaults.batch_size) if defaults else "4"),
-                  Field("checkpoint_every", "Checkpoint every N steps", "20"),
+        label = fmt.setting_label  # the words an error about one of these fields uses too
+        fields = [Field("steps", label("steps"), steps, placeholder="automatic"),
+                  Field("learning_rate", label("learning_rate"), lr, placeholder="automatic"),
+                  Field("batch_size", label("batch_size"), str(defaults.batch_size) if defaults else "4"),
+                  Field("checkpoint_every", label("checkpoint_every"), "20"),
                   Field("new_run", "Start a new run even if one was stopped part-way (y/n)", "n")]
         self.app.push_screen(FormDialog(f"Train {sel.name}", fields, submit="Start", check=check_train,
                                         note=defaults.reason if defaults else note),
-                             lambda config: config and self.start_training(sel, config))
+                             when_given(lambda config: self.start_training(sel, config)))
 
-    def start_training(self, sel: Selected, config) -> None:
+    def start_training(self, sel: Selected, config: TrainConfig) -> None:
         if sel.uuid in self.jobs:
             self.hypr.show_error(f"Adapter {sel.name!r} of {sel.model!r} is training already: follow it here, or "
                                  "stop it with x before starting again.")
@@ -365,7 +373,7 @@ class TrainingScreen(HyprScreen):
         self._job_workers[self.train(job, config)] = job
 
     @work(thread=True, exclusive=False, exit_on_error=False, group="train")
-    def train(self, job: Job, config) -> Any:
+    def train(self, job: Job, config: TrainConfig) -> TrainFinished:
         return self.backend.train(job.model, job.uuid, config, on_event=job.events.push, cancel=job.cancel,
                                   name=job.name)
 

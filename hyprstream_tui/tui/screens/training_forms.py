@@ -37,7 +37,7 @@ def check_train(values: dict[str, str]):
         try:
             return cast(text)
         except ValueError:
-            raise InvalidInput(f"{key.replace('_', ' ').capitalize()} must be a number, got {text!r}.") from None
+            raise InvalidInput(f"`{key}` must be a number, got {text!r}.") from None  # worded by the form
 
     given = {key: number(key, cast) for key, cast in (("steps", int), ("learning_rate", float), ("batch_size", int),
                                                        ("checkpoint_every", int))}

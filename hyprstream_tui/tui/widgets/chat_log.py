@@ -4,18 +4,22 @@ applies them a few times a second, re-rendering each streaming reply once per ti
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from textual.containers import Horizontal, VerticalScroll
+from textual.widget import Widget
 
 from hyprstream_tui.tui.batch import Buffer
 from hyprstream_tui.tui.widgets.chat_message import ChatMessage
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.events import Event
 
 
 class ChatLog(VerticalScroll):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.events: Buffer = Buffer()
+        self.events: Buffer[Event] = Buffer()
         self.pending: dict[str, ChatMessage] = {}  # request id -> streaming reply
         self.show_provenance = False
         self.deltas = 0  # token deltas received (tests check that replies stream)
@@ -96,7 +100,8 @@ class ChatLog(VerticalScroll):
     def remove_from(self, message: ChatMessage) -> list[int]:
         """Remove `message` and everything after it; returns the saved ids removed."""
         children = list(self.children)
-        top = message if message in children else message.parent
+        parent = message.parent
+        top = parent if message not in children and isinstance(parent, Widget) else message  # a compare pair
         start = children.index(top)
         removed = []
         for child in children[start:]:
@@ -111,15 +116,16 @@ class ChatLog(VerticalScroll):
             message.toggle_provenance(show)
 
     # ---- streaming -----------------------------------------------------------------------------
-    async def drain(self, *, show: bool = True) -> list[Any]:
+    async def drain(self, *, show: bool = True) -> list[Event]:
         """Apply buffered engine events; returns the non-token events for the screen. With
         show=False, streamed text is kept for a later drain (or the reply's end) to draw."""
-        from hyprstream_tui.tui.engine_link import is_token
+        from hyprstream_tui.engine.events import TokenDelta
 
-        others, touched = [], set()
+        others: list[Event] = []
+        touched: set[ChatMessage] = set()
         for event in self.events.drain():
             reply = self.pending.get(getattr(event, "request_id", ""))
-            if reply is not None and is_token(event):
+            if reply is not None and isinstance(event, TokenDelta):
                 reply.append(event.text)
                 touched.add(reply)
                 self.deltas += 1

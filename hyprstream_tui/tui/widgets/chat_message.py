@@ -40,6 +40,7 @@ class ChatMessage(Vertical):
         self.role, self.text, self.label = role, text, label
         self.meta: dict[str, Any] = dict(meta or {})
         self.message_id = message_id
+        self.side: str | None = None  # a reply's place: "a" (alone, or left in compare mode) or "b"
         self.updates = 0  # how many batches of text reached the body (tests check batching)
         self._pending = ""  # streamed text not yet shown
         self._stream: MarkdownStream | None = None
@@ -73,10 +74,10 @@ class ChatMessage(Vertical):
             return
         text, self._pending = self._pending, ""
         self.updates += 1
-        body = self.query_one(".message-body")
-        if not isinstance(body, Markdown):
-            body.update(printable(self.text))
+        if self.role != "assistant":  # a Static (see compose)
+            self.query_one(".message-body", Static).update(printable(self.text))
             return
+        body = self.query_one(".message-body", Markdown)
         tails = self.query(StreamTail)
         if not tails:
             await self._to_markdown(body, text)
@@ -100,9 +101,9 @@ class ChatMessage(Vertical):
     async def finish(self, *, text: str | None = None, meta: dict[str, Any] | None = None) -> None:
         """The reply is complete: `text` (when given) is its final text, `meta` its provenance.
         Both are set before the screen work starts, so readers never see a half-finished reply."""
-        replaced = text is not None and text != self.text
-        if replaced:
-            self.text = text
+        replaced = False
+        if text is not None and text != self.text:
+            self.text, replaced = text, True
         if meta is not None:
             self.meta = dict(meta)
         await self.flush()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 from rich.text import Text
 from textual.widgets import DataTable
 
-from hyprstream_tui.tui import format as fmt
+from hyprstream_tui import units
 
 if TYPE_CHECKING:
     from hyprstream_tui.store.types import AdapterInfo, CommitInfo
@@ -76,8 +76,8 @@ class CommitGraph(DataTable):
         loss = c.metrics.get("loss")
         mark = "*" if c.sha in self.marked else ""
         return (mark, Text(r.lanes, style="bold"), Text(c.short, style="yellow"), "" if c.step is None else str(c.step),
-                fmt.metric(loss) if loss is not None else "", Text(", ".join(c.tags), style="cyan"),
-                Text(c.summary, style=KIND_STYLE.get(c.kind, "")), fmt.when(c.time))
+                units.metric(loss) if loss is not None else "", Text(", ".join(c.tags), style="cyan"),
+                Text(c.summary, style=KIND_STYLE.get(c.kind, "")), units.when(c.time))
 
     @property
     def selected(self) -> str | None:

@@ -10,7 +10,7 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from hyprstream_tui.tui import format as fmt
+from hyprstream_tui import units
 
 if TYPE_CHECKING:
     from hyprstream_tui.store.types import ModelInfo
@@ -22,20 +22,20 @@ def _section(title: str) -> Text:
 
 def render_info(info: "ModelInfo") -> Group:
     s = info.summary
-    head = Text.assemble((s.name, "bold"), f"  {s.architecture} · {fmt.count(s.parameters)} params · {s.dtype} · ",
-                         f"{fmt.size(s.size_bytes)} · main {s.head[:7]}\n", ("source ", "dim"), s.source)
+    head = Text.assemble((s.name, "bold"), f"  {s.architecture} · {units.count(s.parameters)} params · {s.dtype} · ",
+                         f"{units.size(s.size_bytes)} · main {s.head[:7]}\n", ("source ", "dim"), s.source)
     config = Table.grid(padding=(0, 2))
     for key, value in info.config.items():
         config.add_row(Text(key, style="dim"), Text(str(value)))
     files = Table("file", "size", "stored as", box=None, padding=(0, 1), header_style="dim")
     for f in info.files:
         stored = (f"lfs {f.oid[:12]}" + ("" if f.present else " (missing)")) if f.lfs else f"git {f.oid[:7]}"
-        files.add_row(f.path, fmt.size(f.size), stored)
+        files.add_row(f.path, units.size(f.size), stored)
     adapters = Text("\n".join(f"{a.name}  {a.branch}  tip {a.tip[:7]}" for a in info.adapters) or "none yet")
     refs = Text("branches: " + (", ".join(info.branches) or "-") + "\ntags: " + (", ".join(info.tags) or "-"))
     commits = Table.grid(padding=(0, 1))
     for c in info.commits:
-        commits.add_row(Text(c.short, style="yellow"), Text(fmt.when(c.time), style="dim"), Text(c.summary))
+        commits.add_row(Text(c.short, style="yellow"), Text(units.when(c.time), style="dim"), Text(c.summary))
     return Group(head, _section("Config"), config, _section("Files"), files, _section("Adapters"), adapters,
                  _section("Refs"), refs, _section("Commits"), commits)
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from textual.widgets import DataTable
 
-from hyprstream_tui.tui import format as fmt
+from hyprstream_tui import units
 
 if TYPE_CHECKING:
     from hyprstream_tui.store.types import ModelSummary
@@ -24,7 +24,7 @@ class ModelTable(DataTable):
         current = select or self.selected
         self.clear()
         for m in models:
-            self.add_row(m.name, m.architecture, fmt.count(m.parameters), m.dtype, fmt.size(m.size_bytes),
+            self.add_row(m.name, m.architecture, units.count(m.parameters), m.dtype, units.size(m.size_bytes),
                          str(m.adapters), key=m.name)
         names = [m.name for m in models]
         if current in names:

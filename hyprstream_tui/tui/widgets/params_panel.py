@@ -3,7 +3,7 @@ engine's own SamplingParams rules) and a bad one is named inline, in one line.""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import on
 from textual.app import ComposeResult
@@ -12,6 +12,9 @@ from textual.widgets import Input, Label, Static
 
 from hyprstream_tui.errors import InvalidInput
 from hyprstream_tui.tui.widgets.text_input import TextInput
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.params import SamplingParams
 
 FIELDS = (
     ("temperature", "temperature", "0.7"),
@@ -46,7 +49,7 @@ class ParamsPanel(VerticalScroll):
     def system(self) -> str:
         return self.query_one("#param-system", Input).value
 
-    def sampling(self):
+    def sampling(self) -> SamplingParams:
         """The SamplingParams for these values, or InvalidInput naming the bad one."""
         from hyprstream_tui.engine.params import SamplingParams
 

@@ -1,8 +1,8 @@
-"""What `hyprstream infer` and `hyprstream chat` do, as plain functions the CLI wires up.
+"""`hyprstream infer` and `hyprstream chat`: a reply to one prompt, or a line-by-line chat.
 
-`add_infer_commands(sub)` registers both verbs on the CLI's subparsers; `run_infer` / `run_chat`
-take plain values and a `write` callback, so they are testable without a terminal. Ctrl-C while
-a reply streams cancels it within one decode step. Nothing here imports torch at module level.
+`run_infer` / `run_chat` take plain values and a `write` callback, so they are testable without a
+terminal; `cmd_infer` / `cmd_chat` wire them to the parsed arguments. Ctrl-C while a reply streams
+cancels it within one decode step. The engine loads inside the handlers: no torch at import.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
-from hyprstream_tui.engine.engine import Engine
-from hyprstream_tui.engine.jobs import Job
-from hyprstream_tui.engine.events import ContextTrimmed, Event, GenerationDone, TokenDelta
-from hyprstream_tui.engine.loader import LoadOptions
-from hyprstream_tui.engine.params import SamplingParams
+from hyprstream_tui.cli.common import flag
 from hyprstream_tui.errors import Cancelled, InvalidInput
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.engine import Engine
+    from hyprstream_tui.engine.events import Event, GenerationDone
+    from hyprstream_tui.engine.jobs import Job
+    from hyprstream_tui.engine.params import SamplingParams
 
 Write = Callable[[str], Any]
 CHAT_HELP = "Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves."
@@ -26,6 +28,8 @@ CHAT_HELP = "Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves
 def make_engine(*, home: str | None = None, dtype: str = "auto", device: str = "auto",
                 quantize: str | None = None, allow_pickle: bool = False,
                 threads: int | None = None) -> Engine:
+    from hyprstream_tui.engine.engine import Engine
+    from hyprstream_tui.engine.loader import LoadOptions
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store import Store
 
@@ -33,9 +37,7 @@ def make_engine(*, home: str | None = None, dtype: str = "auto", device: str = "
     return Engine(store=Store(Paths.from_env(home)), options=options, threads=threads, max_models=1)
 
 
-def wait_streaming(
-    job: Job, events: Any, on_event: Callable[[Event], None]
-) -> GenerationDone:
+def wait_streaming(job: Job, events: Any, on_event: Callable[[Event], None]) -> GenerationDone:
     """Hand `job`'s queued events to `on_event` until it ends; Ctrl-C cancels it and raises
     Cancelled once the engine has stopped (within one decode step)."""
     import queue
@@ -72,10 +74,12 @@ def run_infer(
     import queue
     import time
 
-    write = write or _stdout_write
+    from hyprstream_tui.engine.events import TokenDelta
+
+    out = write or stdout_write
     if prompt == "-":
         prompt = (read_stdin or sys.stdin.read)()
-    events: queue.Queue = queue.Queue()
+    events: queue.Queue[Event] = queue.Queue()
     started = time.perf_counter()
     lm = engine.load(spec)  # here, to know whether it has a chat template
     load_s = time.perf_counter() - started
@@ -90,18 +94,18 @@ def run_infer(
 
     def show(event: Event) -> None:
         if isinstance(event, TokenDelta) and not as_json:
-            write(event.text)
-            _flush(write)
+            out(event.text)
+            flush(out)
 
     try:
         done = wait_streaming(job, events, show)
     finally:
         if not as_json:
-            write("\n")
+            out("\n")
     if as_json:
         data = {"model": spec, **done.as_dict()}
         data["timings"]["load_s"] = round(load_s, 4)
-        write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+        out(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
     return done
 
 
@@ -112,58 +116,60 @@ def run_chat(
     """A plain line-by-line chat; returns the conversation when the user leaves."""
     import queue
 
-    write = write or _stdout_write
+    from hyprstream_tui.engine.events import ContextTrimmed, TokenDelta
+
+    out = write or stdout_write
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
-    write(f"Chatting with {spec}. {CHAT_HELP}\n")
+    out(f"Chatting with {spec}. {CHAT_HELP}\n")
     while True:
         try:
             line = read_line("you> ")
         except (EOFError, KeyboardInterrupt):
-            write("\n")
+            out("\n")
             return messages
         if line.strip() in ("/exit", "/quit"):
             return messages
         if line.strip() == "/reset":
             messages = list(base)
-            write("(conversation forgotten)\n")
+            out("(conversation forgotten)\n")
             continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        events: queue.Queue = queue.Queue()
+        events: queue.Queue[Event] = queue.Queue()
         job = engine.chat(spec, messages, params, on_event=events.put)
         pieces: list[str] = []
 
         def show(event: Event) -> None:
             if isinstance(event, ContextTrimmed):
-                write(f"(left out the {event.dropped_messages} oldest messages to fit the "
-                      f"{event.window}-token window)\n")
+                out(f"(left out the {event.dropped_messages} oldest messages to fit the "
+                    f"{event.window}-token window)\n")
             elif isinstance(event, TokenDelta):
                 if not pieces:
-                    write("assistant> ")
+                    out("assistant> ")
                 pieces.append(event.text)
-                write(event.text)
-                _flush(write)
+                out(event.text)
+                flush(out)
 
         try:
             wait_streaming(job, events, show)
-            write("\n")
+            out("\n")
         except Cancelled:
-            write(" [stopped]\n")
+            out(" [stopped]\n")
         except InvalidInput as exc:  # e.g. a message longer than the window: say so, go on
             messages.pop()
-            write(f"error: {exc.message}\n")
+            out(f"error: {exc.worded(flag)}\n")
             continue
         messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
-def _stdout_write(text: str) -> None:
+def stdout_write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
 
 
-def _flush(write: Write) -> None:
+def flush(write: Write) -> None:
     owner = getattr(write, "__self__", None)
     if owner is not None and hasattr(owner, "flush"):
         owner.flush()
@@ -202,6 +208,8 @@ def add_infer_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> SamplingParams:
+    from hyprstream_tui.engine.params import SamplingParams
+
     return SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed,
@@ -209,14 +217,14 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def _engine_from_args(args: argparse.Namespace) -> Engine:
+def engine_from_args(args: argparse.Namespace) -> Engine:
     return make_engine(home=getattr(args, "home", None), dtype=args.dtype, device=args.device,
                        quantize=args.quantize, allow_pickle=args.allow_pickle, threads=args.threads)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
     params = params_from_args(args)
-    engine = _engine_from_args(args)
+    engine = engine_from_args(args)
     try:
         run_infer(engine, args.model, args.prompt, params, system=args.system, raw=args.raw,
                   as_json=args.json)
@@ -227,12 +235,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     params = params_from_args(args)
-    engine = _engine_from_args(args)
+    engine = engine_from_args(args)
     try:
         run_chat(engine, args.model, params, system=args.system)
     finally:
         engine.close()
     return 0
-
-
-__all__: Sequence[str] = ["add_infer_commands", "run_infer", "run_chat", "make_engine"]
