@@ -178,7 +178,8 @@ class Batcher:
                 messages: Sequence[Mapping[str, str]] | None, params: SamplingParams,
                 on_event: BatchListener | None, request_id: str | None, fill_window: bool) -> Ticket:
         source = self.engine.resolve(spec)
-        lm = self.engine.load(spec)
+        # A batch stacks rows of transformers' caches (tuned.batch_cache): transformers' classes
+        lm = self.engine.load(spec, dataclasses.replace(self.engine.options, native=False))
         if source.adapter is not None:
             with lm.lock:  # attach now, so a misfit adapter is an error before any response
                 lm.use_adapter(source.adapter)

@@ -18,7 +18,7 @@ from hyprstream_tui.engine.params import check_text
 from hyprstream_tui.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from hyprstream_tui.engine.loader import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_SECONDS = 2.0  # a chat template renders in milliseconds; a hostile one loops forever
@@ -101,7 +101,7 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]
     return out
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
+def render(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
     """Token ids of `messages` followed by the assistant's generation prompt."""
     if getattr(tokenizer, "chat_template", None):
         try:
@@ -122,7 +122,7 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]
 
 
 def fit_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *, budget: int
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, budget: int
 ) -> ChatPrompt:
     """The prompt for the longest suffix of the conversation that fits `budget` tokens.
 

@@ -23,7 +23,9 @@ from hyprstream_tui.engine.sequence import SequenceState
 from hyprstream_tui.engine.tuned.lean import LeanDecoder
 
 if TYPE_CHECKING:
-    from transformers import Cache, DynamicCache, PretrainedConfig
+    from transformers import Cache, PretrainedConfig
+
+    from hyprstream_tui.engine.native.model import NativeCache
 
 
 class CancelToken(Protocol):
@@ -35,8 +37,13 @@ class NeverCancel:
         return False
 
 
-def new_cache(model: torch.nn.Module) -> "DynamicCache":
-    """An empty KV cache laid out for `model` (sliding-window layers included)."""
+def new_cache(model: torch.nn.Module) -> "Cache | NativeCache":
+    """An empty KV cache laid out for `model`: its own (`engine.native`), or transformers' with
+    sliding-window layers included."""
+    own = getattr(model, "new_cache", None)
+    if own is not None:
+        cache: NativeCache = own()
+        return cache
     from transformers import DynamicCache
 
     config: PretrainedConfig = model.config  # type: ignore[assignment]  # nn.Module's __getattr__ is untyped
@@ -44,7 +51,7 @@ def new_cache(model: torch.nn.Module) -> "DynamicCache":
 
 
 def prefill(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-            cache: "Cache") -> torch.Tensor:
+            cache: "Cache | NativeCache") -> torch.Tensor:
     """Run the prompt; return the logits of its last position.
 
     input_ids: [1, S], positions: [1, S] -> logits: [V]
@@ -56,7 +63,7 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Te
 
 
 def decode_one_token(model: torch.nn.Module, token: torch.Tensor, position: torch.Tensor,
-                     cache: "Cache") -> torch.Tensor:
+                     cache: "Cache | NativeCache") -> torch.Tensor:
     """One step: token: [1, 1] at position: [1, 1] -> logits: [V]."""
     out = model(input_ids=token, position_ids=position, cache=cache, use_cache=True)
     return out.logits[0, -1]
@@ -67,7 +74,7 @@ def decode(
     seq: SequenceState,
     *,
     cancel: CancelToken = NeverCancel(),
-    cache: Cache | None = None,
+    cache: Cache | NativeCache | None = None,
     tuned: bool = True,
 ) -> Iterator[str]:
     """The single-stream loop: prefill `seq`'s prompt, then one token per step until `seq` ends.
@@ -126,7 +133,7 @@ def generate_tokens(
     seq: SequenceState,
     *,
     cancel: CancelToken = NeverCancel(),
-    cache: Cache | None = None,
+    cache: Cache | NativeCache | None = None,
     tuned: bool = True,
 ) -> Iterator[int]:
     """The new token ids of `decode`, one as soon as it is sampled (EOS is not yielded)."""

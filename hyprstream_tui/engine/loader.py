@@ -21,6 +21,17 @@ from hyprstream_tui.store.inspect import check_weights
 if TYPE_CHECKING:  # transformers loads on first use: `hyprstream --help` must not pay for it
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+    from typing import TypeAlias
+
+    from hyprstream_tui.engine.native.model import NativeConfig, NativeForCausalLM
+    from hyprstream_tui.engine.native.tokenizer import NativeTokenizer
+
+    # What the engine decodes with: transformers' classes, or ours (`engine.native`)
+    Model: TypeAlias = PreTrainedModel | NativeForCausalLM
+    Tokenizer: TypeAlias = PreTrainedTokenizerBase | NativeTokenizer
+
+log = logging.getLogger(__name__)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE = (None, "int8")
@@ -40,6 +51,9 @@ class LoadOptions:
     # The machine-tuned code of `engine.tuned` (shape-picked kernels, the native bf16 kernel, the
     # lean decode step). False: torch's and transformers' own paths, for comparisons.
     tuned: bool = True
+    # Our own decoder classes and tokenizer (`engine.native`) where they cover the model, on the
+    # CPU: no transformers import on the way to the first token. False: transformers' classes.
+    native: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -77,8 +91,8 @@ class LoadedModel:
 
     source: ModelSource
     options: LoadOptions
-    model: PreTrainedModel  # eval mode, no grad; LoRA layers injected in place by `use_adapter`
-    tokenizer: PreTrainedTokenizerBase
+    model: Model  # eval mode, no grad; LoRA layers injected in place by `use_adapter`
+    tokenizer: Tokenizer
     dtype: str
     device: str
     window: int
@@ -160,11 +174,7 @@ def _first_line(exc: BaseException) -> str:
 
 def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> LoadedModel:
     """Read the weights, tokenizer and facts of `source` (its adapter is attached later)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     started = time.perf_counter()
-    quiet_transformers()
     use_safetensors = check_weights(source.path, allow_pickle=options.allow_pickle)
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, options.quantize)
@@ -172,24 +182,12 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         raise InvalidInput(
             "`quantize` int8 runs on the CPU only: leave `quantize` out or set `device` to cpu."
         )
-    try:
-        config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(
-                str(source.path),
-                config=config,
-                dtype=getattr(torch, "bfloat16" if options.quantize else dtype),
-                use_safetensors=use_safetensors,
-                trust_remote_code=False,
-                local_files_only=True,
-            )
-    except ValueError as exc:
-        raise InvalidInput(f"Cannot load {source.name!r}: {str(exc).splitlines()[0]}") from None
-    except OSError as exc:
-        raise NotFound(f"Cannot read {source.name!r}: {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # a malformed config.json breaks transformers anywhere (TypeError, KeyError...)
-        raise InvalidInput(f"Cannot load {source.name!r}, its files are malformed: {_first_line(exc)}") from None
+    model: Model | None = None
+    tokenizer: Tokenizer | None = None
+    if options.native and device == "cpu" and use_safetensors:
+        model, tokenizer = _load_native(source, dtype="bfloat16" if options.quantize else dtype)
+    if model is None:
+        model = _load_transformers(source, options, dtype, use_safetensors)
     model.eval().requires_grad_(False)
     if options.quantize == "int8":
         from hyprstream_tui.engine.tuned.quantize import quantize_int8
@@ -210,7 +208,8 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
 
         rows_first(model)
     model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) types `self` as the first argument
-    tokenizer = load_tokenizer(source.path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source.path)
     return LoadedModel(
         source=source,
         options=options,
@@ -218,18 +217,58 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         tokenizer=tokenizer,
         dtype=dtype,
         device=device,
-        window=context_window(config, tokenizer),
+        window=context_window(model.config, tokenizer),
         eos_ids=eos_token_ids(model, tokenizer),
         load_s=time.perf_counter() - started,
     )
 
 
-def context_window(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+def _load_native(source: ModelSource, *, dtype: str
+                 ) -> tuple[NativeForCausalLM | None, NativeTokenizer | None]:
+    """Our decoder and tokenizer for `source`, or (None, None) where transformers must load it."""
+    import torch
+
+    from hyprstream_tui.engine import native
+
+    try:
+        return native.load(source.path, getattr(torch, dtype))
+    except native.Unsupported as exc:
+        log.info("%s loads through transformers: %s", source.name, exc)
+        return None, None
+
+
+def _load_transformers(source: ModelSource, options: LoadOptions, dtype: str,
+                       use_safetensors: bool) -> PreTrainedModel:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_pretrained(
+                str(source.path),
+                config=config,
+                dtype=getattr(torch, "bfloat16" if options.quantize else dtype),
+                use_safetensors=use_safetensors,
+                trust_remote_code=False,
+                local_files_only=True,
+            )
+    except ValueError as exc:
+        raise InvalidInput(f"Cannot load {source.name!r}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise NotFound(f"Cannot read {source.name!r}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a malformed config.json breaks transformers anywhere (TypeError, KeyError...)
+        raise InvalidInput(f"Cannot load {source.name!r}, its files are malformed: {_first_line(exc)}") from None
+
+
+def context_window(config: PretrainedConfig | NativeConfig, tokenizer: Tokenizer) -> int:
     window = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
     return int(window)
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+def eos_token_ids(model: Model, tokenizer: Tokenizer) -> frozenset[int]:
     """Every id that ends a reply: generation_config's eos ids plus the tokenizer's."""
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)

@@ -24,9 +24,7 @@ from hyprstream_tui.engine.sampling import sample
 from hyprstream_tui.engine.stops import StopMatcher
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from hyprstream_tui.engine.loader import LoadedModel, ModelSource
+    from hyprstream_tui.engine.loader import LoadedModel, ModelSource, Tokenizer
     from hyprstream_tui.engine.params import SamplingParams
 
 
@@ -44,7 +42,7 @@ class SequenceState:
         *,
         eos_ids: frozenset[int],
         generator: torch.Generator | None,
-        tokenizer: "PreTrainedTokenizerBase | None" = None,
+        tokenizer: "Tokenizer | None" = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -127,7 +125,7 @@ class SequenceState:
         return text
 
 
-def _decoder(tokenizer: "PreTrainedTokenizerBase") -> Callable[[Sequence[int]], str]:
+def _decoder(tokenizer: "Tokenizer") -> Callable[[Sequence[int]], str]:
     def decode(ids: Sequence[int]) -> str:
         text = tokenizer.decode(list(ids), skip_special_tokens=True)
         return text if isinstance(text, str) else "".join(text)

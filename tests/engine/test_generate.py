@@ -36,11 +36,37 @@ def loaded(tiny_models):
     }
 
 
+@pytest.fixture(scope="module")
+def plain(tiny_models):
+    """Each tiny model exactly as transformers loads it (float32): the reference."""
+    from transformers import AutoModelForCausalLM
+
+    return {arch: AutoModelForCausalLM.from_pretrained(path).eval() for arch, path in tiny_models.items()}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_transformers_generate(loaded, arch):
+def test_greedy_matches_transformers_generate(loaded, plain, arch):
     lm = loaded[arch]
     ids = lm.tokenizer.encode(PROMPT)
-    assert _ours(lm, ids) == _reference(lm.model, ids, GREEDY.max_tokens)
+    assert _ours(lm, ids) == _reference(plain[arch], ids, GREEDY.max_tokens)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_through_transformers_classes_matches_generate(tiny_models, plain, arch):
+    """`LoadOptions(native=False)`: transformers' own classes under our loop, the path every
+    architecture the native decoder does not cover takes."""
+    lm = load_model(ModelSource(name=arch, path=tiny_models[arch]),
+                    LoadOptions(dtype="float32", native=False))
+    assert not getattr(lm.model, "native", False)
+    ids = lm.tokenizer.encode(PROMPT)
+    assert _ours(lm, ids) == _reference(plain[arch], ids, GREEDY.max_tokens)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_native_decoder_covers_the_llama_family(loaded, arch):
+    """llama, qwen2 and mistral load through `engine.native` (no transformers classes); gemma
+    (another norm and activation) through transformers."""
+    assert getattr(loaded[arch].model, "native", False) == (arch != "gemma")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -42,7 +42,7 @@ def _steps_both_ways(model, ids: list[int], steps: int) -> tuple[list, list]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("how", ["float32", "bfloat16", "int8"])
 def test_lean_step_gives_the_same_logits_as_the_model(tiny_models, arch, how):
-    options = LoadOptions(quantize="int8") if how == "int8" else LoadOptions(dtype=how)
+    options = LoadOptions(native=False, quantize="int8") if how == "int8" else LoadOptions(native=False, dtype=how)
     lm = load_model(ModelSource(name=arch, path=tiny_models[arch]), options)
     ids = lm.tokenizer.encode(PROMPT)
     lean, plain = _steps_both_ways(lm.model, ids, 12)
@@ -56,7 +56,7 @@ def test_int8_layers_run_fused_in_the_lean_step(tiny_models, arch):
     one call of the fused product per step serves all three parts."""
     from hyprstream_tui.engine.tuned.quantize import FusedInt8, Int8Part
 
-    lm = load_model(ModelSource(name=arch, path=tiny_models[arch]), LoadOptions(quantize="int8"))
+    lm = load_model(ModelSource(name=arch, path=tiny_models[arch]), LoadOptions(native=False, quantize="int8"))
     attn = lm.model.model.layers[0].self_attn
     assert all(type(m) is Int8Part and m.fused is attn.q_proj.fused
                for m in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -75,7 +75,7 @@ def test_int8_layers_run_fused_in_the_lean_step(tiny_models, arch):
 
 
 def test_lean_step_with_an_adapter_gives_the_same_logits(tiny_models, tiny_adapters):
-    lm = load_model(ModelSource(name="llama", path=tiny_models["llama"]), LoadOptions())
+    lm = load_model(ModelSource(name="llama", path=tiny_models["llama"]), LoadOptions(native=False))
     ids = lm.tokenizer.encode(PROMPT)
     base, _ = _steps_both_ways(lm.model, ids, 6)
     lm.use_adapter(AdapterSource(name="lora", path=tiny_adapters["llama"], commit="c0ffee"))
@@ -88,7 +88,7 @@ def test_lean_step_with_an_adapter_gives_the_same_logits(tiny_models, tiny_adapt
 
 
 def test_lean_cache_grows_past_its_first_capacity(tiny_models):
-    lm = load_model(ModelSource(name="qwen2", path=tiny_models["qwen2"]), LoadOptions())
+    lm = load_model(ModelSource(name="qwen2", path=tiny_models["qwen2"]), LoadOptions(native=False))
     ids = lm.tokenizer.encode(PROMPT)
     params = SamplingParams(temperature=0, max_tokens=FIRST_CAPACITY + 40)
 
@@ -125,7 +125,7 @@ def test_other_attention_implementations_keep_the_plain_path(tiny_models):
 
 
 def test_generation_from_a_prefilled_prefix_equals_a_whole_run(tiny_models):
-    lm = load_model(ModelSource(name="llama", path=tiny_models["llama"]), LoadOptions())
+    lm = load_model(ModelSource(name="llama", path=tiny_models["llama"]), LoadOptions(native=False))
     ids = lm.tokenizer.encode(PROMPT)
     params = SamplingParams(temperature=0, max_tokens=24)
 
@@ -150,8 +150,8 @@ def test_tuned_off_loads_plain_layers_and_decodes_without_the_lean_step(tiny_mod
     from hyprstream_tui.engine import generate
 
     source = ModelSource(name="qwen2", path=tiny_models["qwen2"])
-    plain = load_model(source, LoadOptions(dtype=dtype, tuned=False))
-    tuned = load_model(source, LoadOptions(dtype=dtype))
+    plain = load_model(source, LoadOptions(native=False, dtype=dtype, tuned=False))
+    tuned = load_model(source, LoadOptions(native=False, dtype=dtype))
     linears = lambda lm: [type(m) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
     assert set(linears(plain)) == {torch.nn.Linear}
     assert set(linears(tuned)) != {torch.nn.Linear}
@@ -159,10 +159,10 @@ def test_tuned_off_loads_plain_layers_and_decodes_without_the_lean_step(tiny_mod
     original = generate.LeanDecoder.build
     monkeypatch.setattr(generate.LeanDecoder, "build", lambda *a: built.append(a) or original(*a))
     params = SamplingParams(temperature=0, max_tokens=16)
-    engine = engine_module.Engine(options=LoadOptions(dtype=dtype, tuned=False))
+    engine = engine_module.Engine(options=LoadOptions(native=False, dtype=dtype, tuned=False))
     off = engine.generate(str(tiny_models["qwen2"]), PROMPT, params).result()
     assert built == [] and len(off.text) > 0
-    on = engine_module.Engine(options=LoadOptions(dtype=dtype)).generate(str(tiny_models["qwen2"]), PROMPT, params).result()
+    on = engine_module.Engine(options=LoadOptions(native=False, dtype=dtype)).generate(str(tiny_models["qwen2"]), PROMPT, params).result()
     assert len(built) == 1
     if dtype == "float32":
         assert on.text == off.text

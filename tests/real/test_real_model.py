@@ -84,8 +84,9 @@ async def test_the_tui_chat_answers_paris(real_home):
 
 
 def test_our_prompt_tokens_equal_transformers_apply_chat_template(store, smollm2_gguf):
-    """A 3-turn conversation with a system prompt: the engine's prompt (tokenizer from the store)
-    equals what transformers makes of the GGUF file itself."""
+    """A 3-turn conversation with a system prompt: the engine's prompt (tokenizer from the store,
+    through transformers and through engine.native) equals what transformers makes of the GGUF
+    file itself."""
     import shutil
     import tempfile
 
@@ -93,18 +94,20 @@ def test_our_prompt_tokens_equal_transformers_apply_chat_template(store, smollm2
 
     from hyprstream_tui.engine.chat import fit_conversation
     from hyprstream_tui.engine.loader import load_tokenizer
+    from hyprstream_tui.engine.native.tokenizer import NativeTokenizer
 
     messages = [{"role": "system", "content": "You are a geography tutor. Answer in one sentence."},
                 {"role": "user", "content": FRANCE}, {"role": "assistant", "content": "Paris is the capital of France."},
                 {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."},
                 {"role": "user", "content": "Which of the two is larger?"}]
     ours = fit_conversation(load_tokenizer(store.model_dir(MODEL_NAME)), messages, budget=8192).ids
+    native = fit_conversation(NativeTokenizer.read(store.model_dir(MODEL_NAME)), messages, budget=8192).ids
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(smollm2_gguf, Path(tmp) / "m.gguf")
         reference = AutoTokenizer.from_pretrained(tmp, gguf_file="m.gguf")
     theirs = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     theirs = list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
-    assert ours == theirs
+    assert ours == theirs == native  # transformers' tokenizer and ours (engine.native) alike
     assert reference.decode(ours).count("<|im_start|>") == 7  # 6 messages + the generation prompt
 
 

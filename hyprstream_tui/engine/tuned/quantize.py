@@ -28,7 +28,7 @@ from hyprstream_tui.engine.tuned.kernels import UPCAST_MIN_ROWS
 from hyprstream_tui.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from hyprstream_tui.engine.loader import Model
 
 
 class Bf16Embedding(torch.nn.Module):
@@ -164,7 +164,7 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_int8(model: PreTrainedModel, *, dtype: str = "float32") -> PreTrainedModel:
+def quantize_int8(model: Model, *, dtype: str = "float32") -> Model:
     """Quantize `model` in place (CPU) with activations in `dtype`, and return it."""
     act = getattr(torch, dtype)
     embed = model.get_input_embeddings()
