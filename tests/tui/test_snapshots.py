@@ -114,7 +114,15 @@ async def _settle(pilot) -> None:
     await wait_for(pilot, lambda: not any(t._require_update_dimensions or t._new_rows
                                           for t in pilot.app.screen.query(DataTable)),
                    what="tables to size their columns")
-    await pilot.pause(0.3)
+    # Then until the screen reads the same twice in a row, 0.3 s apart: a loaded machine can
+    # take longer than any fixed pause to apply the sizes.
+    previous = None
+    for _ in range(60):
+        await pilot.pause(0.3)
+        current = screen_text(pilot.app)
+        if current == previous:
+            return
+        previous = current
 
 
 def _steady(app) -> None:
@@ -134,6 +142,8 @@ def test_models_screen(snap_compare, snapshot_home):
         app = pilot.app
         await wait_for(pilot, lambda: app.screen.table.row_count == 1 and app.screen.query_one("ModelDetail").shown)
         await _settle(pilot)
+        # The name column as wide as the name, not as its header ("tiny" under load once)
+        await wait_for(pilot, lambda: "tiny-demo" in screen_text(app), what="the model's full name")
         _dump(app)
 
     assert snap_compare(_app(snapshot_home), terminal_size=(100, 30), run_before=run_before)
