@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from rich.text import Text
-from textual.widgets import DataTable
+
+from hyprstream_tui.tui.widgets.keyed_table import KeyedTable
 
 STATE_STYLE = {"training": "bold green", "loading": "yellow", "stopping": "yellow", "idle": "dim", "failed": "red"}
 
@@ -20,21 +21,11 @@ class AdapterRow:
     samples: int | None = None
 
 
-class AdapterTable(DataTable):
+class AdapterTable(KeyedTable):
     COLUMNS = ("Adapter", "State", "Step")
 
-    def on_mount(self) -> None:
-        self.cursor_type = "row"
-        self.add_columns(*self.COLUMNS)
-
     def show(self, rows: Sequence[AdapterRow], *, select: str | None = None) -> None:
-        current = select or self.selected
-        self.clear()
-        for r in rows:
-            self.add_row(*self._cells(r), key=r.uuid)
-        uuids = [r.uuid for r in rows]
-        if current in uuids:
-            self.move_cursor(row=uuids.index(current))
+        self.fill(((r.uuid, self._cells(r)) for r in rows), select=select)
 
     def set_state(self, uuid: str, state: str, step: int | None) -> None:
         if uuid in self.rows:
@@ -45,12 +36,3 @@ class AdapterTable(DataTable):
     @staticmethod
     def _cells(r: AdapterRow) -> tuple:
         return (r.name, Text(r.state, style=STATE_STYLE.get(r.state, "")), "" if r.step is None else str(r.step))
-
-    @property
-    def selected(self) -> str | None:
-        if self.row_count == 0:
-            return None
-        try:
-            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
-        except Exception:  # noqa: BLE001 - empty table
-            return None

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from rich.text import Text
-from textual.widgets import DataTable
 
 from hyprstream_tui import units
+from hyprstream_tui.tui.widgets.keyed_table import KeyedTable
 
 if TYPE_CHECKING:
     from hyprstream_tui.store.types import AdapterInfo, CommitInfo
@@ -48,7 +48,7 @@ def build_rows(logs: Sequence[tuple["AdapterInfo", Sequence["CommitInfo"]]]) -> 
     return rows
 
 
-class CommitGraph(DataTable):
+class CommitGraph(KeyedTable):
     COLUMNS = ("", "graph", "commit", "step", "loss", "tags", "summary", "date")
 
     def __init__(self, **kwargs) -> None:
@@ -56,20 +56,10 @@ class CommitGraph(DataTable):
         self.rows_by_sha: dict[str, GraphRow] = {}
         self.marked: list[str] = []
 
-    def on_mount(self) -> None:
-        self.cursor_type = "row"
-        self.add_columns(*self.COLUMNS)
-
     def show(self, rows: Sequence[GraphRow], *, select: str | None = None) -> None:
-        current = select or self.selected
-        self.clear()
         self.rows_by_sha = {r.commit.sha: r for r in rows}
         self.marked = [m for m in self.marked if m in self.rows_by_sha]
-        for r in rows:
-            self.add_row(*self._cells(r), key=r.commit.sha)
-        shas = [r.commit.sha for r in rows]
-        if current in shas:
-            self.move_cursor(row=shas.index(current))
+        self.fill(((r.commit.sha, self._cells(r)) for r in rows), select=select)
 
     def _cells(self, r: GraphRow) -> tuple:
         c = r.commit
@@ -78,15 +68,6 @@ class CommitGraph(DataTable):
         return (mark, Text(r.lanes, style="bold"), Text(c.short, style="yellow"), "" if c.step is None else str(c.step),
                 units.metric(loss) if loss is not None else "", Text(", ".join(c.tags), style="cyan"),
                 Text(c.summary, style=KIND_STYLE.get(c.kind, "")), units.when(c.time))
-
-    @property
-    def selected(self) -> str | None:
-        if self.row_count == 0:
-            return None
-        try:
-            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
-        except Exception:  # noqa: BLE001 - empty table
-            return None
 
     @property
     def selected_row(self) -> GraphRow | None:
