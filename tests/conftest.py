@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# `infer` / `chat` in-process: a keep-alive engine per throwaway home would hold its model for 5
+# minutes after each test (tests/cli/test_keepalive.py turns it on where it is the subject).
+os.environ["HYPRSTREAM_KEEP_ALIVE"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

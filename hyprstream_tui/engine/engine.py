@@ -54,6 +54,10 @@ class Request:
     prompt: str | None = None
     messages: tuple[Mapping[str, str], ...] | None = None
     request_id: str = ""
+    # None: the engine's own. A keep-alive engine (engine/keepalive.py) serves commands that each
+    # bring their own load options and thread count; loaded models are kept per options.
+    options: LoadOptions | None = None
+    threads: int | None = None
 
 
 class Engine:
@@ -205,10 +209,11 @@ class Engine:
 
     def _run(self, request: Request, job: Job, emit: EventCallback) -> None:
         try:
-            if self.threads is not None:  # OpenMP's thread count is per calling thread
+            threads = request.threads if request.threads is not None else self.threads
+            if threads is not None:  # OpenMP's thread count is per calling thread
                 from hyprstream_tui.engine.loader import set_threads
 
-                set_threads(self.threads)
+                set_threads(threads)
             job.done = self._generate(request, job.cancel_token, emit)
             emit(job.done)
         except Exception as exc:  # a HyprError, a bug or a failing callback: kept on the job
@@ -224,7 +229,7 @@ class Engine:
     ) -> GenerationDone:
         source = self.resolve(request.spec)
         started = time.perf_counter()
-        lm, fresh = self._get_model(source, self.options)
+        lm, fresh = self._get_model(source, request.options or self.options)
         load_s = time.perf_counter() - started if fresh else 0.0
         if fresh:
             emit(ModelLoaded(request_id=request.request_id, model=source.name,
@@ -240,6 +245,7 @@ class Engine:
     ) -> tuple[list[int], int]:
         max_tokens = request.params.max_tokens
         if request.messages is None:
+            assert request.prompt is not None  # a Request holds a prompt or messages
             ids = list(lm.tokenizer.encode(request.prompt))
             check_budget(prompt_tokens=len(ids), max_tokens=max_tokens, window=lm.window)
             return ids, 0
