@@ -20,7 +20,6 @@ import _thread
 import os
 import signal
 import sys
-import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -34,11 +33,10 @@ def exit_at_once(_signum: int, _frame: Any) -> None:
 
 def during_start_up() -> Any:
     """Install `exit_at_once`; returns what to give back to `restore` (None: nothing was changed)."""
-    if threading.current_thread() is not threading.main_thread():
+    try:
+        return signal.signal(signal.SIGINT, exit_at_once)  # the handler it replaced
+    except ValueError:  # not the main thread, the only one that may set a handler: nothing changed
         return None
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, exit_at_once)
-    return previous
 
 
 def restore(previous: Any) -> None:
@@ -50,15 +48,21 @@ def restore(previous: Any) -> None:
     signal.signal(signal.SIGINT, previous)
 
 
-_received = threading.Event()
+class _Noted:
+    """Whether a Ctrl-C came while a command ran: set by `_noting`, which runs in the main thread
+    (a flag rather than a threading.Event, so that `hyprstream --help` imports no threading)."""
+
+    interrupt = False
 
 
 def _noting(signum: int, frame: Any) -> None:
-    _received.set()
+    _Noted.interrupt = True
     signal.default_int_handler(signum, frame)
 
 
 def _unraisable(args: Any) -> None:
+    import threading
+
     if args.exc_type is not None and issubclass(args.exc_type, KeyboardInterrupt):
         # Python dropped it (in a __del__ or callback): deliver it again, once this hook has returned
         timer = threading.Timer(0.01, _thread.interrupt_main)
@@ -71,6 +75,8 @@ def _unraisable(args: Any) -> None:
 @contextmanager
 def redelivered() -> Iterator[None]:
     """While a command runs: a Ctrl-C that lands where Python would drop it is delivered again."""
+    import threading
+
     previous = sys.unraisablehook
     sys.unraisablehook = _unraisable
     handler = None
@@ -88,7 +94,7 @@ def redelivered() -> Iterator[None]:
 def caused_by_interrupt(exc: BaseException) -> bool:
     """`exc` or what caused it is a KeyboardInterrupt (a library wrapped a Ctrl-C in its own error),
     or it came after a Ctrl-C (the interrupt was lost inside it, e.g. in a C extension's import)."""
-    if _received.is_set():
+    if _Noted.interrupt:
         return True
     seen: set[int] = set()
     current: BaseException | None = exc

@@ -2,9 +2,10 @@
 
 One module per verb family (models, lora, train, generate, serve, tui), each with an `add_*_commands`
 function that registers its verbs; handlers take the parsed namespace and return an exit code.
-Heavy modules (torch, pygit2, textual) are imported inside handlers, so `hyprstream --help` and
-`hyprstream model list` start fast. `main` maps errors to one line and an exit code; a message
-about a setting names its flag (`--learning-rate`).
+Heavy modules (torch, pygit2, textual) are imported inside handlers, and only the parser of the
+verb a command line uses is built (cli/lazy.py), so `hyprstream --help` and `hyprstream model list`
+start fast. `main` maps errors to one line and an exit code; a message about a setting names its
+flag (`--learning-rate`).
 """
 
 from __future__ import annotations
@@ -12,22 +13,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Sequence, cast
 
 from hyprstream_tui import __version__
 from hyprstream_tui.cli.common import flag
+from hyprstream_tui.cli.engine import add_engine_commands
 from hyprstream_tui.cli.generate import add_infer_commands
+from hyprstream_tui.cli.lazy import NotBuilt, Verbs, verb_of
 from hyprstream_tui.cli.lora import add_export_commands, add_lora_commands
 from hyprstream_tui.cli.models import add_model_commands
 from hyprstream_tui.cli.serve import add_serve_commands
 from hyprstream_tui.cli.train import add_train_commands
 from hyprstream_tui.cli.tui import add_tui_commands, cmd_tui
-from hyprstream_tui.errors import HyprError
+from hyprstream_tui.cli.web import add_web_commands
 
 INTERRUPTED = "error: interrupted; what was complete is kept."
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The `hyprstream` parser; with `verb`, only that verb's parser is filled in (cli/lazy.py)."""
     parser = argparse.ArgumentParser(
         prog="hyprstream",
         description="A terminal workstation for local LLMs: models as git repositories, LoRA adapters as branches, "
@@ -36,14 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hyprstream {__version__}")
     parser.add_argument("--home", default=None, help="data folder (default: $HYPRSTREAM_HOME or ~/.cache/hyprstream)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = cast(Verbs, parser.add_subparsers(dest="command", metavar="COMMAND", action=Verbs))
+    sub.only = verb
     add_model_commands(sub)
     lora_sub = add_lora_commands(sub)
     add_train_commands(lora_sub)
     add_export_commands(lora_sub)
     add_infer_commands(sub)
+    add_engine_commands(sub)
     add_serve_commands(sub)
     add_tui_commands(sub)
+    add_web_commands(sub)
     return parser
 
 
@@ -52,10 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = interrupt.during_start_up()  # Ctrl-C while parsing: one line and out (nothing written yet)
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = build_parser(verb_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
+        except NotBuilt:
+            args = build_parser().parse_args(argv)
     finally:
         interrupt.restore(previous)
+    from hyprstream_tui.errors import HyprError
+
     if args.command is None:
         args.func = cmd_tui
     try:

@@ -1,18 +1,18 @@
 """What the verb families share: the store from `--home`, JSON and console output, adapter lookup,
 and how the CLI names a setting an error is about (its flag).
 
-Light at import: rich and the store load inside the functions that use them.
+Light at import: rich, the store, json, dataclasses and pathlib load inside the functions that use
+them (tests/cli/test_startup.py keeps `hyprstream --help` free of them).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from rich.console import Console
 
     from hyprstream_tui.store.store import Store
@@ -27,6 +27,10 @@ def store_from(args: argparse.Namespace) -> Store:
 
 
 def print_json(value: Any) -> None:
+    import dataclasses
+    import json
+    from pathlib import Path
+
     def default(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return dataclasses.asdict(obj)
@@ -41,6 +45,13 @@ def console() -> Console:
     from rich.console import Console
 
     return Console(highlight=False)
+
+
+def path_arg(text: str) -> Path:
+    """argparse `type=` for a path: pathlib loads when a path is given, not for `--help`."""
+    from pathlib import Path
+
+    return Path(text)
 
 
 def flag(setting: str) -> str:

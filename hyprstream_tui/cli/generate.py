@@ -3,12 +3,17 @@
 `run_infer` / `run_chat` take plain values and a `write` callback, so they are testable without a
 terminal; `cmd_infer` / `cmd_chat` wire them to the parsed arguments. Ctrl-C while a reply streams
 cancels it within one decode step. The engine loads inside the handlers: no torch at import.
+
+By default both talk to the home's keep-alive engine (engine/keepalive.py), a process that keeps
+the model loaded between commands and is started on demand: the client side imports no torch, so
+a second `infer` answers in well under a second. `--no-keep-alive` or HYPRSTREAM_KEEP_ALIVE=0
+runs the engine in this process instead, as before; HYPRSTREAM_KEEP_ALIVE=<seconds> (or 5m) is
+how long an idle engine process stays.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -17,8 +22,9 @@ from hyprstream_tui.errors import Cancelled, InvalidInput
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.engine import Engine
-    from hyprstream_tui.engine.events import Event, GenerationDone
-    from hyprstream_tui.engine.jobs import Job
+    from hyprstream_tui.engine.events import Event, EventCallback, GenerationDone
+    from hyprstream_tui.engine.jobs import ChatEngine, Job
+    from hyprstream_tui.engine.keepalive_client import KeepAliveClient
     from hyprstream_tui.engine.params import SamplingParams
 
 Write = Callable[[str], Any]
@@ -44,65 +50,82 @@ def wait_streaming(job: Job, events: Any, on_event: Callable[[Event], None]) -> 
 
     interrupted = False
     while True:
-        try:
-            event = events.get(timeout=0.1)
-        except queue.Empty:
-            continue
+        try:  # a Ctrl-C while an event is shown counts too: text streams fast from an engine process
+            try:
+                event = events.get(timeout=0.1)
+            except queue.Empty:
+                if job.finished and events.empty():  # ended with no event: its engine process died
+                    break
+                continue
+            on_event(event)
+            if job.finished and events.empty():
+                break
         except KeyboardInterrupt:
             job.cancel()
             interrupted = True
-            continue
-        on_event(event)
-        if job.finished and events.empty():
-            break
     done = job.result()
     if interrupted:
         raise Cancelled("Stopped: the reply so far is shown above.")
     return done
 
 
+def begin_infer(
+    engine: Engine | KeepAliveClient, spec: str, prompt: str, params: SamplingParams, *,
+    system: str | None, raw: bool, on_event: EventCallback,
+) -> Job:
+    """The engine side decides between the chat template and plain text (and loads the model):
+    the keep-alive engine process, or this process's engine."""
+    from hyprstream_tui.engine.keepalive_client import KeepAliveClient
+
+    if isinstance(engine, KeepAliveClient):
+        return engine.infer(spec, prompt, params, system=system, raw=raw, on_event=on_event)
+    from hyprstream_tui.engine.keepalive import start_infer
+
+    return start_infer(engine, spec, prompt, params, system=system, raw=raw, on_event=on_event)
+
+
 def run_infer(
-    engine: Engine, spec: str, prompt: str, params: SamplingParams, *,
+    engine: Engine | KeepAliveClient, spec: str, prompt: str, params: SamplingParams, *,
     system: str | None = None, raw: bool = False, as_json: bool = False,
     write: Write | None = None, read_stdin: Callable[[], str] | None = None,
 ) -> GenerationDone:
     """Answer one prompt (`-` reads stdin): streamed to `write`, or one JSON object with --json.
 
     With a chat template and not `raw`, the prompt is a user message (after `system`);
-    otherwise it is continued as plain text.
+    otherwise it is continued as plain text. `load_s` is the ModelLoaded event's (0 when the
+    model was loaded already).
     """
     import queue
-    import time
 
-    from hyprstream_tui.engine.events import TokenDelta
+    from hyprstream_tui.engine.events import ModelLoaded, TokenDelta
 
     out = write or stdout_write
     if prompt == "-":
         prompt = (read_stdin or sys.stdin.read)()
     events: queue.Queue[Event] = queue.Queue()
-    started = time.perf_counter()
-    lm = engine.load(spec)  # here, to know whether it has a chat template
-    load_s = time.perf_counter() - started
-    if raw or not getattr(lm.tokenizer, "chat_template", None):
-        if system:
-            raise InvalidInput("--system needs a model with a chat template: drop it or --raw.")
-        job = engine.generate(spec, prompt, params, on_event=events.put)
-    else:
-        messages = ([{"role": "system", "content": system}] if system else [])
-        job = engine.chat(spec, messages + [{"role": "user", "content": prompt}], params,
-                          on_event=events.put)
+    job = begin_infer(engine, spec, prompt, params, system=system, raw=raw, on_event=events.put)
+    load_s = 0.0
+    shown = False
 
     def show(event: Event) -> None:
-        if isinstance(event, TokenDelta) and not as_json:
+        nonlocal load_s, shown
+        if isinstance(event, ModelLoaded):
+            load_s = event.seconds
+        elif isinstance(event, TokenDelta) and not as_json:
+            shown = True
             out(event.text)
             flush(out)
 
+    answered = False
     try:
         done = wait_streaming(job, events, show)
-    finally:
-        if not as_json:
+        answered = True
+    finally:  # a request the engine refused before any text (an unknown model) prints nothing
+        if not as_json and (answered or shown or job.cancelled):
             out("\n")
     if as_json:
+        import json
+
         data = {"model": spec, **done.as_dict()}
         data["timings"]["load_s"] = round(load_s, 4)
         out(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
@@ -110,7 +133,7 @@ def run_infer(
 
 
 def run_chat(
-    engine: Engine, spec: str, params: SamplingParams, *, system: str | None = None,
+    engine: ChatEngine, spec: str, params: SamplingParams, *, system: str | None = None,
     read_line: Callable[[str], str] = input, write: Write | None = None,
 ) -> list[dict[str, str]]:
     """A plain line-by-line chat; returns the conversation when the user leaves."""
@@ -200,11 +223,19 @@ def add_infer_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="continue the text, no chat template")
     p.add_argument("--json", action="store_true", help="one JSON object with text and timings")
     add_sampling_arguments(p)
+    add_keep_alive_argument(p)
     p.set_defaults(func=cmd_infer)
     p = sub.add_parser("chat", help="a plain line-by-line chat in the terminal")
     p.add_argument("model", metavar="MODEL[:ADAPTER[@REV]]")
     add_sampling_arguments(p)
+    add_keep_alive_argument(p)
     p.set_defaults(func=cmd_chat)
+
+
+def add_keep_alive_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-keep-alive", action="store_true",
+                   help="load the model in this process, not in the home's keep-alive engine "
+                        "(also: HYPRSTREAM_KEEP_ALIVE=0)")
 
 
 def params_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -217,9 +248,24 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def engine_from_args(args: argparse.Namespace) -> Engine:
-    return make_engine(home=getattr(args, "home", None), dtype=args.dtype, device=args.device,
-                       quantize=args.quantize, allow_pickle=args.allow_pickle, threads=args.threads)
+def engine_from_args(args: argparse.Namespace) -> Engine | KeepAliveClient:
+    """The home's keep-alive engine (started if none runs), or with it off an engine here."""
+    import os
+
+    from hyprstream_tui.engine.keepalive_protocol import ENV, keep_alive_seconds
+
+    keep_alive_s = None if getattr(args, "no_keep_alive", False) else keep_alive_seconds(os.environ.get(ENV))
+    if keep_alive_s is None:
+        return make_engine(home=getattr(args, "home", None), dtype=args.dtype, device=args.device,
+                           quantize=args.quantize, allow_pickle=args.allow_pickle, threads=args.threads)
+    from hyprstream_tui.engine.keepalive_client import connect
+    from hyprstream_tui.engine.keepalive_protocol import Loading
+    from hyprstream_tui.settings import Paths
+
+    loading = Loading(dtype=args.dtype, device=args.device, quantize=args.quantize,
+                      allow_pickle=args.allow_pickle, threads=args.threads)
+    return connect(Paths.from_env(getattr(args, "home", None)), keep_alive_s=keep_alive_s,
+                   loading=loading, note=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

@@ -4,10 +4,9 @@ checkpoints as commits. (`lora train ...` is cli/train.py.)"""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from hyprstream_tui import units
-from hyprstream_tui.cli.common import adapter_arg, console, find_adapter, print_json, store_from
+from hyprstream_tui.cli.common import adapter_arg, console, find_adapter, path_arg, print_json, store_from
 
 
 def add_lora_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -57,7 +56,7 @@ def add_export_commands(lora_sub: argparse._SubParsersAction) -> None:
     """`lora export` and `lora merge`: an adapter out of the store, or into a new model."""
     p = lora_sub.add_parser("export", help="write an adapter as one .safetensors file or a PEFT folder")
     adapter_arg(p)
-    p.add_argument("--output", "-o", type=Path, required=True, help="FILE.safetensors, or DIR with --format peft")
+    p.add_argument("--output", "-o", type=path_arg, required=True, help="FILE.safetensors, or DIR with --format peft")
     p.add_argument("--format", choices=("safetensors", "peft"), default="safetensors")
     p.add_argument("--commit", help="commit, tag or step:N (default: the tip)")
     p.add_argument("--force", action="store_true", help="replace an existing output")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from hyprstream_tui import units
-from hyprstream_tui.cli.common import console, print_json, store_from
+from hyprstream_tui.cli.common import console, path_arg, print_json, store_from
 
 
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +23,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_model_info)
 
     p = msub.add_parser("import", help="import a local model folder (config.json + *.safetensors) or a .gguf file")
-    p.add_argument("dir", type=Path, metavar="PATH", help="a Hugging Face model folder, or a GGUF file (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("dir", type=path_arg, metavar="PATH", help="a Hugging Face model folder, or a GGUF file (llama.cpp, Ollama, LM Studio)")
     p.add_argument("--name", help="store name (default: the folder's name, or the file's without .gguf)")
     p.add_argument("--link", action="store_true", help="hard-link the weights instead of copying them (same filesystem)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle files (they can run code)")

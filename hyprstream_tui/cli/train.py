@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from hyprstream_tui import units
-from hyprstream_tui.cli.common import adapter_arg, find_adapter, print_json, store_from
+from hyprstream_tui.cli.common import adapter_arg, find_adapter, path_arg, print_json, store_from
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.train.config import TrainConfig
@@ -54,7 +53,7 @@ def add_train_commands(lora_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="the prompt")
     p.add_argument("--output", help="the answer to learn")
     p.add_argument("--system", help="optional system prompt for --input/--output")
-    p.add_argument("--file", type=Path, help="JSONL rows: {input, output} or {messages: [...]}")
+    p.add_argument("--file", type=path_arg, help="JSONL rows: {input, output} or {messages: [...]}")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_sample)
 

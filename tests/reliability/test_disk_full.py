@@ -391,7 +391,7 @@ def test_cli_turns_a_full_disk_from_anywhere_into_one_line(exc, home, monkeypatc
         raise exc
 
     parser = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", lambda: _with_handler(parser(), boom))
+    monkeypatch.setattr(cli, "build_parser", lambda *verb: _with_handler(parser(*verb), boom))
     assert cli.main(["model", "list"]) == 6
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: Not enough disk space") and "\n" not in err, err

@@ -1,0 +1,348 @@
+"""Cold start: whole processes, from command to answer, on the real SmolLM2-135M-Instruct, against
+llama.cpp (llama-cpp-python) answering the same question from the same GGUF.
+
+    python benchmarks/coldstart.py [--rounds 5] [--threads 2] [--home H] [--llama-python PATH]
+                                   [--profile] [--json]
+
+The model: tests/realmodel.py's Q4_1 GGUF (fetched on first use), imported once into a throwaway
+home as `smollm2` (`hyprstream model import`, fp32), or taken from `--home` if it holds it.
+Cases, each one whole process timed from start to exit, with Python's bytecode caches as a user has
+them (PYTHONDONTWRITEBYTECODE is dropped and every command runs once before the rounds):
+  ours fp32 / bf16 / int8   `hyprstream --home H infer smollm2 --prompt "What is the capital of
+                            France?" --temperature 0 --max-tokens 16` (with `--dtype bfloat16`, or
+                            `--quantize int8`), cold: HYPRSTREAM_KEEP_ALIVE=0, no engine running
+  ours ... warm             the same command a second time with the keep-alive engine on (its first
+                            call, which starts the engine, is shown too); skipped, with a line that
+                            says so, while `hyprstream infer` knows no `--no-keep-alive`
+  llama.cpp F16 / BF16 / Q8_0  `Llama(model_path, n_threads).create_chat_completion(...)`, max_tokens
+                            16, temperature 0, in a `python -c` process of the llama-cpp-python venv
+                            (`--llama-python`), on the same GGUF requantized by llama.cpp's own
+                            quantizer (once, into ~/.cache/hyprstream-bench/coldstart; Q8_0 from
+                            the F16 file: see LLAMA)
+  floors                    `hyprstream --help`, `hyprstream --home H model list`, `python -c pass`,
+                            `python -c "import torch"`, `import llama_cpp`
+Cases run interleaved, one of each per round, the order turned by one each round. Reported: the
+median per case over the rounds, and the median over rounds of the per-round ratio ours / llama.cpp
+for the pairs fp32/F16, bf16/BF16, int8/Q8_0 (issue 21's targets: cold <= 2x, warm <= 0.4x
+llama.cpp's cold). Every answer must contain "Paris". `--profile`: one cold `infer` under
+`python -X importtime` (the 25 slowest imports) and under cProfile (main thread, top 30 by
+cumulative time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QUESTION = "What is the capital of France?"
+MAX_TOKENS = 16
+MODEL = "smollm2"
+LLAMA_PYTHON = Path.home() / ".cache" / "hyprstream-bench" / "venv" / "bin" / "python"
+QUANT_CACHE = Path.home() / ".cache" / "hyprstream-bench" / "coldstart"
+BUILD_HINT = ("python3 -m venv --system-site-packages ~/.cache/hyprstream-bench/venv && "
+              "~/.cache/hyprstream-bench/venv/bin/pip install llama-cpp-python   (a 15-25 min compile)")
+OURS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"]}
+# kind: (llama.cpp's ftype, made from: None is the Q4_1 GGUF itself). Q8_0 is made from the F16 file, as
+# llama.cpp's users quantize: requantized straight from Q4_1 it answers, like the Q4_1 file itself,
+# "L'Étoile, la Cité, ..." for 16 tokens (greedy decoding on a 135M model tips on small differences).
+LLAMA = {"F16": ("LLAMA_FTYPE_MOSTLY_F16", None), "BF16": ("LLAMA_FTYPE_MOSTLY_BF16", None),
+         "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "F16")}
+PAIRS = {"fp32": "F16", "bf16": "BF16", "int8": "Q8_0"}
+LLAMA_ANSWER = """import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), verbose=False)
+out = llm.create_chat_completion(messages=[{"role": "user", "content": sys.argv[3]}],
+                                 max_tokens=int(sys.argv[4]), temperature=0)
+print(out["choices"][0]["message"]["content"])
+"""
+LLAMA_QUANTIZE = """import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, sys.argv[3])
+params.allow_requantize = True
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of every timed process: bytecode caches on, as a user has them."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, **extra}
+
+
+def entry() -> list[str]:
+    """What runs `hyprstream` under a python: the installed script beside this interpreter, else -m."""
+    script = Path(sys.executable).parent / "hyprstream"
+    return [str(script)] if script.is_file() else ["-m", "hyprstream_tui"]
+
+
+def hyprstream() -> list[str]:
+    """The command as a user types it (the script itself: no pyenv shim in front of it)."""
+    return entry() if entry()[0] != "-m" else [sys.executable, *entry()]
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, check: bool = True) -> tuple[float, str]:
+    """(wall seconds, stdout) of one whole process."""
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or child_env(), timeout=900)
+    took = time.perf_counter() - started
+    if check and proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return took, proc.stdout
+
+
+def prepare_home(home: Path, gguf: Path) -> float | None:
+    """Import the GGUF as `smollm2` unless the home holds it; seconds the import took (None: had it)."""
+    _, listing = run(hyprstream() + ["--home", str(home), "model", "list", "--json"])
+    if any(m["name"] == MODEL for m in json.loads(listing)):
+        return None
+    took, _ = run(hyprstream() + ["--home", str(home), "model", "import", str(gguf), "--name", MODEL])
+    return took
+
+
+def llama_files(python: str, gguf: Path) -> dict[str, Path]:
+    """The GGUF requantized by llama.cpp's own quantizer, once per kind, into QUANT_CACHE."""
+    QUANT_CACHE.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for kind, (ftype, source) in LLAMA.items():
+        dest = QUANT_CACHE / f"{gguf.stem.rsplit('.', 1)[0]}.{kind}.gguf"
+        if not dest.is_file():
+            part = dest.with_name(dest.name + ".incomplete")
+            run([python, "-c", LLAMA_QUANTIZE, str(files[source] if source else gguf), str(part), ftype])
+            os.replace(part, dest)
+        files[kind] = dest
+    return files
+
+
+def has_keep_alive() -> tuple[bool, bool]:
+    """(`infer` knows --no-keep-alive, `hyprstream engine stop` exists)."""
+    _, text = run(hyprstream() + ["infer", "--help"])
+    stop = subprocess.run(hyprstream() + ["engine", "stop", "--help"], capture_output=True,
+                          env=child_env()).returncode == 0
+    return "--no-keep-alive" in text, stop
+
+
+class Cases:
+    """Each case a function that runs its process(es) and returns {row name: (seconds, answer)}."""
+
+    def __init__(self, args: argparse.Namespace, home: Path, llama: dict[str, Path] | None,
+                 keep_alive: bool, engine_stop: bool) -> None:
+        self.args, self.home, self.llama = args, home, llama
+        self.keep_alive, self.engine_stop = keep_alive, engine_stop
+
+    def infer(self, extra: list[str]) -> list[str]:
+        return hyprstream() + ["--home", str(self.home), "infer", MODEL, "--prompt", QUESTION, "--temperature",
+                               "0", "--max-tokens", str(MAX_TOKENS), "--threads", str(self.args.threads), *extra]
+
+    def stop_engine(self) -> None:
+        if self.engine_stop:
+            run(hyprstream() + ["--home", str(self.home), "engine", "stop"], check=False)
+
+    def cold(self, dtype: str) -> dict[str, tuple[float, str]]:
+        self.stop_engine()
+        return {f"ours {dtype} cold": run(self.infer(OURS[dtype]), child_env(HYPRSTREAM_KEEP_ALIVE="0"))}
+
+    def warm(self, dtype: str) -> dict[str, tuple[float, str]]:
+        """The keep-alive engine's first call (it starts the engine), then the call it serves warm."""
+        self.stop_engine()
+        env = child_env(HYPRSTREAM_KEEP_ALIVE="60")  # an engine left behind leaves within a minute
+        first = run(self.infer(OURS[dtype]), env)
+        second = run(self.infer(OURS[dtype]), env)
+        self.stop_engine()
+        return {f"ours {dtype} keep-alive 1st call": first, f"ours {dtype} warm": second}
+
+    def llama_cpp(self, kind: str) -> dict[str, tuple[float, str]]:
+        assert self.llama is not None
+        cmd = [self.args.llama_python, "-c", LLAMA_ANSWER, str(self.llama[kind]), str(self.args.threads),
+               QUESTION, str(MAX_TOKENS)]
+        return {f"llama.cpp {kind} cold": run(cmd)}
+
+    def floors(self) -> dict[str, tuple[float, str]]:
+        rows = {"hyprstream --help": run(hyprstream() + ["--help"]),
+                "hyprstream model list": run(hyprstream() + ["--home", str(self.home), "model", "list"]),
+                "python -c pass": run([sys.executable, "-c", "pass"]),
+                "python -c 'import torch'": run([sys.executable, "-c", "import torch"])}
+        if self.llama is not None:
+            rows["python -c 'import llama_cpp'"] = run([self.args.llama_python, "-c", "import llama_cpp"])
+        return rows
+
+    def all(self) -> list:
+        cases: list = [lambda d=d: self.cold(d) for d in OURS]
+        if self.keep_alive:
+            cases += [lambda d=d: self.warm(d) for d in OURS]
+        if self.llama is not None:
+            cases += [lambda k=k: self.llama_cpp(k) for k in LLAMA]
+        return cases + [self.floors]
+
+
+def measure(cases: list, rounds: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Every case once (bytecode caches and page cache warm), then `rounds` interleaved rounds."""
+    answers: dict[str, str] = {}
+    for case in cases:
+        answers.update({name: out.strip() for name, (_, out) in case().items()})
+    times: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for case in cases[r % len(cases):] + cases[:r % len(cases)]:
+            for name, (took, out) in case().items():
+                times.setdefault(name, []).append(took)
+                if out.strip() != answers[name]:
+                    answers[name] += f"  | round {r + 1}: {out.strip()!r}"
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+    return times, answers
+
+
+def ratios(times: dict[str, list[float]], keep_alive: bool) -> list[tuple[str, float, float, float]]:
+    """(label, median over rounds of ours/llama.cpp in the same round, target, ratio of medians)."""
+    rows = []
+    for dtype, kind in PAIRS.items():
+        ref = times.get(f"llama.cpp {kind} cold")
+        if ref is None:
+            continue
+        for how, target in (("cold", 2.0), ("warm", 0.4)):
+            ours = times.get(f"ours {dtype} {how}")
+            if ours is None:
+                continue
+            per_round = statistics.median(a / b for a, b in zip(ours, ref))
+            rows.append((f"ours {dtype} {how} / llama.cpp {kind} cold", per_round, target,
+                         statistics.median(ours) / statistics.median(ref)))
+    return rows
+
+
+def versions(llama: bool, llama_python: str) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}; {os.cpu_count()} CPUs; Python {platform.python_version()}; torch {torch.__version__}"
+    if llama:
+        _, version = run([llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"])
+        text += f"; llama-cpp-python {version.strip()}"
+    return text
+
+
+def report(args: argparse.Namespace, times: dict[str, list[float]], answers: dict[str, str],
+           keep_alive: bool, header: str) -> bool:
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF; ours imported as fp32), {QUESTION!r}, {MAX_TOKENS} tokens "
+          f"greedy; {args.threads} threads; {args.rounds} rounds, cases interleaved; whole processes")
+    print(header + "\n")
+    print(f"{'case':<36}{'median s':>9}{'min s':>8}{'max s':>8}  answer")
+    print("-" * 100)
+    all_paris = True
+    for name, values in times.items():
+        answer = answers.get(name, "")
+        shown = ""
+        if name.startswith(("ours", "llama")):
+            ok = "Paris" in answer
+            all_paris &= ok
+            shown = f"{answer[:48]!r}" + ("" if ok else "  NO 'Paris'")
+        print(f"{name:<36}{statistics.median(values):>9.3f}{min(values):>8.3f}{max(values):>8.3f}  {shown}")
+    rows = ratios(times, keep_alive)
+    if rows:
+        print("\nours / llama.cpp: median over rounds of the ratio within a round (ratio of medians)")
+        for label, r, target, of_medians in rows:
+            verdict = "met" if r <= target else "NOT met"
+            print(f"  {label:<44}{r:>6.2f}x  ({of_medians:.2f}x)   target <= {target}x: {verdict}")
+    print(f"\nevery answer contains 'Paris': {'yes' if all_paris else 'NO'}")
+    return all_paris
+
+
+def slowest_imports(stderr: str, n: int) -> list[tuple[int, int, str, str]]:
+    """(cumulative us, self us, module, its importer) of the n slowest imports in -X importtime's
+    output, which lists a module after those it imported, one indent deeper."""
+    rows: list[tuple[int, int, int, str]] = []  # (cumulative, self, depth, name), in the order printed
+    for line in stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if line.startswith("import time:") and len(parts) == 3 and parts[0].strip().isdigit():
+            name = parts[2].rstrip()
+            rows.append((int(parts[1]), int(parts[0]), len(name) - len(name.lstrip()), name.strip()))
+    found = []
+    for i, (cumulative, own, depth, name) in enumerate(rows):
+        parent = next((r[3] for r in rows[i + 1:] if r[2] < depth), "-")
+        found.append((cumulative, own, name, parent))
+    return sorted(found, reverse=True)[:n]
+
+
+def profile(cases: Cases) -> None:
+    """One cold `infer` under -X importtime (25 slowest imports), one under cProfile (top 30)."""
+    import io
+    import pstats
+
+    args = cases.infer(OURS["fp32"])[len(hyprstream()):]
+    env = child_env(HYPRSTREAM_KEEP_ALIVE="0")
+    cases.stop_engine()
+    proc = subprocess.run([sys.executable, "-X", "importtime", *entry(), *args], capture_output=True,
+                          text=True, env=env)
+    rows = slowest_imports(proc.stderr, 25)
+    print("\n-X importtime, one cold `infer` fp32: the 25 slowest imports by cumulative time")
+    print(f"{'cumulative ms':>14}{'self ms':>9}  module  (imported by)")
+    for cumulative, own, name, parent in rows:
+        print(f"{cumulative / 1000:>14.1f}{own / 1000:>9.1f}  {name}  ({parent})")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "infer.prof"
+        subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), *entry(), *args], capture_output=True,
+                       env=env, check=True)
+        text = io.StringIO()
+        pstats.Stats(str(out), stream=text).sort_stats("cumulative").print_stats(30)
+    print("\ncProfile, one cold `infer` fp32 (main thread only: the decode runs in the engine's worker "
+          "thread), top 30 by cumulative time")
+    print(text.getvalue().strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="ours --threads, llama.cpp n_threads")
+    ap.add_argument("--home", type=Path, default=None, help="a home with smollm2 (else a temp home, imported once)")
+    ap.add_argument("--llama-python", default=str(LLAMA_PYTHON), help="a python where `import llama_cpp` works")
+    ap.add_argument("--profile", action="store_true", help="then profile one cold infer (imports, cProfile)")
+    ap.add_argument("--json", action="store_true", help="also print the times as one JSON line")
+    args = ap.parse_args()
+    from tests.realmodel import gguf_path
+
+    gguf = gguf_path()
+    home = args.home or Path(tempfile.mkdtemp(prefix="hyprstream-coldstart-"))
+    llama = None
+    if Path(args.llama_python).is_file():
+        llama = llama_files(args.llama_python, gguf)
+    else:
+        print(f"llama.cpp: no {args.llama_python}; build it with\n  {BUILD_HINT}\nor pass --llama-python. "
+              "Measuring ours only.")
+    keep_alive, engine_stop = has_keep_alive()
+    if not keep_alive:
+        print("warm: `hyprstream infer` has no --no-keep-alive yet (no keep-alive engine): warm case skipped.")
+    elif not engine_stop:
+        print("note: no `hyprstream engine stop`: an engine from an earlier case may still be running.")
+    cases = Cases(args, home, llama, keep_alive, engine_stop)
+    try:
+        imported = prepare_home(home, gguf)
+        header = versions(llama is not None, args.llama_python)
+        if imported is not None:
+            header += f"\n`hyprstream model import` of the GGUF into a fresh home: {imported:.1f} s (once)"
+        times, answers = measure(cases.all(), args.rounds)
+        ok = report(args, times, answers, keep_alive, header)
+        if args.json:
+            print(json.dumps({"times": times, "answers": answers}))
+        if args.profile:
+            profile(cases)
+    finally:
+        cases.stop_engine()
+        if args.home is None:
+            shutil.rmtree(home, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
