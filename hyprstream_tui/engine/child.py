@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from hyprstream_tui.engine.events import EventCallback, GenerationDone, GenerationError
 from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error
-from hyprstream_tui.engine.jobs import Job, error_event, ignore
+from hyprstream_tui.engine.jobs import Forwarded, Job, error_event, ignore
 from hyprstream_tui.errors import HyprError
 
 if TYPE_CHECKING:
@@ -33,15 +32,6 @@ if TYPE_CHECKING:
     from hyprstream_tui.settings import Paths
 
 _ids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class _Request:
-    """A request running in the child, as the parent sees it."""
-
-    job: Job
-    on_event: EventCallback
-    callback_error: BaseException | None = None
 
 
 class ChildEngine:
@@ -56,7 +46,7 @@ class ChildEngine:
         theirs.close()
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._jobs: dict[str, _Request] = {}
+        self._jobs: dict[str, Forwarded] = {}
         self._gone: str | None = None
         threading.Thread(target=self._read, name="hyprstream-engine-events", daemon=True).start()
 
@@ -78,7 +68,7 @@ class ChildEngine:
         with self._lock:
             if self._gone is not None:
                 raise HyprError(self._gone)
-            self._jobs[rid] = _Request(job, on_event or ignore)
+            self._jobs[rid] = Forwarded(job, on_event or ignore)
         self._send(("chat", rid, spec, [dict(m) for m in messages], params))
         return job
 
@@ -117,27 +107,18 @@ class ChildEngine:
                     del self._jobs[request.job.request_id]
             if request is None:
                 continue
-            job = request.job
-            try:
-                request.on_event(event)
-            except Exception as exc:  # as in Engine: a failing callback ends its request
-                request.callback_error = exc
-                job.cancel()
-            if isinstance(event, GenerationDone):
-                job.done = event
-                job.error = request.callback_error
-                job.finish()
-            elif isinstance(event, GenerationError):
-                job.error = request.callback_error or rebuild_error(event.kind, event.message) \
-                    or RuntimeError(event.message)  # "bug": the engine's own one-line report
-                job.finish()
+            request.deliver(event, _rebuild)
         message = "The engine process stopped (see $HYPRSTREAM_HOME/logs/engine.log): restart hyprstream."
         with self._lock:
             self._gone = message
             pending, self._jobs = list(self._jobs.values()), {}
         for request in pending:
-            request.job.error = HyprError(message)
-            request.job.finish()
+            request.fail(message)
+
+
+def _rebuild(event: GenerationError) -> BaseException:
+    """The engine's error as the same HyprError class; a bug as its own one-line report."""
+    return rebuild_error(event.kind, event.message) or RuntimeError(event.message)
 
 
 def _serve(conn: "Connection", paths: "Paths") -> None:

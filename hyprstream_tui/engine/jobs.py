@@ -83,6 +83,39 @@ class Job:
         return self.done
 
 
+class Forwarded:
+    """A job whose events come from another process (`child.ChildEngine`, the keep-alive
+    client): the job, the caller's callback, and that callback's failure, if any."""
+
+    def __init__(self, job: Job, on_event: EventCallback) -> None:
+        self.job = job
+        self.on_event = on_event
+        self.callback_error: BaseException | None = None
+
+    def deliver(self, event: Event, rebuild: Callable[[GenerationError], BaseException]) -> None:
+        """Hand `event` to the callback (one that fails cancels the job, as in Engine, and its
+        error is the job's); GenerationDone or GenerationError (as `rebuild` makes it an
+        exception again) finishes the job."""
+        job = self.job
+        try:
+            self.on_event(event)
+        except Exception as exc:  # noqa: BLE001 - kept on the job
+            self.callback_error = exc
+            job.cancel()
+        if isinstance(event, GenerationDone):
+            job.done = event
+            job.error = self.callback_error
+            job.finish()
+        elif isinstance(event, GenerationError):
+            job.error = self.callback_error or rebuild(event)
+            job.finish()
+
+    def fail(self, message: str) -> None:
+        """The other process is gone: the job ends with `message`."""
+        self.job.error = HyprError(message)
+        self.job.finish()
+
+
 class ChatEngine(Protocol):
     """What a front end needs of an engine, local or not: answer a conversation with a Job."""
 
@@ -133,4 +166,4 @@ def ignore(event: object) -> None:
     pass
 
 
-__all__ = ["ChatEngine", "Job", "draw_seed", "emit_quietly", "error_event", "new_request_id"]
+__all__ = ["ChatEngine", "Forwarded", "Job", "draw_seed", "emit_quietly", "error_event", "new_request_id"]

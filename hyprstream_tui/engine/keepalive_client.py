@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 from hyprstream_tui import __version__
 from hyprstream_tui.engine.events import EventCallback, GenerationDone, GenerationError
 from hyprstream_tui.engine.forkserver import rebuild_error
-from hyprstream_tui.engine.jobs import Job, ignore, new_request_id
+from hyprstream_tui.engine.jobs import Forwarded, Job, ignore, new_request_id
 from hyprstream_tui.engine.keepalive_protocol import (
     PROTOCOL,
     Cancel,
@@ -65,13 +64,6 @@ LOG_ROTATE_BYTES = 10 << 20
 Note = Callable[[str], object]  # where the one-line note about a replaced engine goes
 
 
-@dataclass(eq=False)
-class _Pending:
-    job: Job
-    on_event: EventCallback
-    callback_error: BaseException | None = None
-
-
 class KeepAliveClient:
     """One connection to the keep-alive engine. `infer` and `chat` (the `ChatEngine` protocol)
     send each request with this command's load options and threads (`loading`)."""
@@ -84,7 +76,7 @@ class KeepAliveClient:
         self._conn = conn
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._jobs: dict[str, _Pending] = {}
+        self._jobs: dict[str, Forwarded] = {}
         self._gone: str | None = None
         self._reader: threading.Thread | None = None
 
@@ -133,7 +125,7 @@ class KeepAliveClient:
         with self._lock:
             if self._gone is not None:
                 raise HyprError(self._gone)
-            self._jobs[rid] = _Pending(job, on_event or ignore)
+            self._jobs[rid] = Forwarded(job, on_event or ignore)
             if self._reader is None:
                 self._reader = threading.Thread(target=self._read, name="hyprstream-keepalive-events",
                                                 daemon=True)
@@ -177,30 +169,18 @@ class KeepAliveClient:
                 if pending is not None and final:
                     del self._jobs[pending.job.request_id]
             if pending is not None:
-                self._deliver(pending, event)
+                pending.deliver(event, self._rebuild)
         message = self._stopped()
         with self._lock:
             self._gone = message
             left, self._jobs = list(self._jobs.values()), {}
         for pending in left:
-            pending.job.error = HyprError(message)
-            pending.job.finish()
+            pending.fail(message)
 
-    def _deliver(self, pending: _Pending, event: object) -> None:
-        job = pending.job
-        try:
-            pending.on_event(event)  # type: ignore[arg-type]  # an engine event (checked above)
-        except Exception as exc:  # as in Engine: a failing callback ends its request
-            pending.callback_error = exc
-            job.cancel()
-        if isinstance(event, GenerationDone):
-            job.done = event
-            job.error = pending.callback_error
-            job.finish()
-        elif isinstance(event, GenerationError):
-            job.error = pending.callback_error or rebuild_error(event.kind, event.message) \
-                or HyprError(f"{event.message} (the engine process's log: {self.files.log})")
-            job.finish()
+    def _rebuild(self, event: GenerationError) -> BaseException:
+        """The engine's error as the same HyprError class; a bug names the engine's log."""
+        return rebuild_error(event.kind, event.message) \
+            or HyprError(f"{event.message} (the engine process's log: {self.files.log})")
 
 
 def absolute_spec(spec: str) -> str:
