@@ -218,7 +218,8 @@ TEMPLATE_TOKENS = ["{{", "}}", "{%", "%}", "for m in messages", "endfor", "if", 
                    "|tojson", "'", '"', "messages", "add_generation_prompt", "eos_token", "namespace(", "\n", " "]
 
 
-def fuzz_templates(tok) -> None:
+def fuzz_templates(tok, trainer_tok) -> None:
+    """`tok`: the engine's tokenizer (engine.native's); `trainer_tok`: transformers' (training)."""
     from hyprstream_tui.engine import chat
     from hyprstream_tui.engine.chat import render
     from hyprstream_tui.engine.train.data import encode
@@ -228,14 +229,15 @@ def fuzz_templates(tok) -> None:
     row = {"input": "hi", "output": "hello"}
 
     def one(template: str) -> None:
-        tok.chat_template = template
+        tok.chat_template = trainer_tok.chat_template = template
         started = time.monotonic()
         checked("template", render, tok, MESSAGES)
-        checked("template", encode, tok, row, 64)
+        checked("template", render, trainer_tok, MESSAGES)
+        checked("template", encode, trainer_tok, row, 64)
         assert time.monotonic() - started < 10, f"template {template[:60]!r} took {time.monotonic() - started:.1f} s"
         assert not MARKER.exists(), f"template {template[:60]!r} escaped the sandbox"
 
-    original = tok.chat_template
+    original, trainer_original = tok.chat_template, trainer_tok.chat_template
     try:
         for name, template in HOSTILE_TEMPLATES.items():
             try:
@@ -250,7 +252,7 @@ def fuzz_templates(tok) -> None:
 
         case()
     finally:
-        tok.chat_template = original
+        tok.chat_template, trainer_tok.chat_template = original, trainer_original
 
 
 class Payload:
@@ -312,7 +314,9 @@ def main() -> None:
     run_target("config", fuzz_config)
     run_target("tokenizer", fuzz_tokenizer)
     run_target("adapter", lambda: fuzz_adapter(lm))
-    run_target("template", lambda: fuzz_templates(lm.tokenizer))
+    from hyprstream_tui.engine.loader import load_tokenizer
+
+    run_target("template", lambda: fuzz_templates(lm.tokenizer, load_tokenizer(SRC)))
     run_target("pickle", lambda: fuzz_pickle(lm))
     if MARKER.exists():
         FAILURES.append("a pickle payload or template ran code: the marker file exists")

@@ -35,7 +35,7 @@ def load(folder: Path, dtype: "torch.dtype") -> tuple["NativeForCausalLM", "Nati
     generation_file = folder / "generation_config.json"
     try:
         generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         generation = {}
     model = build(config, generation if isinstance(generation, dict) else {})
     tensors: dict[str, torch.Tensor] = {}
@@ -50,7 +50,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise Unsupported("model.safetensors.index.json is malformed") from None
         return [folder / name for name in names]
     if (folder / "model.safetensors").is_file():
@@ -92,7 +92,7 @@ def read_safetensors(path: Path) -> dict[str, "torch.Tensor"]:
                 raise ValueError(f"{name}: its offsets do not match its shape")
             out[name] = flat.view(shape)
         return out
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
         raise Unsupported(f"{path.name}: {type(exc).__name__}: {exc}") from None
 
 

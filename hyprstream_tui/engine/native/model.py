@@ -65,8 +65,8 @@ class NativeConfig:
         """The config of the model in `folder`; Unsupported where transformers must load it."""
         try:
             raw = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise Unsupported(f"config.json: {exc}") from None
+        except (OSError, ValueError, RecursionError) as exc:  # the loader words a bad file
+            raise Unsupported(f"config.json: {type(exc).__name__}") from None
         if not isinstance(raw, dict):
             raise Unsupported("config.json is not an object")
         model_type = raw.get("model_type")

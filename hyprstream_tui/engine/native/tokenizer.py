@@ -43,7 +43,7 @@ class NativeTokenizer:
         self.eos_token = eos
         self.eos_token_id: int | None = backend.token_to_id(eos) if eos else None
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
-        self._template: Any = None
+        self._compiled: tuple[str, Any] | None = None  # (source, template): recompiled on change
 
     @classmethod
     def read(cls, folder: Path) -> "NativeTokenizer":
@@ -82,10 +82,11 @@ class NativeTokenizer:
                             add_generation_prompt: bool = False) -> str | list[int]:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        if self._template is None:
-            self._template = _compile(self.chat_template)
+        if self._compiled is None or self._compiled[0] != self.chat_template:
+            self._compiled = (self.chat_template, _compile(self.chat_template))
+        template = self._compiled[1]
         chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
-        text: str = self._template.render(messages=chat, tools=None, documents=None,
+        text: str = template.render(messages=chat, tools=None, documents=None,
                                           add_generation_prompt=add_generation_prompt,
                                           **self.special_tokens_map)
         return self.encode(text, add_special_tokens=False) if tokenize else text
