@@ -181,8 +181,11 @@ def test_ctrl_c_during_import_leaves_no_half_model(tmp_path, big_src):
         model = home / "models" / "imp"
         if not cut:
             assert model.is_dir()
+        elif model.exists():
+            # Ctrl-C after the import's last step (the rename into place) and before its "Imported"
+            # line: the whole model was kept, as the interrupted line says ("what was complete is kept").
+            pass
         else:
-            assert not model.exists()
             assert zygote().run(home, tmp_path / "next.log", *args[2:]) == 0, log_text(tmp_path / "next.log")
         assert (model / "extra.safetensors").read_bytes() == (big_src / "extra.safetensors").read_bytes()
         assert_sound(home, before)
