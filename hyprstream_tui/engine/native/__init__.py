@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hyprstream_tui.engine.native.model import Unsupported
 
