@@ -65,6 +65,25 @@ def tiny_store(store, tiny_model_src):
 
 
 @pytest.fixture(scope="session")
+def demo_src(tmp_path_factory) -> Path:
+    """The demo model folder, built once per session (what the app's demo offer builds)."""
+    from hyprstream_tui.engine.tiny import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo") / "tiny-demo")
+
+
+@pytest.fixture
+def demo_home(home, demo_src) -> Path:
+    """A home whose store holds the demo model as `tiny-demo`."""
+    from hyprstream_tui.engine.tiny import DEMO_NAME
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    Store(Paths.from_env(home)).import_model(demo_src, name=DEMO_NAME)
+    return home
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real model's GGUF (SmolLM2-135M-Instruct, Q4_1), fetched once into its cache."""
     from tests.realmodel import gguf_path

@@ -47,7 +47,7 @@ def wait_for_reply(home, timeout: float = 180, *, after: int = 0) -> str:
     return replies[after]
 
 
-def test_chat_with_the_demo_model_in_a_browser_then_close_the_tab(web, web_home, chrome, tmp_path):
+def test_chat_with_the_demo_model_in_a_browser_then_close_the_tab(web, demo_home, chrome, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
     server = web()
@@ -66,7 +66,7 @@ def test_chat_with_the_demo_model_in_a_browser_then_close_the_tab(web, web_home,
         at = len(page.text)
         page.type("Hello from a browser", Keys.ENTER)
         page.wait_for("Hello from a browser", timeout=30, after=at)
-        reply = wait_for_reply(web_home)
+        reply = wait_for_reply(demo_home)
         words = re.findall(r"[A-Za-z]{3,}", reply)
         deadline = time.monotonic() + 30
         while not any(w in page.text[at:] for w in words) and time.monotonic() < deadline:

@@ -63,15 +63,15 @@ async def test_closing_the_websocket_ends_the_app_and_its_engine_child(web):
     assert server.proc.poll() is None and app_tree(server) == []
 
 
-async def test_two_tabs_share_one_store_and_its_one_writer_lock(web, web_home):
+async def test_two_tabs_share_one_store_and_its_one_writer_lock(web, demo_home):
     from hyprstream_tui.engine.tiny import DEMO_NAME
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store import Store
     from hyprstream_tui.store.locks import is_locked, read_info
     from tests.tui.helpers import add_adapter
 
-    adapter = add_adapter(web_home)  # `quiz`, with 4 samples
-    lock = Store(Paths.from_env(web_home)).train_lock_path(DEMO_NAME, adapter.uuid)
+    adapter = add_adapter(demo_home)  # `quiz`, with 4 samples
+    lock = Store(Paths.from_env(demo_home)).train_lock_path(DEMO_NAME, adapter.uuid)
     server = web("--max-sessions", "2")
     async with aiohttp.ClientSession() as session:
         first, second = [await Tab.open(session, server) for _ in range(2)]
