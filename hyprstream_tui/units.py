@@ -6,6 +6,7 @@
     eta(None)           -> "-"                 (a duration, or "-" while unknown)
     when(1714566840)    -> "2024-05-01 12:34"  (UTC, to the minute)
     metric(0.00031)     -> "3.10e-04"          (a loss or learning rate: 4 decimals, tiny ones in e-notation)
+    parse_size("1.5GB") -> 1_500_000_000       (the other way: a size as a user types it)
 
 Standard library only: every layer (store, engine, server, tui, cli) may import it.
 """
@@ -27,6 +28,21 @@ def size(n: int | float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `1500`, `500MB`, `1.5 GB`, `2g` (decimal units, as `size` writes them);
+    ValueError for anything else."""
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTB")
+    unit = raw[len(number):]
+    unit = unit if unit.endswith("B") or not unit else unit + "B"
+    if unit and unit not in SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r}")
+    value = float(number) * 1000 ** (SIZE_UNITS.index(unit) if unit else 0)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"not a size: {text!r}")
+    return int(value)
 
 
 def count(n: int | float) -> str:

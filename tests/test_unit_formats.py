@@ -69,3 +69,16 @@ def test_units_imports_only_the_standard_library():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert imported <= {"__future__", "math", "time"}
+
+
+@pytest.mark.parametrize("text,expected", [("1500", 1500), ("500MB", 500_000_000), ("1.5 GB", 1_500_000_000),
+                                           ("2g", 2_000_000_000), ("0", 0), ("1TB", 10**12), ("3kb", 3000)])
+def test_parse_size_reads_what_size_writes(text, expected):
+    assert units.parse_size(text) == expected
+    assert units.parse_size(units.size(expected)) == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "1XB", "G", "nan", "inf", ""])
+def test_parse_size_refuses_what_is_not_a_size(text):
+    with pytest.raises(ValueError):
+        units.parse_size(text)

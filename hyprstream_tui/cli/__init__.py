@@ -16,6 +16,7 @@ import sys
 from typing import Sequence, cast
 
 from hyprstream_tui import __version__
+from hyprstream_tui.cli.cache import add_cache_commands
 from hyprstream_tui.cli.common import flag
 from hyprstream_tui.cli.engine import add_engine_commands
 from hyprstream_tui.cli.generate import add_infer_commands
@@ -48,6 +49,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     add_export_commands(lora_sub)
     add_infer_commands(sub)
     add_engine_commands(sub)
+    add_cache_commands(sub)
     add_serve_commands(sub)
     add_tui_commands(sub)
     add_web_commands(sub)

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
@@ -124,7 +125,7 @@ class Engine:
                     return self._models[key], False
             from hyprstream_tui.engine.loader import load_model
 
-            base = ModelSource(name=source.name, path=source.path, commit=source.commit)
+            base = dataclasses.replace(source, adapter=None)
             try:
                 model = load_model(base, options)
             except BaseException:

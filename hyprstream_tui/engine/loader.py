@@ -83,6 +83,7 @@ class ModelSource:
     path: Path  # the model folder: config.json, tokenizer files, *.safetensors
     commit: str | None = None
     adapter: AdapterSource | None = None
+    cache: Path | None = None  # the home's cache folder (quantized weights); None: nothing cached
 
 
 @dataclass(kw_only=True, eq=False)
@@ -98,6 +99,7 @@ class LoadedModel:
     window: int
     eos_ids: frozenset[int]
     load_s: float
+    quant_cache: str | None = None  # "hit", "made" (written for the next load), or None: not cached
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: dict[str, AdapterSource] = field(default_factory=dict)  # PEFT key -> source
     active: str | None = None  # PEFT key of the adapter in use, None for the base model
@@ -184,15 +186,15 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         )
     model: Model | None = None
     tokenizer: Tokenizer | None = None
+    quant_cache: str | None = None
     if options.native and device == "cpu" and use_safetensors:
-        model, tokenizer = _load_native(source, dtype="bfloat16" if options.quantize else dtype)
+        # Quantizing: the checkpoint's own dtype, mapped, so that weights the cache holds are never read.
+        model, tokenizer = _load_native(source, dtype=None if options.quantize else dtype)
     if model is None:
         model = _load_transformers(source, options, dtype, use_safetensors)
     model.eval().requires_grad_(False)
     if options.quantize == "int8":
-        from hyprstream_tui.engine.tuned.quantize import quantize_int8
-
-        quantize_int8(model, dtype=dtype)
+        quant_cache = _quantize_int8(model, source, dtype)
     elif not options.tuned or device != "cpu":
         pass  # torch's own kernels
     elif dtype == "bfloat16" and _prefill_fp32(options):
@@ -220,18 +222,44 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         window=context_window(model.config, tokenizer),
         eos_ids=eos_token_ids(model, tokenizer),
         load_s=time.perf_counter() - started,
+        quant_cache=quant_cache,
     )
 
 
-def _load_native(source: ModelSource, *, dtype: str
+def _quantize_int8(model: Model, source: ModelSource, dtype: str) -> str | None:
+    """Quantize `model` in place, through the home's cache of quantized weights where `source` is
+    a store model (a commit); "hit", "made" or None (not cached)."""
+    from hyprstream_tui.engine import native
+    from hyprstream_tui.engine.tuned import quant_cache
+    from hyprstream_tui.engine.tuned.quantize import Packs, quantize_int8
+
+    name = None
+    if source.cache is not None and source.commit is not None:
+        try:
+            name = quant_cache.key(source.path, source.commit, "int8", native.checkpoint_files(source.path))
+        except (OSError, native.Unsupported):
+            name = None
+    packs = Packs(quant_cache.read(source.cache, name) if source.cache is not None and name else None)
+    quantize_int8(model, dtype=dtype, packs=packs)
+    if source.cache is None or name is None:
+        return None
+    if not packs.made:
+        return "hit"
+    quant_cache.write(source.cache, name, packs.tensors(),
+                      about={"model": source.name, "commit": source.commit or "", "scheme": "int8"})
+    return "made"
+
+
+def _load_native(source: ModelSource, *, dtype: str | None
                  ) -> tuple[NativeForCausalLM | None, NativeTokenizer | None]:
-    """Our decoder and tokenizer for `source`, or (None, None) where transformers must load it."""
+    """Our decoder and tokenizer for `source` (weights in `dtype`, None: as stored), or
+    (None, None) where transformers must load it."""
     import torch
 
     from hyprstream_tui.engine import native
 
     try:
-        return native.load(source.path, getattr(torch, dtype))
+        return native.load(source.path, None if dtype is None else getattr(torch, dtype))
     except native.Unsupported as exc:
         log.info("%s loads through transformers: %s", source.name, exc)
         return None, None

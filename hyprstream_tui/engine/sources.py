@@ -7,6 +7,7 @@ path (starting with '/', '.' or '~'). REV is a tag label, commit or `step:N` of 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,7 +67,8 @@ def resolve_source(spec: str | ModelSpec, store: Store | None = None) -> ModelSo
     else:
         store = store if store is not None else _default_store()
         model = ModelSource(
-            name=spec.model, path=store.model_dir(spec.model), commit=store.head(spec.model)
+            name=spec.model, path=store.model_dir(spec.model), commit=store.head(spec.model),
+            cache=store.paths.cache,
         )
     if spec.adapter is None:
         return model
@@ -81,7 +83,7 @@ def resolve_source(spec: str | ModelSpec, store: Store | None = None) -> ModelSo
         info = store.resolve_adapter(spec.model, spec.adapter, spec.rev)
         path = store.snapshot(spec.model, info.tip, subdir="adapter")
         adapter = AdapterSource(name=info.name, path=path, commit=info.tip)
-    return ModelSource(name=model.name, path=model.path, commit=model.commit, adapter=adapter)
+    return dataclasses.replace(model, adapter=adapter)
 
 
 def _folder(text: str, what: str) -> Path:

@@ -24,8 +24,9 @@ DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"
           "I8": "int8", "U8": "uint8", "BOOL": "bool", "F64": "float64"}
 
 
-def load(folder: Path, dtype: "torch.dtype") -> tuple["NativeForCausalLM", "NativeTokenizer"]:
-    """The model in `folder` with its weights in `dtype`, and its tokenizer."""
+def load(folder: Path, dtype: "torch.dtype | None") -> tuple["NativeForCausalLM", "NativeTokenizer"]:
+    """The model in `folder` with its weights in `dtype` (None: as stored, nothing read until
+    used), and its tokenizer."""
     from hyprstream_tui.engine.native.model import NativeConfig, build, load_weights
     from hyprstream_tui.engine.native.tokenizer import NativeTokenizer
 

@@ -344,10 +344,11 @@ def build(config: NativeConfig, generation: dict[str, Any] | None) -> NativeForC
     return NativeForCausalLM(config, generation)
 
 
-def load_weights(model: NativeForCausalLM, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+def load_weights(model: NativeForCausalLM, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
                  ) -> None:
-    """Move `tensors` (the checkpoint, by transformers' names) into `model`, cast to `dtype`."""
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    """Move `tensors` (the checkpoint, by transformers' names) into `model`, cast to `dtype`
+    (None: kept as they are)."""
+    state = {k: v.to(dtype) if v.is_floating_point() and dtype is not None else v for k, v in tensors.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -20,7 +20,7 @@ Imports torch at module level: only `loader.load_model` imports this module, laz
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
@@ -29,6 +29,9 @@ from hyprstream_tui.errors import InvalidInput
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.loader import Model
+
+
+EMBED = "embed#bf16"  # the token embedding's bf16 table, in `Packs`
 
 
 class Bf16Embedding(torch.nn.Module):
@@ -54,16 +57,56 @@ class Bf16Embedding(torch.nn.Module):
         return rows.to(self.dtype)
 
 
-def int8_linear(*linears: torch.nn.Linear, dtype: torch.dtype = torch.float32) -> "Int8WeightOnlyLinear":
+class Packs:
+    """Quantized weights by module path: those `found` (the cache's, tuned/quant_cache.py) are
+    taken as they are; those quantized here are kept in `made`, for the cache to store."""
+
+    def __init__(self, found: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.found = found or {}
+        self.made: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        q, s = self.found.get(f"{key}#q"), self.found.get(f"{key}#s")
+        if q is None or s is None or tuple(q.shape) != shape or tuple(s.shape) != shape[:1] \
+                or q.dtype != torch.int8 or s.dtype != torch.float32:
+            return None
+        return q, s
+
+    def add(self, key: str, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        self.made[f"{key}#q"], self.made[f"{key}#s"] = qweight, scales
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.found, **self.made}
+
+
+def int8_linear(*linears: torch.nn.Linear, dtype: torch.dtype = torch.float32,
+                packs: Packs | None = None, key: str = "") -> "Int8WeightOnlyLinear":
     """The int8 replacement for `linears` (their output rows in turn: one product for several
-    projections of the same input), weights int8 per output channel."""
-    weight = torch.cat([lin.weight.detach().float() for lin in linears])  # [out, in]
+    projections of the same input), weights int8 per output channel; with `packs`, the weights
+    under `key` are taken from it, or quantized and added to it."""
+    shape = (sum(lin.out_features for lin in linears), linears[0].in_features)
+    packed = packs.get(key, shape) if packs is not None else None
+    if packed is None:
+        # Rounded to bf16 first, whatever dtype the checkpoint holds: the same int8 weights
+        # from an fp32 or a bf16 load, and from the cache.
+        weight = torch.cat([lin.weight.detach().to(torch.bfloat16).float() for lin in linears])  # [out, in]
+        packed = quantize_rows(weight)
+        if packs is not None:
+            packs.add(key, *packed)
     if all(lin.bias is None for lin in linears):
         bias = None
     else:
         bias = torch.cat([torch.zeros(lin.out_features) if lin.bias is None
                           else lin.bias.detach().float() for lin in linears])
-    return Int8WeightOnlyLinear(weight, bias, dtype)
+    return Int8WeightOnlyLinear(packed, bias, dtype)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: (int8 weight [out, in], fp32 scales [out])."""
+    weight = weight.detach().float()  # [out, in]
+    scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [out]
+    qweight = (weight / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return qweight, scales
 
 
 class FusedInt8(torch.nn.Module):
@@ -75,9 +118,10 @@ class FusedInt8(torch.nn.Module):
     place); any other call computes anew. The last part lets the result go.
     """
 
-    def __init__(self, linears: list[torch.nn.Linear], *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, linears: list[torch.nn.Linear], *, dtype: torch.dtype = torch.float32,
+                 packs: Packs | None = None, key: str = "") -> None:
         super().__init__()
-        self.linear = int8_linear(*linears, dtype=dtype)
+        self.linear = int8_linear(*linears, dtype=dtype, packs=packs, key=key)
         self.sizes = [lin.out_features for lin in linears]
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -109,11 +153,11 @@ class Int8Part(torch.nn.Module):
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
 
 
-def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32) -> int:
+def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32, packs: Packs | None = None) -> int:
     """Replace each group of `FUSED` projections (plain `nn.Linear`, same input size) by the
     parts of one `FusedInt8`; return how many groups."""
     count = 0
-    for module in list(model.modules()):
+    for path, module in list(model.named_modules()):
         for names in FUSED:
             found = [getattr(module, name, None) for name in names]
             linears = [lin for lin in found if type(lin) is torch.nn.Linear]
@@ -121,7 +165,7 @@ def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32) -> 
                 continue
             if len({lin.in_features for lin in linears}) != 1:
                 continue
-            fused = FusedInt8(linears, dtype=dtype)
+            fused = FusedInt8(linears, dtype=dtype, packs=packs, key=f"{path}.{'+'.join(names)}")
             for index, name in enumerate(names):
                 setattr(module, name, Int8Part(fused, index))
             count += 1
@@ -137,12 +181,12 @@ class Int8WeightOnlyLinear(torch.nn.Module):
     ones: torch.Tensor | None  # [out] bf16, for fp32 activations only
     bias: torch.Tensor | None  # [out]
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        """`weight`: a float [out, in] weight to quantize, or `quantize_rows`'s (int8, scales)."""
         super().__init__()
-        weight = weight.detach().float()  # [out, in]
-        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [out]
-        self.out_features, self.in_features = weight.shape
-        qweight = (weight / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+        qweight, scales = quantize_rows(weight) if isinstance(weight, torch.Tensor) else weight
+        self.out_features, self.in_features = qweight.shape
         self.register_buffer("weight_int8", qweight)  # [out, in]
         self.register_buffer("scales", scales.to(dtype))  # [out]
         # fp32 activations: the product runs in bf16 with unit scales, the fp32 scales after it
@@ -164,21 +208,28 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_int8(model: Model, *, dtype: str = "float32") -> Model:
-    """Quantize `model` in place (CPU) with activations in `dtype`, and return it."""
+def quantize_int8(model: Model, *, dtype: str = "float32", packs: Packs | None = None) -> Model:
+    """Quantize `model` in place (CPU) with activations in `dtype`, and return it. With `packs`,
+    weights it holds are used as they are, and those quantized here are added to it."""
     act = getattr(torch, dtype)
     embed = model.get_input_embeddings()
     if not isinstance(embed, torch.nn.Embedding):  # a lookup table in every architecture transformers ships
         raise InvalidInput(f"`quantize` int8 needs a plain token embedding, this model has {type(embed).__name__}: "
                            "leave `quantize` out.")
     scale = getattr(embed, "embed_scale", None)  # Gemma scales every row
-    embedding = Bf16Embedding(embed.weight.detach(), padding_idx=embed.padding_idx, dtype=act,
+    table = packs.found.get(EMBED) if packs is not None else None
+    if table is None or table.shape != embed.weight.shape or table.dtype != torch.bfloat16:
+        table = embed.weight.detach().to(torch.bfloat16)
+        if packs is not None:
+            packs.made[EMBED] = table
+    embedding = Bf16Embedding(table, padding_idx=embed.padding_idx, dtype=act,
                               scale=None if scale is None else float(scale))
-    fuse_int8(model, dtype=act)
-    for module in list(model.modules()):
+    fuse_int8(model, dtype=act, packs=packs)
+    for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(module, name, int8_linear(child, dtype=act))
+                key = f"{path}.{name}" if path else name
+                setattr(module, name, int8_linear(child, dtype=act, packs=packs, key=key))
                 del child
     model.set_input_embeddings(embedding)
     del embed
