@@ -24,6 +24,7 @@ from hyprstream_tui.cli.lazy import NotBuilt, Verbs, verb_of
 from hyprstream_tui.cli.lora import add_export_commands, add_lora_commands
 from hyprstream_tui.cli.models import add_model_commands
 from hyprstream_tui.cli.serve import add_serve_commands
+from hyprstream_tui.cli.share import add_share_commands
 from hyprstream_tui.cli.train import add_train_commands
 from hyprstream_tui.cli.tui import add_tui_commands, cmd_tui
 from hyprstream_tui.cli.web import add_web_commands
@@ -43,10 +44,11 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = cast(Verbs, parser.add_subparsers(dest="command", metavar="COMMAND", action=Verbs))
     sub.only = verb
-    add_model_commands(sub)
+    model_sub = add_model_commands(sub)
     lora_sub = add_lora_commands(sub)
     add_train_commands(lora_sub)
     add_export_commands(lora_sub)
+    add_share_commands(model_sub, lora_sub)
     add_infer_commands(sub)
     add_engine_commands(sub)
     add_cache_commands(sub)

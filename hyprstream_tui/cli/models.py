@@ -9,7 +9,8 @@ from hyprstream_tui import units
 from hyprstream_tui.cli.common import console, path_arg, print_json, store_from
 
 
-def add_model_commands(sub: argparse._SubParsersAction) -> None:
+def add_model_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """`model` and its verbs; returns its subparsers, for the sharing verbs (cli/share.py)."""
     model = sub.add_parser("model", help="pull, import, list, inspect and remove models")
     msub = model.add_subparsers(dest="model_cmd", required=True, metavar="COMMAND")
 
@@ -41,6 +42,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask")
     p.set_defaults(func=cmd_model_rm)
+    return msub
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:

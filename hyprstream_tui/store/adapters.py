@@ -182,6 +182,8 @@ def log(repo: pygit2.Repository, adapter: AdapterInfo, limit: int | None = None)
     walker.simplify_first_parent()
     if "main" in repo.branches.local:
         walker.hide(repo.branches.local["main"].target)
+    if adapter.base_commit and adapter.base_commit in repo:  # pulled onto another import of the same model
+        walker.hide(adapter.base_commit)
     out = []
     for c in walker:
         out.append(commit_info(c, tags))

@@ -20,6 +20,7 @@ from hyprstream_tui.settings import Paths
 from hyprstream_tui.store import adapters as ad
 from hyprstream_tui.store import gitrepo
 from hyprstream_tui.store import models as md
+from hyprstream_tui.store import remote
 from hyprstream_tui.store.atomic import write_bytes
 from hyprstream_tui.store.commits import format_message
 from hyprstream_tui.store.inspect import read_safetensors_header
@@ -46,7 +47,10 @@ class Store:
         return path
 
     def _repo(self, name: str) -> pygit2.Repository:
-        return gitrepo.open_repo(self.model_dir(name))
+        repo = gitrepo.open_repo(self.model_dir(name))
+        if any(ref.startswith("refs/remotes/") for ref in repo.references):  # a plain `git clone`: its adapters
+            remote.adopt_tracking_branches(repo)
+        return repo
 
     def _lfs(self, repo: pygit2.Repository) -> LfsObjects:
         return LfsObjects(Path(repo.path))
@@ -183,6 +187,7 @@ class Store:
         dest = self.paths.cache / "snapshots" / model / str(c.id) / (subdir or "all")
         if dest.is_dir():
             return dest
+        remote.fetch_missing(self.model_dir(model), repo, str(c.id))
         tmp = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}")
         try:
             tmp.mkdir(parents=True)
@@ -226,6 +231,7 @@ class Store:
         adapter = self.resolve_adapter(model, ref)
         path = self.paths.working / adapter.uuid
         if not (path / ".git").is_file():
+            remote.fetch_missing(self.model_dir(model), self._repo(model), adapter.tip)
             with self._writing(model):
                 repo = self._repo(model)
                 ad.ensure_worktree(repo, self._lfs(repo), adapter, path)
@@ -239,6 +245,8 @@ class Store:
         model's lock, which also clears the worktree's `index.lock` if a killed command left one."""
         adapter = self.worktree_info(model, ref)
         path = self.paths.working / adapter.uuid
+        repo = self._repo(model)
+        remote.fetch_missing(self.model_dir(model), repo, str(gitrepo.commit_of(repo, adapter.branch).id))
         with self._writing(model):
             repo = self._repo(model)
             tree = gitrepo.commit_of(repo, adapter.branch).tree
@@ -311,3 +319,69 @@ class Store:
             result = ad.commit_info(gitrepo.commit_at(repo, new), ad.tags_by_commit(repo))
         self.reset_worktree(model, adapter.uuid)
         return result
+
+    # ---- git remotes (store/remote.py: refs through git, large files through git-lfs) ----------
+    def push_model(self, name: str, to: str, *, force: bool = False,
+                   progress: Callable[[Progress], None] | None = None) -> remote.Pushed:
+        """Every branch and tag of the model, with the LFS objects their history needs."""
+        repo = self._repo(name)
+        refs = sorted(r for r in repo.references if r.startswith(("refs/heads/", "refs/tags/")))
+        return remote.push(self.model_dir(name), remote.target(to, repo), refs, force=force, what=f"model {name!r}",
+                           progress=progress)
+
+    def push_adapter(self, model: str, ref: str, to: str, *, force: bool = False,
+                     progress: Callable[[Progress], None] | None = None) -> remote.Pushed:
+        """The adapter's branch and its `<adapter>/<label>` tags, with the LFS objects they need."""
+        adapter = self.resolve_adapter(model, ref)
+        repo = self._repo(model)
+        tags = sorted(r for r in repo.references if r.startswith(f"refs/tags/{adapter.name}/"))
+        return remote.push(self.model_dir(model), remote.target(to, repo), [f"refs/heads/{adapter.branch}", *tags],
+                           force=force, what=f"adapter {adapter.name!r}", progress=progress)
+
+    def clone_model(self, url: str, *, name: str | None = None,
+                    progress: Callable[[Progress], None] | None = None) -> ModelSummary:
+        """A model repository from a git remote: all branches' and tags' history, LFS objects included."""
+        tgt = remote.target(url, for_push=False)
+        default = tgt.arg.rstrip("/").replace(":", "/").rsplit("/", 1)[-1].removesuffix(".git")
+        name = names.model_name(name if name is not None else default)
+        if (self.paths.models / name).exists():
+            raise Conflict(f"A model named {name!r} exists already: choose another `name` or remove it first.")
+        remote.require_tools()
+        with self._writing(name):
+            md.sweep_leftovers(self.paths.models, lambda n: n != name and is_locked(self._lock_path(n)))
+            tmp = self.paths.models / f".import-{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                repo = remote.clone(tgt, tmp, progress=progress)
+                main = gitrepo.commit_of(repo, "refs/heads/main")
+                gitrepo.materialize(repo, self._lfs(repo), main.tree, tmp)
+                gitrepo.write_index(repo, main.tree)
+                repo.config["hyprstream.source"] = f"git:{remote.without_credentials(tgt.arg)}"
+                os.rename(tmp, self.paths.models / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self.summary(name)
+
+    def pull_adapter(self, model: str, ref: str, frm: str, *, force: bool = False,
+                     progress: Callable[[Progress], None] | None = None) -> AdapterInfo:
+        """One adapter (branch, tags, LFS objects) from a remote copy of this model: git objects
+        and LFS objects first, into a private namespace; the branch and tags move last."""
+        path = self.model_dir(model)
+        tgt = remote.target(frm, self._repo(model), for_push=False)
+        remote.require_tools()
+        # one pull at a time per model (they share the incoming refs); writers are not held up by the transfer
+        pulling = FileLock(self.paths.locks / f"pull-{names.model_name(model)}.lock", f"A pull into {model!r}").acquire()
+        try:
+            remote.drop_incoming(gitrepo.open_repo(path))  # what a killed pull left
+            remote.fetch_incoming(path, tgt)
+            incoming = remote.incoming_adapter(self._repo(model), ref, tgt.shown)
+            if is_locked(self.train_lock_path(model, incoming.uuid)):
+                raise Conflict(f"Adapter {incoming.name!r} is training here: stop it before pulling it.")
+            remote.fetch_lfs(path, tgt, incoming.refs, progress=progress)
+            with self._writing(model):
+                remote.adopt_incoming(self._repo(model), model, incoming, force=force)
+        finally:
+            remote.drop_incoming(gitrepo.open_repo(path))
+            pulling.release()
+        if (self.paths.working / incoming.uuid / ".git").is_file():
+            self.reset_worktree(model, incoming.uuid)
+        return self.resolve_adapter(model, incoming.uuid)
