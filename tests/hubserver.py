@@ -14,6 +14,20 @@ What it serves, as the hub does:
 - errors with X-Error-Code: RepoNotFound (404), RevisionNotFound (404), EntryNotFound (404),
   GatedRepo (401), and 401 for a private repository without its token.
 
+And what huggingface_hub 2.4 sends to write (`create_repo`, `create_branch`, `create_commit` /
+`upload_folder`, with Xet switched off: the fixture sets HF_HUB_DISABLE_XET, as this hub has no CAS):
+- POST /api/repos/create  a new repository holding the hub's `.gitattributes` (409 if it exists);
+- POST /api/validate-yaml  a README's metadata: always valid;
+- POST /api/models/{org}/{name}/preupload/{rev}  `uploadMode` lfs or regular for each file;
+- POST /{org}/{name}.git/info/lfs/objects/batch  LFS batch API, `basic` transfer: an upload action
+  (PUT to /upload/{oid} on the CDN, without the token) and a verify action; none for known objects;
+- POST /api/models/{org}/{name}/commit/{rev}  the NDJSON commit (header, file, lfsFile, deletedFile);
+  the new commit's files are what downloads serve from then on;
+- POST /api/models/{org}/{name}/branch/{branch}  a branch at the tip of main.
+Writes need `Authorization: Bearer <token>` with a token of `hub.tokens` whose right is "write"
+(FakeHub.WRITE_TOKEN by default): none or an unknown one -> 401 "Invalid credentials in
+Authorization header", a "read" token -> 403. Every request body is kept in `hub.bodies`.
+
 Fault knobs: `cut_after` (send N bytes of a file then drop the connection), `corrupt` (flip a
 byte: right size, wrong sha256), a repository's `extra_siblings` (listed, e.g. '../../x'), and a
 repository's `commit` can be overwritten. Every request is logged in `hub.hits`.
@@ -23,6 +37,7 @@ The `hub_server` fixture (for the folders whose conftest makes it theirs) runs o
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -91,12 +106,20 @@ class Hit:
     cdn: bool
 
 
+GITATTRIBUTES = b"".join(b"*%s filter=lfs diff=lfs merge=lfs -text\n" % s.encode() for s in LFS_SUFFIXES)
+
+
 class FakeHub:
     """Threaded hub + CDN on two random ports of 127.0.0.1. A context manager."""
+
+    WRITE_TOKEN = "hf_FakeWriteToken0123456789"
 
     def __init__(self) -> None:
         self.repos: dict[str, FakeRepo] = {}
         self.hits: list[Hit] = []
+        self.tokens: dict[str, str] = {self.WRITE_TOKEN: "write"}  # token -> "write" or "read"
+        self.objects: dict[str, bytes] = {}  # LFS objects uploaded, by sha256
+        self.bodies: list[bytes] = []  # every request body received (POST, PUT)
         self._cuts: dict[tuple[str, str], list[int]] = {}  # (repo, path) -> [bytes, times left]
         self._corrupt: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -193,13 +216,21 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._route(body=True)
 
+    def do_POST(self) -> None:
+        self._route(body=True)
+
+    def do_PUT(self) -> None:
+        self._route(body=True)
+
     def _route(self, *, body: bool) -> None:
         self._sent = 0
         self._status = 0
         url = urlsplit(self.path)
         path = unquote(url.path)
         try:
-            if self.cdn and path.startswith("/cdn/"):
+            if self.command in ("POST", "PUT"):
+                self._write(url.path, self._read_body())
+            elif self.cdn and path.startswith("/cdn/"):
                 self._cdn(url.path[len("/cdn/"):], body)
             elif not self.cdn and path.startswith("/api/models/"):
                 self._api(url.path[len("/api/models/"):], "blobs=" in url.query.lower())
@@ -282,6 +313,144 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, b"NoSuchKey", {}, body=body)
         self._file(repo.repo_id, rel, f.data, {"ETag": f'"{f.sha256}"', "Accept-Ranges": "bytes"}, body)
 
+    # -- writes ----------------------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            parts = []
+            while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline().strip():  # trailers, up to the empty line
+                pass
+            data = b"".join(parts)
+        else:
+            data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with self.hub._lock:
+            self.hub.bodies.append(data)
+        return data
+
+    def _writer(self, repo_id: str | None = None) -> bool:
+        """The request carries a write token (else the error is sent and False returned)."""
+        auth = self.headers.get("Authorization") or ""
+        right = self.hub.tokens.get(auth.removeprefix("Bearer ")) if auth.startswith("Bearer ") else None
+        if right is None:
+            self._error(401, "", "Invalid credentials in Authorization header")
+            return False
+        if right != "write":
+            self._error(403, "", f"You don't have the rights to write to {repo_id or 'this namespace'}")
+            return False
+        return True
+
+    def _json(self, status: int, value: object) -> None:
+        self._send(status, json.dumps(value).encode(), {"Content-Type": "application/json"}, body=True)
+
+    def _write(self, raw: str, data: bytes) -> None:
+        path = unquote(raw)
+        if self.cdn:
+            match = re.fullmatch(r"/upload/([0-9a-f]{64})", path)
+            if match is None or self.command != "PUT":
+                return self._send(404, b"NoSuchUpload", {}, body=True)
+            if hashlib.sha256(data).hexdigest() != match[1]:
+                return self._send(400, b"BadDigest", {}, body=True)
+            with self.hub._lock:
+                self.hub.objects[match[1]] = data
+            return self._send(200, b"", {"ETag": f'"{match[1]}"'}, body=True)
+        if path == "/api/validate-yaml":
+            return self._json(200, {"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            return self._create_repo(json.loads(data or b"{}"))
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)", path)
+        if match is not None:
+            return self._repo_write(match[1], match[2], match[3], data)
+        match = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/(batch|verify)", path)
+        if match is not None:
+            return self._lfs(match[1], match[2], json.loads(data or b"{}"))
+        self._error(404, "EntryNotFound", "no such route")
+
+    def _create_repo(self, payload: dict) -> None:
+        if not self._writer():
+            return
+        repo_id = f"{payload.get('organization') or 'user'}/{payload.get('name')}"
+        if repo_id in self.hub.repos:  # the hub's answer names the repository (create_repo reads it)
+            message = "You already created this model repo"
+            return self._send(409, json.dumps({"error": message, "url": f"{self.hub.url}/{repo_id}"}).encode(),
+                              {"X-Error-Message": message, "Content-Type": "application/json"}, body=True)
+        self.hub.add_repo(repo_id, files={".gitattributes": GITATTRIBUTES},
+                          token=self.hub.WRITE_TOKEN if payload.get("visibility") == "private" else None)
+        self._json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
+
+    def _repo_write(self, repo_id: str, action: str, revision: str, data: bytes) -> None:
+        repo = self._repo(repo_id)
+        if repo is None or not self._writer(repo_id):
+            return
+        if action == "branch":
+            if revision in repo.branches:
+                return self._error(409, "", "Reference already exists")
+            repo.branches[revision] = repo.branches.get("main", repo.commit)
+            return self._json(200, {})
+        if revision not in repo.branches:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        if action == "preupload":
+            files = []
+            for f in json.loads(data)["files"]:
+                lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE
+                have = repo.files.get(f["path"])
+                oid = None if have is None else have.sha256 if have.lfs else git_blob_id(have.data)
+                files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                              "oid": oid})
+            return self._json(200, {"files": files, "commitOid": repo.branches[revision]})
+        self._commit(repo, revision, data)
+
+    def _commit(self, repo: FakeRepo, revision: str, data: bytes) -> None:
+        lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            return self._error(400, "", "The commit has no header")
+        parent = lines[0]["value"].get("parentCommit")
+        if parent is not None and parent != repo.branches[revision]:
+            return self._error(412, "", "A commit has happened since. Please refresh and try again.")
+        files = dict(repo.files)
+        for line in lines[1:]:
+            value = line["value"]
+            rel = value["path"]
+            if line["key"] == "file":
+                files[rel] = FakeFile(base64.b64decode(value["content"]), lfs=False)
+            elif line["key"] == "lfsFile":
+                with self.hub._lock:
+                    obj = self.hub.objects.get(value["oid"])
+                if obj is None:
+                    return self._error(400, "", f"LFS object {value['oid']} of {rel} was never uploaded")
+                files[rel] = FakeFile(obj, lfs=True)
+            elif line["key"] == "deletedFile":
+                if files.pop(rel, None) is None:
+                    return self._error(404, "EntryNotFound", "A file with this name doesn't exist")
+            else:
+                return self._error(400, "", f"Unsupported commit operation {line['key']}")
+        listing = "".join(f"{rel}\0{f.blob_id}\n" for rel, f in sorted(files.items()))
+        commit = hashlib.sha1(f"{repo.repo_id}\n{repo.branches[revision]}\n{listing}".encode()).hexdigest()
+        repo.files, repo.commit, repo.branches[revision] = files, commit, commit
+        self._json(200, {"success": True, "commitOid": commit, "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{commit}",
+                         "commitMessage": lines[0]["value"].get("summary", "")})
+
+    def _lfs(self, repo_id: str, action: str, payload: dict) -> None:
+        repo = self._repo(repo_id)
+        if repo is None or not self._writer(repo_id):
+            return
+        if action == "verify":
+            obj = self.hub.objects.get(payload.get("oid", ""))
+            if obj is None or len(obj) != payload.get("size"):
+                return self._error(404, "", "Object not found or of another size")
+            return self._json(200, {"message": "ok"})
+        objects = []
+        for obj in payload.get("objects", []):
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.hub.objects:
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.cdn_url}/upload/{obj['oid']}"},
+                    "verify": {"href": f"{self.hub.url}/{repo_id}.git/info/lfs/objects/verify"},
+                }
+            objects.append(entry)
+        self._json(200, {"transfer": "basic", "objects": objects})
+
     # -- bytes -----------------------------------------------------------------------------------
     def _file(self, repo_id: str, rel: str, data: bytes, headers: dict, body: bool) -> None:
         if (repo_id, rel) in self.hub._corrupt:
@@ -306,7 +475,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
         body = json.dumps({"error": message}).encode()
-        self._send(status, body, {"X-Error-Code": code, "X-Error-Message": message,
+        codes = {"X-Error-Code": code} if code else {}
+        self._send(status, body, {**codes, "X-Error-Message": message,
                                   "Content-Type": "application/json", **(headers or {})}, body=self.command != "HEAD")
 
     def _send(self, status: int, data: bytes, headers: dict, *, body: bool, cut: int | None = None) -> None:
@@ -336,12 +506,15 @@ def hub_server(tmp_path, monkeypatch):
 
     The conftests set HF_HUB_OFFLINE=1 before huggingface_hub is imported, which freezes it into
     huggingface_hub.constants: that constant is switched off here for the test's duration (and a
-    developer's own HF token is never sent: HF_HUB_DISABLE_IMPLICIT_TOKEN, also read at import).
+    developer's own HF token is never sent: HF_HUB_DISABLE_IMPLICIT_TOKEN, also read at import, and
+    HF_TOKEN_PATH). Uploads go by LFS: HF_HUB_DISABLE_XET, as this hub has no Xet storage.
     """
     import huggingface_hub.constants as hf_constants
 
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)  # never send a real token here
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))  # nor read one (get_token)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)  # uploads by LFS: this hub has no Xet CAS
     for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
