@@ -54,10 +54,11 @@ def add_lora_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
 
 def add_export_commands(lora_sub: argparse._SubParsersAction) -> None:
     """`lora export` and `lora merge`: an adapter out of the store, or into a new model."""
-    p = lora_sub.add_parser("export", help="write an adapter as one .safetensors file or a PEFT folder")
+    p = lora_sub.add_parser("export", help="write an adapter as one .safetensors file, a PEFT folder (vLLM) or a LoRA GGUF (llama.cpp)")
     adapter_arg(p)
-    p.add_argument("--output", "-o", type=path_arg, required=True, help="FILE.safetensors, or DIR with --format peft")
-    p.add_argument("--format", choices=("safetensors", "peft"), default="safetensors")
+    p.add_argument("--output", "-o", type=path_arg, required=True,
+                   help="FILE.safetensors, DIR with --format peft, FILE.gguf with --format gguf")
+    p.add_argument("--format", choices=("safetensors", "peft", "gguf"), default="safetensors")
     p.add_argument("--commit", help="commit, tag or step:N (default: the tip)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_lora_export)
@@ -132,13 +133,25 @@ def cmd_lora_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_export(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from hyprstream_tui.engine.gguf_export_lora import export_lora_gguf, vllm_warnings
     from hyprstream_tui.engine.train.export import export_adapter
 
     store = store_from(args)
     adapter = find_adapter(store, args.name, args.model)
-    result = export_adapter(store, adapter.model, adapter.uuid, args.output, fmt=args.format, rev=args.commit,
-                            force=args.force)
-    print(f"Exported {adapter.name} at {result.commit[:7]} to {result.path} ({args.format}, {units.size(result.size)}).")
+    if args.format == "gguf":
+        gguf = export_lora_gguf(store, adapter.model, adapter.uuid, args.output, rev=args.commit, force=args.force)
+        path, commit, size = gguf.path, gguf.commit, gguf.size
+    else:
+        result = export_adapter(store, adapter.model, adapter.uuid, args.output, fmt=args.format, rev=args.commit,
+                                force=args.force)
+        path, commit, size = result.path, result.commit, result.size
+    print(f"Exported {adapter.name} at {commit[:7]} to {path} ({args.format}, {units.size(size)}).")
+    if args.format == "peft":  # the folder `vllm serve --enable-lora --lora-modules NAME=DIR` reads
+        for line in vllm_warnings(json.loads((path / "adapter_config.json").read_text())):
+            print(f"warning: {line}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`hyprstream model list | info | import | pull | rm`: the models in the store."""
+"""`hyprstream model list | info | import | pull | rm | export`: the models in the store."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def add_model_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersA
     p.add_argument("name")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask")
     p.set_defaults(func=cmd_model_rm)
+
+    p = msub.add_parser("export", help="write a model (an adapter merged in) as one GGUF file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("model", metavar="MODEL[:ADAPTER]", help="a model, or a model and an adapter to merge into it")
+    p.add_argument("--format", choices=("gguf",), default="gguf")
+    p.add_argument("--outtype", default="f16", metavar="{f32,f16,bf16,q8_0}",
+                   help="type of the matrices (default f16; norms stay f32)")
+    p.add_argument("--output", "-o", type=path_arg, required=True, help="FILE.gguf")
+    p.add_argument("--commit", help="the adapter's commit, tag or step:N (without an adapter: the model's commit)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_model_export)
     return msub
 
 
@@ -113,6 +123,19 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
                                               allow_pickle=args.allow_pickle, token=args.token, progress=bar)
     print(f"Pulled {args.repo_id} as {summary.name}: {units.count(summary.parameters)} params, "
           f"{units.size(summary.size_bytes)} on disk, commit {summary.head[:7]}")
+    return 0
+
+
+def cmd_model_export(args: argparse.Namespace) -> int:
+    from hyprstream_tui.cli.progress import ByteProgress
+    from hyprstream_tui.engine.gguf_export import check_outtype, export_model_gguf
+
+    check_outtype(args.outtype)  # before any loading
+    with ByteProgress("exporting") as bar:
+        result = export_model_gguf(store_from(args), args.model, args.output, outtype=args.outtype, rev=args.commit,
+                                   force=args.force, progress=bar)
+    print(f"Exported {args.model} at {result.commit[:7]} to {result.path} (gguf {result.outtype}, "
+          f"{result.tensors} tensors, {units.size(result.size)}).")
     return 0
 
 
