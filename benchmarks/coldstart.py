@@ -2,7 +2,7 @@
 llama.cpp (llama-cpp-python) answering the same question from the same GGUF.
 
     python benchmarks/coldstart.py [--rounds 5] [--threads 2] [--home H] [--llama-python PATH]
-                                   [--profile] [--json]
+                                   [--only cold,warm,llama,floors,serve,tui] [--profile] [--json]
 
 The model: tests/realmodel.py's Q4_1 GGUF (fetched on first use), imported once into a throwaway
 home as `smollm2` (`hyprstream model import`, fp32), or taken from `--home` if it holds it.
@@ -21,27 +21,51 @@ them (PYTHONDONTWRITEBYTECODE is dropped and every command runs once before the 
                             the F16 file: see LLAMA)
   floors                    `hyprstream --help`, `hyprstream --home H model list`, `python -c pass`,
                             `python -c "import torch"`, `import llama_cpp`
+  serve                     `hyprstream --home H serve --port P --threads T` (a free port) from its
+                            launch to the first `GET /health` answering 200 (the server imports torch
+                            on the first request, not before), and on to the answer of a first
+                            `POST /v1/chat/completions` (the question, greedy, 16 tokens); the server
+                            is ended after each round
+  tui                       the app (benchmarks/coldstart_tui.py: one whole process, headless under
+                            Textual's Pilot) on a throwaway home holding the demo model and `smollm2`
+                            twice (`smollm2`, `smollm2-copy`: hard links of H's files): once its
+                            warm-up is done (the engine process forked), the chat opens on the demo
+                            model, is switched to smollm2 and asked the question (greedy, 16 tokens),
+                            then switched to smollm2-copy and asked again (the engine has answered
+                            once by then: what the first switch pays and the second does not);
+                            and, in a second app process, the same first switch as soon as the app
+                            is up (it waits for the rest of the warm-up: torch in the forkserver).
+                            Timed inside the app: from the model picker's change to the reply's
+                            first text in its chat message, and to the reply's end
+After serve and tui, every process they started must be gone (checked with psutil; one left is
+killed and named in the report). `--only` runs some case groups alone (comma-separated); llama.cpp
+F16, the reference of serve and tui, runs with them, and all of llama.cpp with cold or warm.
 Cases run interleaved, one of each per round, the order turned by one each round. Reported: the
 median per case over the rounds, and the median over rounds of the per-round ratio ours / llama.cpp
 for the pairs fp32/F16, bf16/BF16, int8/Q8_0 (issue 21's targets: cold <= 2x, warm <= 0.4x
-llama.cpp's cold). Every answer must contain "Paris". `--profile`: one cold `infer` under
-`python -X importtime` (the 25 slowest imports) and under cProfile (main thread, top 30 by
-cumulative time).
+llama.cpp's cold); serve and the TUI's first tokens against the cold target, 2x llama.cpp F16's cold
+time in the same round (issue 21: serve ready <= 1.5x, a switch's first token <= 1x). Every answer
+must contain "Paris". `--profile`: one cold `infer` under `python -X importtime` (the 25 slowest
+imports) and under cProfile (main thread, top 30 by cumulative time).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,6 +83,15 @@ OURS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int
 LLAMA = {"F16": ("LLAMA_FTYPE_MOSTLY_F16", None), "BF16": ("LLAMA_FTYPE_MOSTLY_BF16", None),
          "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "F16")}
 PAIRS = {"fp32": "F16", "bf16": "BF16", "int8": "Q8_0"}
+GROUPS = ("cold", "warm", "llama", "floors", "serve", "tui")
+COPY = MODEL + "-copy"  # the TUI's second switch: the same weights under another name, not loaded yet
+TUI_DRIVER = Path(__file__).with_name("coldstart_tui.py")
+SERVE_ROW = "hyprstream serve: /health 200"
+SERVE_REPLY = "ours serve: launch to 1st reply"
+TUI_READY = "tui: app start to warm-up done"
+TUI_SWITCHES = {"warm": ["ours tui 1st switch", "ours tui 2nd switch"], "at-once": ["ours tui switch at start"]}
+# row: target, as a multiple of the cold target (2x llama.cpp F16's cold time in the same round)
+VS_COLD_TARGET = {SERVE_ROW: 1.5, **{f"{row}: 1st token": 1.0 for rows in TUI_SWITCHES.values() for row in rows}}
 LLAMA_ANSWER = """import sys
 from llama_cpp import Llama
 llm = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), verbose=False)
@@ -139,6 +172,8 @@ class Cases:
                  keep_alive: bool, engine_stop: bool) -> None:
         self.args, self.home, self.llama = args, home, llama
         self.keep_alive, self.engine_stop = keep_alive, engine_stop
+        self.tui_home: Path | None = None  # made by prepare_tui
+        self.strays: list[str] = []  # processes serve or the TUI left behind (killed)
 
     def infer(self, extra: list[str]) -> list[str]:
         return hyprstream() + ["--home", str(self.home), "infer", MODEL, "--prompt", QUESTION, "--temperature",
@@ -176,13 +211,111 @@ class Cases:
             rows["python -c 'import llama_cpp'"] = run([self.args.llama_python, "-c", "import llama_cpp"])
         return rows
 
-    def all(self) -> list:
-        cases: list = [lambda d=d: self.cold(d) for d in OURS]
-        if self.keep_alive:
+    def serve(self) -> dict[str, tuple[float, str]]:
+        """From launching `hyprstream serve` to its first /health 200; then the server is ended."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        started = time.perf_counter()
+        proc = subprocess.Popen(hyprstream() + ["--home", str(self.home), "serve", "--port", str(port), "--threads",
+                                                str(self.args.threads)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
+        try:
+            while not health_ok(port):
+                if proc.poll() is not None or time.perf_counter() - started > 300:
+                    proc.kill()
+                    raise SystemExit(f"hyprstream serve never answered /health 200:\n{proc.communicate()[1][-2000:]}")
+                time.sleep(0.01)
+            ready = time.perf_counter() - started
+            answer = ask(port)
+            replied = time.perf_counter() - started
+            children = [[p.pid, p.create_time()] for p in psutil.Process(proc.pid).children(recursive=True)]
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                    self.strays.append(f"serve pid {proc.pid} ignored SIGTERM for 30 s (killed)")
+        self.reap(children, "serve")
+        return {SERVE_ROW: (ready, ""), SERVE_REPLY: (replied, answer)}
+
+    def prepare_tui(self) -> None:
+        """A throwaway home for the TUI: the demo model, and smollm2 twice (hard links of the home's files)."""
+        from hyprstream_tui.settings import Paths
+
+        self.tui_home = Path(tempfile.mkdtemp(prefix="hyprstream-coldstart-tui-"))
+        source = Paths.from_env(self.home).models / MODEL
+        for name in (MODEL, COPY):
+            run(hyprstream() + ["--home", str(self.tui_home), "model", "import", str(source), "--name", name, "--link"])
+        run([sys.executable, "-c", "import sys; from hyprstream_tui.tui.backend import Backend; "
+             "Backend(home=sys.argv[1]).build_demo()", str(self.tui_home)])
+
+    def tui(self, when: str) -> dict[str, tuple[float, str]]:
+        """One app process (`warm`: switches to smollm2, then smollm2-copy; `at-once`: to smollm2)."""
+        assert self.tui_home is not None
+        names = TUI_SWITCHES[when]
+        _, out = run([sys.executable, str(TUI_DRIVER), str(self.tui_home), QUESTION, str(MAX_TOKENS), when,
+                      *[MODEL, COPY][:len(names)]])
+        result = json.loads(out.splitlines()[-1])
+        self.reap(result["pids"], "the TUI")
+        rows = {TUI_READY: (result["ready"], "")} if result["ready"] is not None else {}
+        for name, (first, end, reply) in zip(names, result["switches"]):
+            rows.update({f"{name}: 1st token": (first, reply), f"{name}: reply end": (end, reply)})
+        return rows
+
+    def reap(self, pids: list[list[float]], what: str, wait: float = 10.0) -> None:
+        """Wait up to `wait` s for the processes `what` started ([pid, create time]) to end; kill and
+        record any left."""
+        alive = []
+        for pid, created in pids:
+            try:
+                proc = psutil.Process(int(pid))
+                if abs(proc.create_time() - created) < 0.01:  # not another process under a reused pid
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        _, left = psutil.wait_procs(alive, timeout=wait)
+        for proc in left:
+            self.strays.append(f"{what}: pid {proc.pid} ({' '.join(proc.cmdline())[:80]}) still ran {wait:.0f} s "
+                               "after it ended (killed)")
+            proc.kill()
+
+    def all(self, groups: set[str]) -> list:
+        cases: list = [lambda d=d: self.cold(d) for d in OURS] if "cold" in groups else []
+        if self.keep_alive and "warm" in groups:
             cases += [lambda d=d: self.warm(d) for d in OURS]
         if self.llama is not None:
-            cases += [lambda k=k: self.llama_cpp(k) for k in LLAMA]
-        return cases + [self.floors]
+            kinds = list(LLAMA) if groups & {"llama", "cold", "warm"} else ["F16"] if groups & {"serve", "tui"} else []
+            cases += [lambda k=k: self.llama_cpp(k) for k in kinds]
+        cases += [self.serve] if "serve" in groups else []
+        cases += [lambda w=w: self.tui(w) for w in TUI_SWITCHES] if "tui" in groups else []
+        return cases + ([self.floors] if "floors" in groups else [])
+
+
+def ask(port: int) -> str:
+    """The question to the server on `port`, greedy: its answer."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": MAX_TOKENS,
+            "temperature": 0}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        return json.loads(conn.getresponse().read())["choices"][0]["message"]["content"]
+    finally:
+        conn.close()
+
+
+def health_ok(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
 
 
 def measure(cases: list, rounds: int) -> tuple[dict[str, list[float]], dict[str, str]]:
@@ -215,6 +348,12 @@ def ratios(times: dict[str, list[float]], keep_alive: bool) -> list[tuple[str, f
             per_round = statistics.median(a / b for a, b in zip(ours, ref))
             rows.append((f"ours {dtype} {how} / llama.cpp {kind} cold", per_round, target,
                          statistics.median(ours) / statistics.median(ref)))
+    ref = times.get("llama.cpp F16 cold")
+    for name, target in VS_COLD_TARGET.items():
+        if ref is not None and name in times:
+            rows.append((f"{name.removeprefix('ours ').removeprefix('hyprstream ')} / (2x llama.cpp F16 cold)",
+                         statistics.median(a / (2 * b) for a, b in zip(times[name], ref)), target,
+                         statistics.median(times[name]) / (2 * statistics.median(ref))))
     return rows
 
 
@@ -234,7 +373,7 @@ def versions(llama: bool, llama_python: str) -> str:
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]], answers: dict[str, str],
-           keep_alive: bool, header: str) -> bool:
+           keep_alive: bool, header: str, strays: list[str]) -> bool:
     print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF; ours imported as fp32), {QUESTION!r}, {MAX_TOKENS} tokens "
           f"greedy; {args.threads} threads; {args.rounds} rounds, cases interleaved; whole processes")
     print(header + "\n")
@@ -254,9 +393,11 @@ def report(args: argparse.Namespace, times: dict[str, list[float]], answers: dic
         print("\nours / llama.cpp: median over rounds of the ratio within a round (ratio of medians)")
         for label, r, target, of_medians in rows:
             verdict = "met" if r <= target else "NOT met"
-            print(f"  {label:<44}{r:>6.2f}x  ({of_medians:.2f}x)   target <= {target}x: {verdict}")
+            print(f"  {label:<62}{r:>6.2f}x  ({of_medians:.2f}x)   target <= {target}x: {verdict}")
     print(f"\nevery answer contains 'Paris': {'yes' if all_paris else 'NO'}")
-    return all_paris
+    if any(name in times for name in (SERVE_ROW, TUI_READY)):
+        print("processes left behind by serve and the TUI: " + ("; ".join(strays) if strays else "none"))
+    return all_paris and not strays
 
 
 def slowest_imports(stderr: str, n: int) -> list[tuple[int, int, str, str]]:
@@ -307,9 +448,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="ours --threads, llama.cpp n_threads")
     ap.add_argument("--home", type=Path, default=None, help="a home with smollm2 (else a temp home, imported once)")
     ap.add_argument("--llama-python", default=str(LLAMA_PYTHON), help="a python where `import llama_cpp` works")
+    ap.add_argument("--only", default=",".join(GROUPS), type=lambda text: set(text.split(",")),
+                    help=f"case groups to run, comma-separated: {','.join(GROUPS)} (default: all)")
     ap.add_argument("--profile", action="store_true", help="then profile one cold infer (imports, cProfile)")
     ap.add_argument("--json", action="store_true", help="also print the times as one JSON line")
     args = ap.parse_args()
+    if args.only - set(GROUPS):
+        ap.error(f"--only: no case group {', '.join(sorted(args.only - set(GROUPS)))}; they are {', '.join(GROUPS)}")
     from tests.realmodel import gguf_path
 
     gguf = gguf_path()
@@ -331,8 +476,10 @@ def main() -> None:
         header = versions(llama is not None, args.llama_python)
         if imported is not None:
             header += f"\n`hyprstream model import` of the GGUF into a fresh home: {imported:.1f} s (once)"
-        times, answers = measure(cases.all(), args.rounds)
-        ok = report(args, times, answers, keep_alive, header)
+        if "tui" in args.only:
+            cases.prepare_tui()
+        times, answers = measure(cases.all(args.only), args.rounds)
+        ok = report(args, times, answers, keep_alive, header, cases.strays)
         if args.json:
             print(json.dumps({"times": times, "answers": answers}))
         if args.profile:
@@ -341,6 +488,8 @@ def main() -> None:
         cases.stop_engine()
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
+        if cases.tui_home is not None:
+            shutil.rmtree(cases.tui_home, ignore_errors=True)
     sys.exit(0 if ok else 1)
 
 
