@@ -1,7 +1,7 @@
 """LoRA training speed: our trainer (the TrainJob the CLI runs) against a plain PEFT + torch loop.
 
     python benchmarks/train.py [--model qwen-shape|smollm2] [--threads 2] [--steps 12] [--checkpoint-every 50]
-                               [--dtype float32] [--json]
+                               [--dtype float32] [--json] [--nproc 2]
 
 `--model qwen-shape` (the default): random bf16 weights with the real Qwen2.5-0.5B architecture (no
 download). `--model smollm2`: the real SmolLM2-135M-Instruct, imported from its GGUF (fp32) through
@@ -15,6 +15,13 @@ Reported: seconds per step (mean, median, median of per-pair ratios), the time o
 (adapter + optimizer state + metrics written, committed to git with the weights in LFS; the run's
 stop commits one), and our overhead with a checkpoint every 50 steps:
 (our mean step + checkpoint / 50) / reference mean step.
+
+`--nproc N` (N > 1) measures the group instead (engine/train/distributed.py), one run after the
+other: our trainer in one process with batch 4 on all threads; N processes under torchrun (gloo on
+CPU) with batch 4/N each (the same global batch) and threads/N each; and one process doing one
+rank's share alone (batch 4/N on threads/N). Reported: start-up (command to first step), seconds
+per step and tokens/s of each; the group against one process, and against one rank's work alone
+(what the group adds: the gradient all-reduce, the per-step collectives, sharing the cores).
 """
 
 from __future__ import annotations
@@ -154,6 +161,54 @@ def paired_run(store, model: str, reference: "Reference", steps: int, dtype: str
     return out
 
 
+def timed_run(store, model: str, steps: int, dtype: str, checkpoint_every: int, nproc: int,
+              batch: int = BATCH) -> dict[str, Any]:
+    """`steps` steps of our job (a group when nproc > 1); step times between TrainStep events,
+    the first left out (warm-up)."""
+    from hyprstream_tui.engine.train.config import TrainConfig
+    from hyprstream_tui.engine.train.distributed import make_job
+    from hyprstream_tui.engine.train.job import TrainStarted, TrainStep
+
+    cancel = threading.Event()
+    marks: dict[str, Any] = {"start": time.perf_counter(), "steps": []}
+
+    def on_event(e) -> None:
+        now = time.perf_counter()
+        if isinstance(e, TrainStarted):
+            marks["load_s"], marks["first"] = now - marks["start"], e.step
+        elif isinstance(e, TrainStep):
+            if "last" in marks:
+                marks["steps"].append(now - marks["last"])
+            marks["last"] = now
+            if e.step - marks["first"] >= steps:
+                cancel.set()
+
+    config = TrainConfig(steps=steps + 1000, learning_rate=LR, batch_size=batch // nproc, max_seq_len=SEQ,
+                         checkpoint_every=checkpoint_every, dtype=dtype, nproc=nproc, new_run=True)
+    make_job(store, model, "bench", config, on_event=on_event, cancel=cancel).run()
+    return {"load_s": round(marks.get("load_s", 0.0), 1), "s_per_step": summary(marks["steps"]),
+            "tokens_per_s": round(batch * SEQ / statistics.fmean(marks["steps"]), 1)}
+
+
+def group_report(store, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    if BATCH % args.nproc:
+        raise SystemExit(f"--nproc must divide the batch ({BATCH})")
+    import torch
+
+    share = max(1, args.threads // args.nproc)
+    os.environ["OMP_NUM_THREADS"] = str(share)  # each rank's share of the threads
+    one = timed_run(store, name, args.steps, args.dtype, args.checkpoint_every, 1)
+    group = timed_run(store, name, args.steps, args.dtype, args.checkpoint_every, args.nproc)
+    torch.set_num_threads(share)  # one rank's work alone: its batch on its threads, no peers
+    rank_alone = timed_run(store, name, args.steps, args.dtype, args.checkpoint_every, 1, batch=BATCH // args.nproc)
+    return {"model": args.model, "threads": args.threads, "dtype": args.dtype, "batch": f"{BATCH}x{SEQ}",
+            "lora": f"r={RANK} {','.join(TARGETS)}", "one_process": one, f"{args.nproc}_processes": group,
+            "one_rank_alone": rank_alone,
+            "group_vs_one_process_pct": round(100 * (group["s_per_step"]["mean"] / one["s_per_step"]["mean"] - 1), 1),
+            # what the group adds to a rank's own work: collectives, sharing the cores, DDP
+            "group_vs_rank_alone_pct": round(100 * (group["s_per_step"]["mean"] / rank_alone["s_per_step"]["mean"] - 1), 1)}
+
+
 def summary(xs: list[float]) -> dict:
     return {"median": round(statistics.median(xs), 3), "mean": round(statistics.fmean(xs), 3), "n": len(xs)}
 
@@ -169,6 +224,7 @@ def main() -> None:
                     help="training dtype of both loops (default: bf16 where the CPU has native bf16, else fp32)")
     ap.add_argument("--layers", type=int, default=24, help="fewer layers for a quick check of this script")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--nproc", type=int, default=1, help="N > 1: one process against a group of N (same global batch)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -200,6 +256,10 @@ def main() -> None:
         store.create_adapter(name, "bench", rank=RANK, alpha=ALPHA, target_modules=TARGETS)
         rows = samples()
         add_samples(store, name, "bench", rows)
+        if args.nproc > 1:
+            report = group_report(store, name, args)
+            print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+            return
         run = paired_run(store, name, Reference(src, args.dtype, rows), args.steps, args.dtype, args.checkpoint_every)
         adapter_bytes = len(store.read_file(name, store.resolve_adapter(name, "bench").tip,
                                             "adapter/adapter_model.safetensors"))

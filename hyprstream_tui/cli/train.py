@@ -1,7 +1,9 @@
 """`hyprstream lora train sample | start | status | stop`: samples in, checkpoints out.
 
 `start` trains in this process with a progress view (Ctrl-C stops after the step and commits), or
-with `--detach` re-runs itself in the background with its output in a log file.
+with `--detach` re-runs itself in the background with its output in a log file. With `--nproc N`
+(and `--nnodes`...) it launches a group of processes under torch.distributed and stays the process
+the user sees (engine/train/distributed.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ TRAIN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--seed", dict(type=int, help="data order and LoRA initialisation (default 0)")),
     ("--device", dict(help="cpu, cuda, cuda:N or mps (default cpu)")),
     ("--dtype", dict(choices=("auto", "float32", "bfloat16", "float16"), help="base model dtype (default: the checkpoint's)")),
+    ("--nproc", dict(type=int, help="training processes on this host, under torch.distributed (default 1); "
+                                    "--batch-size is per process")),
+)
+# Where a group's other hosts are (engine/train/distributed.py's Launch): not TrainConfig fields.
+LAUNCH_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--nnodes", dict(type=int, help="hosts training together (default 1), each running this command")),
+    ("--node-rank", dict(type=int, help="this host's index, 0 to nnodes-1 (default 0)")),
+    ("--master-addr", dict(help="address of the host with node rank 0 (needed with --nnodes > 1)")),
+    ("--master-port", dict(type=int, help="free TCP port on that host (default: a free one, 29500 across hosts)")),
 )
 TRAIN_FLAGS = (
     ("--tag-best", "tag the lowest-loss checkpoint <adapter>/best"),
@@ -63,6 +74,8 @@ def add_train_commands(lora_sub: argparse._SubParsersAction) -> None:
         p.add_argument(option, default=None, **kwargs)
     for option, text in TRAIN_FLAGS:
         p.add_argument(option, action="store_true", help=text)
+    for option, kwargs in LAUNCH_OPTIONS:
+        p.add_argument(option, default=None, **kwargs)
     p.add_argument("--detach", action="store_true", help="train in the background and return at once")
     p.set_defaults(func=cmd_train_start)
 
@@ -95,6 +108,13 @@ def train_config(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str]]
     return TrainConfig(**values), frozenset(given)
 
 
+def launch_of(args: argparse.Namespace, config: TrainConfig) -> Any:
+    from hyprstream_tui.engine.train.distributed import Launch
+
+    given = {setting_of(opt): getattr(args, setting_of(opt)) for opt, _ in LAUNCH_OPTIONS}
+    return Launch(nproc=config.nproc, **{k: v for k, v in given.items() if v is not None})
+
+
 def cmd_train_sample(args: argparse.Namespace) -> int:
     from hyprstream_tui.engine.train.samples import add_samples, rows_from_file
     from hyprstream_tui.errors import InvalidInput
@@ -123,12 +143,13 @@ def cmd_train_start(args: argparse.Namespace) -> int:
     store = store_from(args)
     adapter = find_adapter(store, args.name, args.model)
     config, explicit = train_config(args)
+    launch = launch_of(args, config)
     if args.detach:
         return train_detached(args, store, adapter)
     import signal
     import threading
 
-    from hyprstream_tui.engine.train.job import TrainJob
+    from hyprstream_tui.engine.train.distributed import make_job
 
     cancel = threading.Event()
 
@@ -141,12 +162,15 @@ def cmd_train_start(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with TrainView(adapter.name) as view:
-            result = TrainJob(store, adapter.model, adapter.uuid, config, on_event=view, cancel=cancel,
+            result = make_job(store, adapter.model, adapter.uuid, config, launch=launch, on_event=view, cancel=cancel,
                               explicit=explicit).run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     how = "Stopped" if result.stopped else "Finished"
+    if launch.node_rank > 0:  # rank 0's host commits; this one only lent its processes
+        print(f"{how} {adapter.name} at step {result.step}: the checkpoints are committed on the host with node rank 0.")
+        return 0
     print(f"{how} {adapter.name} at step {result.step}: checkpoint {result.commit[:7]} on {adapter.branch}.")
     return 0
 
@@ -189,8 +213,9 @@ class TrainView:
         if isinstance(event, job.TrainStarted):
             how = "Resuming" if event.resumed else "Training"
             lr = f", peak lr {event.learning_rate:.2g}" if event.learning_rate is not None else ""
+            group = (f", {event.processes} processes x batch {event.batch_size}" if event.processes > 1 else "")
             self.say(f"{how} {event.adapter} on {event.model} from step {event.step} to {event.target} "
-                     f"({event.samples} samples{lr}).")
+                     f"({event.samples} samples{lr}{group}).")
             self.progress.update(self.task, completed=event.step, total=event.target)
         elif isinstance(event, job.TrainStep):
             self.progress.update(self.task, completed=event.step, total=event.target, loss=f"{event.loss:.4f}",
@@ -219,7 +244,7 @@ def train_detached(args: argparse.Namespace, store: Store, adapter: AdapterInfo)
         raise InvalidInput(f"Adapter {adapter.name!r} has no samples yet: add some with `hyprstream lora train sample`.")
     argv = [sys.executable, "-m", "hyprstream_tui", "--home", str(store.paths.home), "lora", "train", "start",
             f"{adapter.model}:{adapter.uuid}"]
-    for option, _ in TRAIN_OPTIONS:
+    for option, _ in TRAIN_OPTIONS + LAUNCH_OPTIONS:
         value = getattr(args, setting_of(option))
         if value is not None:
             argv += [option, str(value)]
@@ -262,6 +287,11 @@ def cmd_train_status(args: argparse.Namespace) -> int:
         parts.append(f"step {st.step}/{st.target}")
     if st.loss is not None:
         parts.append(f"loss {st.loss:.4f}  lr {st.lr:.2e}  {st.tokens_per_s:,.0f} tok/s  ETA {units.eta(st.eta_s)}")
+    if st.ranks:
+        each = ", ".join(f"rank {r['rank']} {r['tokens_per_s']:,.0f} tok/s" for r in st.ranks)
+        parts.append(f"{st.processes} processes ({each}; summed above)")
+    elif st.processes:
+        parts.append(f"{st.processes} processes starting")
     parts.append(last)
     print(", ".join(parts))
     return 0

@@ -43,6 +43,7 @@ class RunState:
     samples_seen: int = 0
     tokens_seen: int = 0
     elapsed: float = 0.0  # training seconds, over every start
+    world_size: int = 1  # processes training it (the global batch is hparams["batch_size"] x world_size)
 
     @property
     def run_done(self) -> int:

@@ -42,6 +42,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: the checkpoint's own (fp32 for bf16/fp16 weights on a CPU without bf16)
     tag_best: bool = False
     new_run: bool = False  # start a new schedule even if the last run was stopped part-way
+    nproc: int = 1  # training processes on this host (engine/train/distributed.py); batch_size is per process
 
     def __post_init__(self) -> None:
         # Errors name the setting (`batch_size`): each front end words it its own way (errors.py).
@@ -49,6 +50,7 @@ class TrainConfig:
             self._check_learning_rate()
         _positive_int(self.batch_size, "batch_size")
         _positive_int(self.checkpoint_every, "checkpoint_every")
+        _positive_int(self.nproc, "nproc")
         _positive_int(self.max_seq_len, "max_seq_len")
         if self.max_seq_len < 8:
             raise InvalidInput(f"`max_seq_len` must be at least 8 tokens, got {self.max_seq_len}.")

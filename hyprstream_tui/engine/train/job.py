@@ -7,6 +7,9 @@ The train lock doubles as the heartbeat: its JSON content (pid, step, loss, toke
 checkpoint) is what `train_status` reads from another process. Stopping, whether by the cancel
 token, `request_stop` (a stop file next to the lock) or Ctrl-C in the CLI, finishes the step in
 progress, commits a checkpoint and returns.
+
+A group of processes (distributed.py) is one job too: its launcher holds the lock and writes the
+heartbeat (with every rank's loss share and tokens/s); its ranks run this same loop (rank.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class TrainStarted:
     resumed: bool
     samples: int
     learning_rate: float | None = None  # the run's peak rate (given, the default rule's, or the resumed run's)
+    processes: int = 1  # ranks training together (distributed.py)
+    batch_size: int | None = None  # in a group: samples per step and process
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class TrainStep:
     epoch: int
     elapsed: float
     eta_s: float
+    ranks: tuple[tuple[int, float, float, int], ...] = ()  # in a group: (rank, loss share, tokens/s, pid)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ class TrainStatus:
     last_checkpoint: str | None = None
     last_checkpoint_step: int | None = None
     updated: float | None = None
+    processes: int | None = None  # in a group: how many ranks
+    ranks: list[dict[str, Any]] | None = None  # in a group: {rank, loss, tokens_per_s, pid} each
 
 
 def stop_path(lock_path: Path) -> Path:
@@ -111,7 +119,7 @@ def train_status(store: Store, model: str, ref: str) -> TrainStatus:
                 break
             time.sleep(0.01)
         keys = ("pid", "step", "target", "loss", "lr", "tokens_per_s", "eta_s", "last_checkpoint",
-                "last_checkpoint_step", "updated")
+                "last_checkpoint_step", "updated", "processes", "ranks")
         return TrainStatus(model=model, adapter=adapter.name, running=True, state=info.get("state") or "loading",
                            **{k: info.get(k) for k in keys})
     last = next((c for c in store.log(model, adapter.uuid) if c.kind == "checkpoint"), None)
@@ -139,6 +147,25 @@ def request_stop(store: Store, model: str, ref: str, *, wait: float = 0.0) -> bo
             return False
         time.sleep(0.05)
     return True
+
+
+def acquire_train_lock(store: Store, model: str, adapter: AdapterInfo) -> FileLock:
+    """The adapter's train lock (one writer), or Conflict naming the holder; its status fields reset."""
+    path = store.train_lock_path(model, adapter.uuid)
+    tip = store.log(model, adapter.uuid, 1)[0]
+    last, last_step = (tip.sha, tip.step) if tip.kind == "checkpoint" else (None, None)
+    try:
+        lock = FileLock(path, f"Adapter {adapter.name!r}").acquire(wait=0)
+    except Conflict:
+        pid = read_info(path).get("pid", "another process")
+        raise Conflict(f"Adapter {adapter.name!r} of {model!r} is training already (pid {pid}): follow it "
+                       f"with `hyprstream lora train status {adapter.name}` or stop it with "
+                       f"`hyprstream lora train stop {adapter.name}`.") from None
+    # The file may still hold the status of a killed holder: every field is rewritten.
+    lock.update(state="loading", model=model, adapter=adapter.name, uuid=adapter.uuid, step=None, target=None,
+                loss=None, lr=None, tokens_per_s=None, eta_s=None, last_checkpoint=last,
+                last_checkpoint_step=last_step, updated=time.time(), processes=None, ranks=None)
+    return lock
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -200,26 +227,13 @@ class TrainJob:
             self._lock.release()
 
     def _acquire(self, adapter: AdapterInfo) -> FileLock:
-        path = self.store.train_lock_path(self.model, adapter.uuid)
-        tip = self.store.log(self.model, adapter.uuid, 1)[0]
-        last, last_step = (tip.sha, tip.step) if tip.kind == "checkpoint" else (None, None)
-        try:
-            lock = FileLock(path, f"Adapter {adapter.name!r}").acquire(wait=0)
-        except Conflict:
-            pid = read_info(path).get("pid", "another process")
-            raise Conflict(f"Adapter {adapter.name!r} of {self.model!r} is training already (pid {pid}): follow it "
-                           f"with `hyprstream lora train status {adapter.name}` or stop it with "
-                           f"`hyprstream lora train stop {adapter.name}`.") from None
-        # The file may still hold the status of a killed holder: every field is rewritten.
-        lock.update(state="loading", model=self.model, adapter=adapter.name, uuid=adapter.uuid, step=None, target=None,
-                    loss=None, lr=None, tokens_per_s=None, eta_s=None, last_checkpoint=last,
-                    last_checkpoint_step=last_step, updated=time.time())
-        return lock
+        return acquire_train_lock(self.store, self.model, adapter)
 
     def cancelled(self) -> bool:
         return self.cancel.is_set() or self._stop_file.exists()
 
-    def _train(self, adapter: AdapterInfo) -> TrainFinished:
+    def _prepare(self, adapter: AdapterInfo) -> Trainer:
+        """The worktree at the branch tip, and a Trainer set up on it."""
         from hyprstream_tui.engine.train.loop import Trainer
 
         with samples_lock(self.store, self.model, adapter.uuid).acquire(wait=60):
@@ -227,19 +241,26 @@ class TrainJob:
         self.trainer = trainer = Trainer(base_dir=self.store.model_dir(self.model), worktree=worktree,
                                          config=self.config, explicit=self.explicit)
         trainer.setup()
+        return trainer
+
+    def _train(self, adapter: AdapterInfo) -> TrainFinished:
+        trainer = self._prepare(adapter)
         self.adapter = adapter
         self.tip, committed_step = adapter.tip, trainer.state.step
         self.best = self._best_loss() if self.config.tag_best else None
         self.on_event(TrainStarted(model=self.model, adapter=adapter.name, step=trainer.state.step,
                                    target=trainer.target_step, resumed=trainer.resumed, samples=trainer.sample_count,
-                                   learning_rate=trainer.state.hparams["learning_rate"]))
+                                   learning_rate=trainer.state.hparams["learning_rate"], processes=trainer.world,
+                                   batch_size=trainer.state.hparams["batch_size"] if trainer.world > 1 else None))
         ema = None
         while not trainer.done and not self.cancelled():
             r = trainer.step()
             ema = r.seconds if ema is None else 0.9 * ema + 0.1 * r.seconds
-            event = TrainStep(step=r.step, target=trainer.target_step, loss=r.loss, lr=r.lr,
-                              tokens_per_s=r.tokens / max(r.seconds, 1e-9), epoch=r.epoch,
-                              elapsed=trainer.state.elapsed, eta_s=(trainer.target_step - r.step) * ema)
+            ranks = tuple((x.rank, x.loss, x.tokens_per_s, x.pid) for x in trainer.rank_stats)
+            tps = sum(x[2] for x in ranks) if ranks else r.tokens / max(r.seconds, 1e-9)
+            event = TrainStep(step=r.step, target=trainer.target_step, loss=r.loss, lr=r.lr, tokens_per_s=tps,
+                              epoch=r.epoch, elapsed=trainer.state.elapsed, eta_s=(trainer.target_step - r.step) * ema,
+                              ranks=ranks)
             self.on_event(event)
             self._heartbeat(event)
             if r.step % self.config.checkpoint_every == 0 or trainer.done:
@@ -255,12 +276,27 @@ class TrainJob:
         now = time.monotonic()
         if force or now - self._beat >= self.HEARTBEAT_S:
             self._beat = now
-            self._lock.update(state="training", step=event.step, target=event.target, loss=event.loss, lr=event.lr,
+            group: dict[str, Any] = {}
+            if event.ranks:
+                group = dict(processes=len(event.ranks), ranks=[
+                    {"rank": r, "loss": round(loss, 6), "tokens_per_s": round(tps, 1), "pid": pid}
+                    for r, loss, tps, pid in event.ranks])
+            self._status(state="training", step=event.step, target=event.target, loss=event.loss, lr=event.lr,
                               tokens_per_s=round(event.tokens_per_s, 1), eta_s=round(event.eta_s, 1),
-                              updated=time.time())
+                              updated=time.time(), **group)
+
+    def _status(self, **info: Any) -> None:
+        """What `train status` shows: written into the lock file (a group's rank sends it to its launcher)."""
+        self._lock.update(**info)
+
+    def _commits(self) -> bool:
+        """Whether this job writes checkpoints (in a group: rank 0 alone, while its launcher lives)."""
+        return True
 
     def _checkpoint(self, trainer: Trainer) -> None:
-        self._lock.update(state="checkpointing", step=trainer.state.step, updated=time.time())
+        if not self._commits():
+            return
+        self._status(state="checkpointing", step=trainer.state.step, updated=time.time())
         metrics = trainer.save()
         info = self.store.commit_checkpoint(self.model, self.adapter.uuid, step=trainer.state.step, metrics=metrics)
         self.tip = info.sha
@@ -269,11 +305,13 @@ class TrainJob:
         if self.config.tag_best and loss is not None and (self.best is None or loss < self.best):
             self.best = loss
             tags = (self.store.tag(self.model, self.adapter.uuid, "best", commit=info.sha, force=True),)
-        self._lock.update(state="training", last_checkpoint=info.sha, last_checkpoint_step=trainer.state.step,
+        self._status(state="training", last_checkpoint=info.sha, last_checkpoint_step=trainer.state.step,
                           updated=time.time())
         self.on_event(CheckpointCommitted(step=trainer.state.step, commit=info.sha, loss=loss, tags=tags))
 
     def _best_loss(self) -> float | None:
+        if not self._commits():
+            return None
         losses = [c.metrics["loss"] for c in self.store.log(self.model, self.adapter.uuid)
                   if c.kind == "checkpoint" and isinstance(c.metrics.get("loss"), (int, float))]
         return min(losses) if losses else None

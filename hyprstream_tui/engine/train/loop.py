@@ -5,6 +5,14 @@ adapter from the worktree, plans the run (resume an unfinished one or start a ne
 runs one optimizer step per call with AdamW, warm-up + cosine decay and gradient clipping. Data
 order is a pure function of the seed and the epoch; rows appended to the samples file while it
 runs join at the next epoch boundary.
+
+In a group (group.py: one Trainer per rank, under torch.distributed) every rank plans the same run
+and walks the same epoch order; a step takes the next `batch_size` x N rows of it (the global
+batch) and rank r trains on rows r, r+N, r+2N... of them (DistributedSampler's striding). The loss
+is summed over the answer tokens and divided by the global batch's count of them, and DDP
+averages the LoRA gradients: the step is the single-process step on the global batch, up to
+float rounding. A rank whose share of a short last batch is empty trains on a row with every label
+masked (no gradient). Every rank holds the same weights and optimizer state; rank 0 saves them.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Collection
 
 from hyprstream_tui.engine.train import checkpoint as ckpt
 from hyprstream_tui.engine.train.config import RUN_KEYS, TrainConfig, lr_at
-from hyprstream_tui.engine.train.data import SAMPLES_PATH, Encoded, collate, encode, epoch_order, parse_jsonl
+from hyprstream_tui.engine.train.data import (IGNORE_INDEX, SAMPLES_PATH, Encoded, collate, encode, epoch_order,
+                                               parse_jsonl)
 from hyprstream_tui.engine.train.defaults import ADAPTER_CONFIG, ModelShape, learning_rate_for, read_adapter_config
 from hyprstream_tui.errors import HyprError, InvalidInput
 
@@ -27,6 +36,8 @@ if TYPE_CHECKING:  # torch, transformers and peft load when training starts
     import torch
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from hyprstream_tui.engine.train.group import Group, RankStats
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,13 @@ class Trainer:
     optimizer: torch.optim.AdamW
     metric_lines: list[str]  # metrics/steps.jsonl, one line per step
 
-    def __init__(self, *, base_dir: Path, worktree: Path, config: TrainConfig, explicit: Collection[str] = ()) -> None:
+    def __init__(self, *, base_dir: Path, worktree: Path, config: TrainConfig, explicit: Collection[str] = (),
+                 group: Group | None = None) -> None:
+        self.group = group
+        self.world = group.world if group is not None else 1
+        self.stop_wanted = lambda: False  # a group's ranks vote on stopping after each step
+        self.group_stop = False  # ... and this is the vote's outcome
+        self.rank_stats: list[RankStats] = []
         self.base_dir = Path(base_dir)
         self.worktree = Path(worktree)
         self.config = config
@@ -141,20 +158,24 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id or 0
         self.state = self._plan(saved)
         hp = self.state.hparams
-        base = load_base_model(self.base_dir, dtype=self.config.dtype, device=self.config.device)
+        device = self.group.device if self.group is not None else self.config.device
+        base = load_base_model(self.base_dir, dtype=self.config.dtype, device=device)
         self.model = peft_model(base, self.worktree / "adapter", seed=hp["seed"], trainable=True)
         self.model.train()
         named = sorted((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.forward: Any = self.model if self.group is None else self.group.wrap(self.model, self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
         if saved is not None and saved.param_names == self.param_names and saved.optimizer:
             current = self.optimizer.state_dict()
             self.optimizer.load_state_dict({"state": saved.optimizer, "param_groups": current["param_groups"]})
-        if saved is not None and saved.rng is not None:
-            torch.set_rng_state(saved.rng)
-        else:
+        if saved is not None and saved.rng is not None and (self.group is None or self.group.rank == 0):
+            torch.set_rng_state(saved.rng)  # rank 0's generator is the one a checkpoint keeps
+        elif self.group is None:
             torch.manual_seed(hp["seed"])
+        else:  # each rank its own dropout noise, reproducible
+            torch.manual_seed(hp["seed"] + self.state.step * 1009 + self.group.rank)
         self.metric_lines = ckpt.read_metric_lines(self.worktree)
         self._reload_rows()
 
@@ -165,6 +186,9 @@ class Trainer:
             state = saved.state
             self._check_resumable(state)
             self.resumed = True
+            if "batch_size" in self.explicit:  # the same global batch over another number of ranks
+                state.hparams["batch_size"] = self.config.batch_size
+            state.world_size = self.world
             if state.hparams["max_seq_len"] != self._max_len:
                 self._max_len, self._encoded = state.hparams["max_seq_len"], {}
             return state
@@ -172,7 +196,7 @@ class Trainer:
         total = self._new_run_steps()
         if given["learning_rate"] is None:
             given["learning_rate"] = self._default_learning_rate()
-        state.run_start, state.run_total = state.step, total
+        state.run_start, state.run_total, state.world_size = state.step, total, self.world
         state.hparams = dict(given, total_steps=total, warmup_steps=self.config.warmup_for(total))
         if state.epoch >= 0:
             state.epoch_pos = state.epoch_size  # a new run starts with a new epoch
@@ -188,13 +212,15 @@ class Trainer:
         return learning_rate_for(ModelShape.read(self.base_dir), read_adapter_config(data, str(path)))
 
     def _new_run_steps(self) -> int:
-        return self.config.run_steps(math.ceil(max(1, len(self._read_rows())) / self.config.batch_size))
+        return self.config.run_steps(math.ceil(max(1, len(self._read_rows())) / (self.config.batch_size * self.world)))
 
     def _check_resumable(self, state: ckpt.RunState) -> None:
         """Options the user gave must agree with the run being resumed (its schedule and data
         order are fixed); otherwise say how to resume it or start a new one."""
         wanted = {k: getattr(self.config, k) for k in self.explicit if k in RUN_KEYS}
         clash = [k for k, v in wanted.items() if v != state.hparams.get(k)]
+        if "batch_size" in clash and self.config.batch_size * self.world == state.hparams["batch_size"] * state.world_size:
+            clash.remove("batch_size")  # per-rank batch x ranks: the run's global batch
         if self.explicit & {"steps", "epochs"} and self._new_run_steps() != state.run_total:
             clash.append("steps" if "steps" in self.explicit else "epochs")
         if clash:
@@ -215,6 +241,8 @@ class Trainer:
                 self._encoded[key] = encode(self.tokenizer, row, self._max_len)
             if self._encoded[key].answer_tokens:
                 out.append(self._encoded[key])
+        if self.group is not None:  # the ranks train on the rows every one of them has
+            out = out[:self.group.agree_min(len(out), setup=not hasattr(self, "model"))]
         return out
 
     def _reload_rows(self) -> None:
@@ -224,7 +252,8 @@ class Trainer:
                                " (or raise `max_seq_len` if every answer is cut off).")
 
     def _next_batch(self) -> list[Encoded]:
-        s, size = self.state, self.state.hparams["batch_size"]
+        """The next global batch (every rank's rows)."""
+        s, size = self.state, self.state.hparams["batch_size"] * self.world
         if s.epoch < 0 or s.epoch_pos >= s.epoch_size or s.epoch_size > len(self._rows):
             self._reload_rows()  # epoch boundary: pick up rows added meanwhile
             s.epoch, s.epoch_size, s.epoch_pos = s.epoch + 1, len(self._rows), 0
@@ -259,6 +288,8 @@ class Trainer:
 
         started = time.perf_counter()
         batch = self._next_batch()
+        if self.group is not None:
+            return self._group_step(started, batch)
         tensors = {k: v.to(self.config.device) for k, v in collate(batch, self.pad_id).items()}
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
@@ -274,6 +305,36 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         return self._record(loss.item(), lr, int(tensors["attention_mask"].sum()), len(batch), seconds)
+
+    def _group_step(self, started: float, batch: list[Encoded]) -> StepResult:
+        """This rank's share of the step on the global `batch` (see the module's docstring)."""
+        import torch
+
+        assert self.group is not None
+        g = self.group
+        mine = batch[g.rank::g.world] or [Encoded(batch[0].input_ids, (IGNORE_INDEX,) * len(batch[0].labels))]
+        tensors = {k: v.to(g.device) for k, v in collate(mine, self.pad_id).items()}
+        items = int((tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
+        tokens = int(tensors["attention_mask"].sum()) if items else 0
+        all_items, all_tokens = g.sum_ints(items, tokens)
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.forward(**tensors, num_items_in_batch=torch.tensor(max(all_items, 1))).loss
+        (loss * g.world).backward()  # DDP averages the gradients: undo its division
+        seconds = time.perf_counter() - started
+        self.rank_stats = g.gather_stats(loss=loss.item(), tokens=tokens, seconds=seconds, stop=self.stop_wanted())
+        total = sum(r.loss for r in self.rank_stats)
+        if not math.isfinite(total):
+            raise HyprError(f"The loss became {total} at step {self.state.step + 1}: lower `learning_rate` "
+                            "and start again (the last checkpoint is kept).")
+        self.group_stop = any(r.stop for r in self.rank_stats)
+        if self.state.hparams["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.state.hparams["grad_clip"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        return self._record(total, lr, all_tokens, len(batch), seconds)
 
     def _record(self, loss: float, lr: float, tokens: int, samples: int, seconds: float) -> StepResult:
         s = self.state

@@ -92,7 +92,7 @@ def _forward_stop(cancel: threading.Event, conn: "Connection", proc: "BaseProces
 def _child(conn: "Connection", paths: "Paths", model: str, adapter: str, config: "TrainConfig",
            explicit: tuple[str, ...]) -> None:
     """The job, in the child. Everything it reports goes through `conn`."""
-    from hyprstream_tui.engine.train.job import TrainJob
+    from hyprstream_tui.engine.train.distributed import make_job
     from hyprstream_tui.store import Store
 
     log_to(paths.home / "logs" / "training.log")
@@ -116,8 +116,8 @@ def _child(conn: "Connection", paths: "Paths", model: str, adapter: str, config:
 
     threading.Thread(target=listen, daemon=True).start()
     try:
-        job = TrainJob(Store(paths), model, adapter, config, on_event=lambda e: send("event", e),
-                       cancel=cancel, explicit=explicit)
+        job = make_job(Store(paths), model, adapter, config, on_event=lambda e: send("event", e),
+                       cancel=cancel, explicit=explicit)  # config.nproc > 1: a group, launched from here
         send("done", job.run())
     except HyprError as exc:
         send("error", type(exc).__name__, exc.message)

@@ -57,6 +57,8 @@ class Job:
     last_checkpoint: str | None = None
     last_checkpoint_step: int | None = None
     steps_seen: int = 0
+    ranks: tuple[tuple[int, float, float, int], ...] = ()  # a group's: (rank, loss share, tokens/s, pid)
+    processes: int = 1
 
 
 @dataclass
@@ -226,11 +228,11 @@ class TrainingScreen(HyprScreen):
         points, lrs = [], []
         for e in events:
             if isinstance(e, TrainStarted):
-                job.state, job.step, job.target = "training", e.step, e.target
+                job.state, job.step, job.target, job.processes = "training", e.step, e.target, e.processes
             elif isinstance(e, TrainStep):
                 job.steps_seen += 1
                 job.step, job.target, job.loss, job.lr = e.step, e.target, e.loss, e.lr
-                job.tokens_per_s, job.eta_s = e.tokens_per_s, e.eta_s
+                job.tokens_per_s, job.eta_s, job.ranks = e.tokens_per_s, e.eta_s, e.ranks
                 points.append((e.step, e.loss))
                 lrs.append((e.step, e.lr))
             elif isinstance(e, CheckpointCommitted):
@@ -254,13 +256,17 @@ class TrainingScreen(HyprScreen):
             line = Text.assemble((f"{sel.name}", "bold"), f"  {job.state}  step {job.step or 0}/{job.target or '?'}",
                                  f"  loss {units.metric(job.loss)}  lr {units.metric(job.lr)}",
                                  f"  {job.tokens_per_s or 0:.0f} tok/s  ETA {eta}")
+            if job.processes > 1:  # the group: each rank's throughput, summed above
+                each = ", ".join(f"rank {r} {tps:.0f}" for r, _loss, tps, _pid in job.ranks) or "starting"
+                line.append(f"\n{job.processes} processes: {each} tok/s")
             ckpt = job.last_checkpoint
             line.append(f"\nlast checkpoint {ckpt[:7]} (step {job.last_checkpoint_step})" if ckpt else "\nno checkpoint yet")
         else:
             st = sel.status
             last = sel.checkpoints[0] if sel.checkpoints else None
             step = last.step if last and last.step is not None else 0
-            line = Text.assemble((sel.name, "bold"), "  idle" if not (st and st.running) else "  training (another process)",
+            group = f", {st.processes} ranks" if st and st.running and st.processes else ""
+            line = Text.assemble((sel.name, "bold"), "  idle" if not (st and st.running) else f"  training (another process{group})",
                                  f"  step {step}", f"  loss {units.metric(last.metrics.get('loss')) if last else '-'}")
             line.append(f"\nlast checkpoint {last.short} · {last.summary}" if last else "\nno checkpoint yet: s starts training")
         self._status(line)
@@ -356,6 +362,7 @@ class TrainingScreen(HyprScreen):
                   Field("learning_rate", label("learning_rate"), lr, placeholder="automatic"),
                   Field("batch_size", label("batch_size"), str(defaults.batch_size) if defaults else "4"),
                   Field("checkpoint_every", label("checkpoint_every"), "20"),
+                  Field("processes", label("processes"), "1", placeholder="1: one process; N: torch.distributed"),
                   Field("new_run", "Start a new run even if one was stopped part-way (y/n)", "n")]
         self.app.push_screen(FormDialog(f"Train {sel.name}", fields, submit="Start", check=check_train,
                                         note=defaults.reason if defaults else note),

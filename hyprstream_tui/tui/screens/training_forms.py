@@ -41,5 +41,21 @@ def check_train(values: dict[str, str]):
 
     given = {key: number(key, cast) for key, cast in (("steps", int), ("learning_rate", float), ("batch_size", int),
                                                        ("checkpoint_every", int))}
-    return TrainConfig(**{k: v for k, v in given.items() if v is not None},
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None}, nproc=processes(values.get("processes", "")),
                        new_run=values["new_run"].strip().lower() in ("y", "yes", "1", "true"))
+
+
+def processes(text: str) -> int:
+    """The form's "processes" (training processes under torch.distributed; blank is 1)."""
+    import os
+
+    text = text.strip() or "1"
+    cores = os.cpu_count() or 1
+    try:
+        n = int(text)
+    except ValueError:
+        raise InvalidInput(f"`processes` must be a whole number, got {text!r}.") from None
+    if not 1 <= n <= max(cores, 64):
+        raise InvalidInput(f"`processes` must be between 1 and {max(cores, 64)} (this machine has {cores} cores), "
+                           f"got {n}.")
+    return n
