@@ -23,6 +23,8 @@ taken before that reference loads). It prints prefill time for the prompt, decod
 RSS, whether greedy tokens match `generate`, the int8 quality cost against fp32 (logits,
 perplexity on a text) and the memory-bandwidth roofline (weight bytes read per token / measured
 bandwidth).
+
+`--real`: the real model (SmolLM2-135M-Instruct) against llama.cpp instead; see decode_real.py.
 """
 
 from __future__ import annotations
@@ -423,10 +425,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="decode rounds (each case in turn)")
     p.add_argument("--only", action="append", default=[],
                    help="pair-float32, int8-float32, pair-bfloat16 or int8-bfloat16 (repeatable)")
+    p.add_argument("--real", action="store_true",
+                   help="SmolLM2-135M-Instruct, real weights, against llama.cpp (decode_real.py)")
+    p.add_argument("--home", default=None, help="--real: a home holding smollm2 (default: a temporary one)")
+    p.add_argument("--llama-python", default=None, help="--real: a python where `import llama_cpp` works")
+    p.add_argument("--json", action="store_true", help="--real: one JSON object")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.real:
+        import decode_real
+
+        if args.worker:
+            return decode_real.ours_worker(args.home, args.worker, args.threads, args.new, json.loads(args.ids))
+        args.llama_python = args.llama_python or str(decode_real.LLAMA_PYTHON)
+        return decode_real.main_real(args)
     if args.child:
         args.case = args.child
         return child(args)

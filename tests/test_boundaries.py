@@ -123,6 +123,8 @@ def test_no_module_is_over_500_lines():
 FOREIGN_PRIVATE = {
     "os._exit",  # leave at once after Ctrl-C (interrupt.py)
     "aten._weight_int8pack_mm",  # torch's int8 weight-only matmul: no public name exists
+    "aten._weight_int4pack_mm_for_cpu",  # torch's int4 weight-only matmul (CPU), and its packing:
+    "aten._convert_weight_to_int4pack_for_cpu",  # no public names either
     "module._non_persistent_buffers_set",  # torch: which buffers a state dict leaves out
     "super()._watch_value",  # textual: extending Input's own watcher
     "argparse._SubParsersAction",  # the type of add_subparsers()' result: argparse names no other

@@ -211,7 +211,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights (CPU)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="int8 weights, or int4 in groups of 32 (CPU)")
     p.add_argument("--allow-pickle", action="store_true", help="load pickle weights you trust")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
 

@@ -20,8 +20,8 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="another Host name to answer (besides loopback and --host); repeatable")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 weights (CPU; base models only): batches scale best with it on CPUs without native bf16")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="int8 weights, or int4 in groups of 32 (CPU; base models only): batches scale best with it on CPUs without native bf16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     p.set_defaults(func=cmd_serve)
 

@@ -69,7 +69,7 @@ def _attach(lm: "LoadedModel", adapter: "AdapterSource") -> None:
 
     if lm.options.quantize:
         raise InvalidInput(
-            "Adapters do not combine with `quantize` int8 yet: leave `quantize` out to use an adapter."
+            f"Adapters do not combine with `quantize` {lm.options.quantize} yet: leave `quantize` out to use an adapter."
         )
     if not check_weights(adapter.path, allow_pickle=False, what="adapter"):  # pragma: no cover
         raise InvalidInput("Adapters load from safetensors only.")

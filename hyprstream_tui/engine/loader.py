@@ -34,12 +34,12 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZE = (None, "int8")
+QUANTIZE = (None, "int8", "int4")
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoadOptions:
-    """How to load: dtype/device "auto" pick what runs fastest here; quantize None or "int8"."""
+    """How to load: dtype/device "auto" pick what runs fastest here; quantize None, "int8" or "int4"."""
 
     dtype: str = "auto"
     device: str = "auto"
@@ -61,7 +61,7 @@ class LoadOptions:
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise InvalidInput(f"Unknown device {self.device!r}: use auto, cpu, cuda or cuda:N.")
         if self.quantize not in QUANTIZE:
-            raise InvalidInput(f"Unknown quantization {self.quantize!r}: use int8 or leave it out.")
+            raise InvalidInput(f"Unknown quantization {self.quantize!r}: use int8, int4 or leave it out.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +133,7 @@ def pick_device(device: str) -> str:
 def pick_dtype(dtype: str, device: str, quantize: str | None) -> str:
     import torch
 
-    if quantize == "int8":  # fbgemm's fp32 path unless bf16/fp16 activations are asked for
+    if quantize:  # fp32 activations unless bf16/fp16 are asked for
         return dtype if dtype in ("bfloat16", "float16") else "float32"
     if dtype != "auto":
         return dtype
@@ -182,7 +182,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     dtype = pick_dtype(options.dtype, device, options.quantize)
     if options.quantize and device != "cpu":
         raise InvalidInput(
-            "`quantize` int8 runs on the CPU only: leave `quantize` out or set `device` to cpu."
+            f"`quantize` {options.quantize} runs on the CPU only: leave `quantize` out or set `device` to cpu."
         )
     model: Model | None = None
     tokenizer: Tokenizer | None = None
@@ -193,8 +193,8 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     if model is None:
         model = _load_transformers(source, options, dtype, use_safetensors)
     model.eval().requires_grad_(False)
-    if options.quantize == "int8":
-        quant_cache = _quantize_int8(model, source, dtype)
+    if options.quantize:
+        quant_cache = _quantize(model, source, dtype, options.quantize)
     elif not options.tuned or device != "cpu":
         pass  # torch's own kernels
     elif dtype == "bfloat16" and _prefill_fp32(options):
@@ -226,27 +226,35 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     )
 
 
-def _quantize_int8(model: Model, source: ModelSource, dtype: str) -> str | None:
-    """Quantize `model` in place, through the home's cache of quantized weights where `source` is
-    a store model (a commit); "hit", "made" or None (not cached)."""
+def _quantize(model: Model, source: ModelSource, dtype: str, quantize: str) -> str | None:
+    """Quantize `model` in place to `quantize` (int8 or int4), through the home's cache of
+    quantized weights where `source` is a store model (a commit); "hit", "made" or None (not cached)."""
     from hyprstream_tui.engine import native
     from hyprstream_tui.engine.tuned import quant_cache
     from hyprstream_tui.engine.tuned.quantize import Packs, quantize_int8
 
+    scheme = quantize
+    if quantize == "int4":
+        from hyprstream_tui.engine.tuned import quantize_int4
+
+        scheme = quantize_int4.scheme()  # the group size in the key: another size, other weights
     name = None
     if source.cache is not None and source.commit is not None:
         try:
-            name = quant_cache.key(source.path, source.commit, "int8", native.checkpoint_files(source.path))
+            name = quant_cache.key(source.path, source.commit, scheme, native.checkpoint_files(source.path))
         except (OSError, native.Unsupported):
             name = None
     packs = Packs(quant_cache.read(source.cache, name) if source.cache is not None and name else None)
-    quantize_int8(model, dtype=dtype, packs=packs)
+    if quantize == "int4":
+        quantize_int4.quantize_int4(model, dtype=dtype, packs=packs)
+    else:
+        quantize_int8(model, dtype=dtype, packs=packs)
     if source.cache is None or name is None:
         return None
     if not packs.made:
         return "hit"
     quant_cache.write(source.cache, name, packs.tensors(),
-                      about={"model": source.name, "commit": source.commit or "", "scheme": "int8"})
+                      about={"model": source.name, "commit": source.commit or "", "scheme": scheme})
     return "made"
 
 

@@ -1,6 +1,6 @@
 """The real model (SmolLM2-135M-Instruct, imported from its Q4_1 GGUF once per run): the import
 commit, a right answer through every front end, our prompt tokens against transformers' own, and
-perplexity on a fixed English passage in bf16 and int8 against fp32. Greedy throughout."""
+perplexity on a fixed English passage in bf16, int8 and int4 against fp32. Greedy throughout."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.realmodel import MODEL_NAME
 FRANCE = "What is the capital of France?"
 PASSAGE = (Path(__file__).parent / "passage.txt").read_text()  # the Gettysburg Address (public domain)
 # What `benchmarks`-grade runs measured on this machine class; the test bounds are the issue's.
-PPL_BOUNDS = {"bfloat16": 0.01, "int8": 0.03}
+PPL_BOUNDS = {"bfloat16": 0.01, "int8": 0.03, "int4": 0.10}  # int4: +1.0% measured (12.91 -> 13.04)
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +121,14 @@ def _perplexity(loaded) -> float:
     return math.exp(nll.item())
 
 
-def test_perplexity_of_bf16_and_int8_stays_near_fp32(store):
+def test_perplexity_of_bf16_int8_and_int4_stays_near_fp32(store):
     from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 
     source = ModelSource(name=MODEL_NAME, path=store.model_dir(MODEL_NAME))
     figures = {}
     for label, options in (("float32", LoadOptions(dtype="float32")), ("bfloat16", LoadOptions(dtype="bfloat16")),
-                           ("int8", LoadOptions(dtype="float32", quantize="int8"))):
+                           ("int8", LoadOptions(dtype="float32", quantize="int8")),
+                           ("int4", LoadOptions(dtype="float32", quantize="int4"))):
         figures[label] = _perplexity(load_model(source, options))
     print("perplexity on the Gettysburg Address: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
     assert 2 < figures["float32"] < 30  # a real model on plain English; random weights give thousands

@@ -97,7 +97,7 @@ def write(cache: Path, name: str, tensors: dict[str, "torch.Tensor"], about: dic
     return path
 
 
-NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int8": "I8"}
+NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int8": "I8", "uint8": "U8"}  # U8: int4, two a byte
 
 
 ALIGN = 64  # torch's int8 kernels crash on weights that start off a 64-byte boundary (measured: 8 mod 64)

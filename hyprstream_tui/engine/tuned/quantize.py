@@ -15,12 +15,15 @@ stored twice.
 Norms and attention run in the activation dtype. The token embedding stays bf16 (a lookup reads
 one row), which keeps a tied 150k-row table from doubling in fp32.
 
+`--quantize int4` (tuned/quantize_int4.py) walks the model the same way (`quantize_int8` with its
+own `make`) and falls back to this module's int8 layers where its kernel cannot apply.
+
 Imports torch at module level: only `loader.load_model` imports this module, lazily.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
@@ -110,7 +113,8 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FusedInt8(torch.nn.Module):
-    """Projections of one input as one int8 product (a layer's q/k/v, an MLP's gate/up).
+    """Projections of one input as one int8 product (a layer's q/k/v, an MLP's gate/up); `make`
+    builds that product's layer (`int8_linear`, or int4's).
 
     Each projection is an `Int8Part` holding this module. The first part computes the whole
     product; the parts after it slice the same result when called with the same tensor (the
@@ -119,10 +123,12 @@ class FusedInt8(torch.nn.Module):
     """
 
     def __init__(self, linears: list[torch.nn.Linear], *, dtype: torch.dtype = torch.float32,
-                 packs: Packs | None = None, key: str = "") -> None:
+                 packs: Packs | None = None, key: str = "", make: Callable[..., torch.nn.Module] | None = None
+                 ) -> None:
         super().__init__()
-        self.linear = int8_linear(*linears, dtype=dtype, packs=packs, key=key)
+        self.linear = (make or int8_linear)(*linears, dtype=dtype, packs=packs, key=key)
         self.sizes = [lin.out_features for lin in linears]
+        self.in_features = linears[0].in_features
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
@@ -143,7 +149,7 @@ class Int8Part(torch.nn.Module):
         super().__init__()
         self.fused = fused
         self.index = index
-        self.in_features = fused.linear.in_features
+        self.in_features = fused.in_features
         self.out_features = fused.sizes[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -153,7 +159,8 @@ class Int8Part(torch.nn.Module):
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
 
 
-def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32, packs: Packs | None = None) -> int:
+def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32, packs: Packs | None = None,
+              make: Callable[..., torch.nn.Module] | None = None) -> int:
     """Replace each group of `FUSED` projections (plain `nn.Linear`, same input size) by the
     parts of one `FusedInt8`; return how many groups."""
     count = 0
@@ -165,7 +172,7 @@ def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32, pac
                 continue
             if len({lin.in_features for lin in linears}) != 1:
                 continue
-            fused = FusedInt8(linears, dtype=dtype, packs=packs, key=f"{path}.{'+'.join(names)}")
+            fused = FusedInt8(linears, dtype=dtype, packs=packs, key=f"{path}.{'+'.join(names)}", make=make)
             for index, name in enumerate(names):
                 setattr(module, name, Int8Part(fused, index))
             count += 1
@@ -174,6 +181,8 @@ def fuse_int8(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32, pac
 
 class Int8WeightOnlyLinear(torch.nn.Module):
     """y = x @ (int8 weight * per-row scale)^T + bias; x stays in its dtype (fp32, bf16, fp16)."""
+
+    KEEPS_DTYPES = True  # `quantize_int8` leaves its buffers' dtypes as they are
 
     # Buffers (register_buffer), declared for the type checker only: no class attributes.
     weight_int8: torch.Tensor  # [out, in] int8
@@ -208,13 +217,16 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_int8(model: Model, *, dtype: str = "float32", packs: Packs | None = None) -> Model:
+def quantize_int8(model: Model, *, dtype: str = "float32", packs: Packs | None = None,
+                  make: Callable[..., torch.nn.Module] | None = None, scheme: str = "int8") -> Model:
     """Quantize `model` in place (CPU) with activations in `dtype`, and return it. With `packs`,
-    weights it holds are used as they are, and those quantized here are added to it."""
+    weights it holds are used as they are, and those quantized here are added to it. `make`
+    builds each quantized layer (default `int8_linear`; `scheme` names it in errors)."""
+    make = make or int8_linear
     act = getattr(torch, dtype)
     embed = model.get_input_embeddings()
     if not isinstance(embed, torch.nn.Embedding):  # a lookup table in every architecture transformers ships
-        raise InvalidInput(f"`quantize` int8 needs a plain token embedding, this model has {type(embed).__name__}: "
+        raise InvalidInput(f"`quantize` {scheme} needs a plain token embedding, this model has {type(embed).__name__}: "
                            "leave `quantize` out.")
     scale = getattr(embed, "embed_scale", None)  # Gemma scales every row
     table = packs.found.get(EMBED) if packs is not None else None
@@ -224,12 +236,12 @@ def quantize_int8(model: Model, *, dtype: str = "float32", packs: Packs | None =
             packs.made[EMBED] = table
     embedding = Bf16Embedding(table, padding_idx=embed.padding_idx, dtype=act,
                               scale=None if scale is None else float(scale))
-    fuse_int8(model, dtype=act, packs=packs)
+    fuse_int8(model, dtype=act, packs=packs, make=make)
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
                 key = f"{path}.{name}" if path else name
-                setattr(module, name, int8_linear(child, dtype=act, packs=packs, key=key))
+                setattr(module, name, make(child, dtype=act, packs=packs, key=key))
                 del child
     model.set_input_embeddings(embedding)
     del embed
@@ -241,7 +253,7 @@ def quantize_int8(model: Model, *, dtype: str = "float32", packs: Packs | None =
             if param.is_floating_point() and param.dtype != act:
                 converted = torch.nn.Parameter(param.detach().to(act), requires_grad=False)
                 setattr(module, name, converted)
-        if isinstance(module, Int8WeightOnlyLinear):
+        if getattr(module, "KEEPS_DTYPES", False):  # quantized layers: their buffers as they made them
             continue
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_floating_point() and buf.dtype != act and "inv_freq" not in name:
