@@ -36,14 +36,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--port must be between 1 and 65535, got {args.port}.")
     import uvicorn
 
+    from hyprstream_tui.engine.batching import start_warm_up
     from hyprstream_tui.engine.engine import Engine
     from hyprstream_tui.engine.loader import LoadOptions
     from hyprstream_tui.server.app import create_app
 
-    engine = Engine(store=store_from(args), max_models=args.max_models, threads=args.threads,
+    store = store_from(args)
+    engine = Engine(store=store, max_models=args.max_models, threads=args.threads,
                     options=LoadOptions(dtype=args.dtype, quantize=args.quantize))
     app = create_app(engine, api_key=api_key, max_queue=args.max_queue, max_batch=args.max_batch,
                      bind=args.host, allowed_hosts=args.allowed_host)
+    start_warm_up(store)
     print(f"hyprstream serving on http://{args.host}:{args.port}/v1 (OpenAPI at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

@@ -35,6 +35,45 @@ from hyprstream_tui.errors import HyprError, InvalidInput
 if TYPE_CHECKING:
     from hyprstream_tui.engine.engine import Engine
     from hyprstream_tui.engine.scheduler import Scheduler
+    from hyprstream_tui.store import Store
+
+
+_WARM = threading.Event()  # set: no warm-up under way (see start_warm_up)
+_WARM.set()
+
+
+def start_warm_up(store: Store | None = None) -> threading.Thread:
+    """Import what a batch's first request needs, in a background thread of a server that has
+    just started: torch, transformers' auto classes and tokenizer (batches load through
+    transformers' classes, whose cache the scheduler extends), the modeling module of each
+    architecture in `store`, and the scheduler. Without it a server's first reply paid about
+    2x a cold `infer` (issue 21); `/health` answers before any of this.
+
+    A load waits for it (`_ticket`): transformers' lazy module is not safe to import from two
+    threads at once (a request racing the warm-up got "cannot import name 'AutoConfig'")."""
+    _WARM.clear()
+    thread = threading.Thread(target=_warm_imports, args=(store,), name="hyprstream-warm", daemon=True)
+    thread.start()
+    return thread
+
+
+def _warm_imports(store: Store | None) -> None:
+    import importlib
+    import logging
+
+    try:
+        importlib.import_module("torch")
+        transformers = importlib.import_module("transformers")
+        for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast"):
+            getattr(transformers, name)
+        for summary in store.list_models() if store is not None else []:
+            if summary.architecture.isidentifier() and hasattr(transformers, summary.architecture):
+                getattr(transformers, summary.architecture)  # its modeling module
+        importlib.import_module("hyprstream_tui.engine.scheduler")
+    except Exception as exc:  # noqa: BLE001 - the first request reports any real problem itself
+        logging.getLogger(__name__).info("warm-up import failed: %s: %s", type(exc).__name__, exc)
+    finally:
+        _WARM.set()
 
 
 class ContextLengthExceeded(InvalidInput):
@@ -178,6 +217,7 @@ class Batcher:
                 messages: Sequence[Mapping[str, str]] | None, params: SamplingParams,
                 on_event: BatchListener | None, request_id: str | None, fill_window: bool) -> Ticket:
         source = self.engine.resolve(spec)
+        _WARM.wait()  # a server's warm-up imports what this load imports: not both at once
         # A batch stacks rows of transformers' caches (tuned.batch_cache): transformers' classes
         lm = self.engine.load(spec, dataclasses.replace(self.engine.options, native=False))
         if source.adapter is not None:
