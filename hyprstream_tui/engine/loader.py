@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hyprstream_tui.engine.cpu import cpu_has_bf16
 from hyprstream_tui.errors import InvalidInput, NotFound
 from hyprstream_tui.store.inspect import check_weights
 
@@ -109,15 +110,6 @@ class LoadedModel:
         from hyprstream_tui.engine import adapters
 
         adapters.switch(self, adapter)
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 wins."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_device(device: str) -> str:
