@@ -18,7 +18,7 @@ them (PYTHONDONTWRITEBYTECODE is dropped and every command runs once before the 
                             16, temperature 0, in a `python -c` process of the llama-cpp-python venv
                             (`--llama-python`), on the same GGUF requantized by llama.cpp's own
                             quantizer (once, into ~/.cache/hyprstream-bench/coldstart; Q8_0 from
-                            the F16 file: see LLAMA)
+                            the F16 file: see benchmarks/llama_ref.py)
   floors                    `hyprstream --help`, `hyprstream --home H model list`, `python -c pass`,
                             `python -c "import torch"`, `import llama_cpp`
   serve                     `hyprstream --home H serve --port P --threads T` (a free port) from its
@@ -68,20 +68,13 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.llama_ref import BUILD_HINT, LLAMA_PYTHON, llama_files  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 MAX_TOKENS = 16
 MODEL = "smollm2"
-LLAMA_PYTHON = Path.home() / ".cache" / "hyprstream-bench" / "venv" / "bin" / "python"
-QUANT_CACHE = Path.home() / ".cache" / "hyprstream-bench" / "coldstart"
-BUILD_HINT = ("python3 -m venv --system-site-packages ~/.cache/hyprstream-bench/venv && "
-              "~/.cache/hyprstream-bench/venv/bin/pip install llama-cpp-python   (a 15-25 min compile)")
 OURS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"]}
-# kind: (llama.cpp's ftype, made from: None is the Q4_1 GGUF itself). Q8_0 is made from the F16 file, as
-# llama.cpp's users quantize: requantized straight from Q4_1 it answers, like the Q4_1 file itself,
-# "L'Étoile, la Cité, ..." for 16 tokens (greedy decoding on a 135M model tips on small differences).
-LLAMA = {"F16": ("LLAMA_FTYPE_MOSTLY_F16", None), "BF16": ("LLAMA_FTYPE_MOSTLY_BF16", None),
-         "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "F16")}
+LLAMA = ["F16", "BF16", "Q8_0"]  # llama.cpp's files (benchmarks/llama_ref.py: Q8_0 is made from F16)
 PAIRS = {"fp32": "F16", "bf16": "BF16", "int8": "Q8_0"}
 GROUPS = ("cold", "warm", "llama", "floors", "serve", "tui")
 COPY = MODEL + "-copy"  # the TUI's second switch: the same weights under another name, not loaded yet
@@ -99,14 +92,6 @@ out = llm.create_chat_completion(messages=[{"role": "user", "content": sys.argv[
                                  max_tokens=int(sys.argv[4]), temperature=0)
 print(out["choices"][0]["message"]["content"])
 """
-LLAMA_QUANTIZE = """import sys, llama_cpp
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = getattr(llama_cpp, sys.argv[3])
-params.allow_requantize = True
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
-"""
-
-
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of every timed process: bytecode caches on, as a user has them."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -141,20 +126,6 @@ def prepare_home(home: Path, gguf: Path) -> float | None:
         return None
     took, _ = run(hyprstream() + ["--home", str(home), "model", "import", str(gguf), "--name", MODEL])
     return took
-
-
-def llama_files(python: str, gguf: Path) -> dict[str, Path]:
-    """The GGUF requantized by llama.cpp's own quantizer, once per kind, into QUANT_CACHE."""
-    QUANT_CACHE.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    for kind, (ftype, source) in LLAMA.items():
-        dest = QUANT_CACHE / f"{gguf.stem.rsplit('.', 1)[0]}.{kind}.gguf"
-        if not dest.is_file():
-            part = dest.with_name(dest.name + ".incomplete")
-            run([python, "-c", LLAMA_QUANTIZE, str(files[source] if source else gguf), str(part), ftype])
-            os.replace(part, dest)
-        files[kind] = dest
-    return files
 
 
 def has_keep_alive() -> tuple[bool, bool]:
@@ -461,7 +432,7 @@ def main() -> None:
     home = args.home or Path(tempfile.mkdtemp(prefix="hyprstream-coldstart-"))
     llama = None
     if Path(args.llama_python).is_file():
-        llama = llama_files(args.llama_python, gguf)
+        llama = llama_files(args.llama_python, gguf, LLAMA)
     else:
         print(f"llama.cpp: no {args.llama_python}; build it with\n  {BUILD_HINT}\nor pass --llama-python. "
               "Measuring ours only.")

@@ -437,11 +437,13 @@ def main() -> None:
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.real:
-        import decode_real
+        import decode_real  # puts the repository on sys.path
+
+        from benchmarks.llama_ref import LLAMA_PYTHON
 
         if args.worker:
             return decode_real.ours_worker(args.home, args.worker, args.threads, args.new, json.loads(args.ids))
-        args.llama_python = args.llama_python or str(decode_real.LLAMA_PYTHON)
+        args.llama_python = args.llama_python or str(LLAMA_PYTHON)
         return decode_real.main_real(args)
     if args.child:
         args.case = args.child

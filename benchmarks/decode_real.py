@@ -35,23 +35,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.llama_ref import llama_files  # noqa: E402
 
-LLAMA_PYTHON = Path.home() / ".cache" / "hyprstream-bench" / "venv" / "bin" / "python"
-QUANT_CACHE = Path.home() / ".cache" / "hyprstream-bench" / "coldstart"  # coldstart.py's files
 MODEL = "smollm2"
 MESSAGE = "Write a short story about a little robot who learns to paint."  # 43 tokens with the template
 OURS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"},
         "int4": {"quantize": "int4"}}
 # kind: (llama.cpp's ftype, made from: None is the Q4_1 GGUF itself); the names are coldstart.py's
-LLAMA = {"F16": ("LLAMA_FTYPE_MOSTLY_F16", None), "BF16": ("LLAMA_FTYPE_MOSTLY_BF16", None),
-         "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "F16"), "Q4_K_M": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", "F16")}
+LLAMA = ["F16", "BF16", "Q8_0", "Q4_K_M"]  # llama.cpp's files (benchmarks/llama_ref.py)
 PAIRS = {"fp32": "F16", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
-LLAMA_QUANTIZE = """import sys, llama_cpp
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = getattr(llama_cpp, sys.argv[3])
-params.allow_requantize = True
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
-"""
 # One llama.cpp case: load, say READY, then one greedy run per line read. reset() first: generate()
 # would otherwise keep the KV cache of the prompt it saw last time and skip the prefill.
 LLAMA_WORKER = """import json, sys, time
@@ -127,22 +119,6 @@ class Worker:
             self.proc.kill()
 
 
-def llama_files(python: str, gguf: Path) -> dict[str, Path]:
-    """The GGUF requantized by llama.cpp's own quantizer, once per kind, into QUANT_CACHE."""
-    QUANT_CACHE.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    for kind, (ftype, source) in LLAMA.items():
-        dest = QUANT_CACHE / f"{gguf.stem.rsplit('.', 1)[0]}.{kind}.gguf"
-        if not dest.is_file():
-            print(f"llama.cpp: making {dest.name}...", flush=True)
-            part = dest.with_name(dest.name + ".incomplete")
-            subprocess.run([python, "-c", LLAMA_QUANTIZE, str(files[source] if source else gguf), str(part), ftype],
-                           check=True, capture_output=True)
-            os.replace(part, dest)
-        files[kind] = dest
-    return files
-
-
 def prepare_home(home: Path, gguf: Path) -> None:
     """Import the GGUF as `smollm2` unless the home holds it."""
     from hyprstream_tui.settings import Paths
@@ -177,7 +153,7 @@ def main_real(args) -> None:
 
     gguf = gguf_path()
     has_llama = Path(args.llama_python).is_file()
-    files = llama_files(args.llama_python, gguf) if has_llama else {}
+    files = llama_files(args.llama_python, gguf, LLAMA) if has_llama else {}
     if not has_llama:
         print(f"llama.cpp: no {args.llama_python} (build it as benchmarks/coldstart.py says): ours alone")
     with tempfile.TemporaryDirectory(prefix="hyprstream-decode-") as tmp:
