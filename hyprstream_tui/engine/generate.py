@@ -3,8 +3,10 @@
 Shape of a step (batch 1): prefill runs the whole prompt once and computes the output layer for
 the last position only; each decode step feeds one token at its position and reuses the cache.
 Positions come from one preallocated arange. With `tuned` (LoadOptions.tuned, the default),
-decode steps go through `tuned.lean.LeanDecoder` (the model's own layers over a preallocated cache,
-without transformers' per-step glue) where the architecture allows, else through `model(...)`.
+decode steps go through `tuned.step.FusedStep` (the whole step in one C call: the engine's own
+classes with int8/int4 weights), else `tuned.lean.LeanDecoder` (the model's own layers over a
+preallocated cache, without transformers' per-step glue) where the architecture allows, else
+through `model(...)`.
 
 The per-request state (sampling, detokenising, stop strings, how it ended) is
 `sequence.SequenceState`, which the batch scheduler decodes with too.
@@ -21,6 +23,7 @@ import torch
 
 from hyprstream_tui.engine.sequence import SequenceState
 from hyprstream_tui.engine.tuned.lean import LeanDecoder
+from hyprstream_tui.engine.tuned.step import FusedStep
 
 if TYPE_CHECKING:
     from transformers import Cache, PretrainedConfig
@@ -98,7 +101,8 @@ def decode(
         started = time.perf_counter()
         input_ids = seq.seen[cached:n_prompt].unsqueeze(0).to(device)  # [1, S - cached]
         logits = prefill(model, input_ids, positions[:, cached:n_prompt], cache)
-        lean = LeanDecoder.build(model, cache, n_prompt, max_new) if tuned else None
+        fused = FusedStep.build(model, cache) if tuned else None
+        lean = LeanDecoder.build(model, cache, n_prompt, max_new) if tuned and fused is None else None
         if lean is not None:
             cache = None  # its keys and values now live in the lean decoder's buffers
         first = True
@@ -118,7 +122,9 @@ def decode(
             started = time.perf_counter()
             token.fill_(next_id)
             pos = seq.position
-            if lean is not None:
+            if fused is not None:
+                logits = fused.step(next_id, pos)
+            elif lean is not None:
                 logits = lean.step(token, positions[:, pos : pos + 1])
             else:
                 assert cache is not None

@@ -22,25 +22,21 @@ Imports torch at module level: only `engine.tuned.kernels` imports this module.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from hyprstream_tui.store.atomic import tmp_name
+from hyprstream_tui.engine.tuned import build
+from hyprstream_tui.engine.tuned.build import BuildError
 
 SOURCE = Path(__file__).with_name("gemv_bf16.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "HYPRSTREAM_NATIVE_GEMV"
-BUILD_TIMEOUT_S = 120
 K_MULTIPLE = 64  # the kernel covers in_features that are multiples of this
 
 
@@ -138,53 +134,9 @@ def _load() -> tuple[Kernel | None, str]:
     return k, ""
 
 
-class BuildError(Exception):
-    pass
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or "cc"
-    found = shutil.which(cc)
-    if found is None:
-        raise BuildError(f"no C compiler ({cc!r} not found)")
-    return found
-
-
-def _cache_dir() -> Path:
-    from hyprstream_tui.settings import Paths
-
-    return Paths.from_env().cache / "kernels"
-
-
 def _build() -> Path:
-    """The compiled library, built now unless the cache holds it (named by a hash of the source,
-    the flags and the compiler). Written to a temp name and renamed: never half a file."""
-    cc = _compiler()
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        folder = Path(tempfile.mkdtemp(prefix="hyprstream-kernels-"))
-    target = folder / f"gemv_bf16-{digest}.so"
-    if target.is_file():
-        return target
-    tmp = tmp_name(target)  # the store's temp names (".<name>.<id>.incomplete")
-    try:
-        run = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True,
-                             text=True, timeout=BUILD_TIMEOUT_S)
-        if run.returncode != 0:
-            first = (run.stderr.strip().splitlines() or ["no output"])[0]
-            raise BuildError(f"{cc} failed: {first}")
-        os.replace(tmp, target)
-    except subprocess.TimeoutExpired:
-        raise BuildError(f"{cc} took over {BUILD_TIMEOUT_S} s") from None
-    except OSError as exc:
-        raise BuildError(f"cannot build in {folder}: {exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """The compiled library (`build.library`: built once, cached by a hash of source, flags, compiler)."""
+    return build.library(SOURCE, FLAGS, "gemv_bf16")
 
 
 def check_values(g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:

@@ -86,6 +86,7 @@ class Int4WeightOnlyLinear(torch.nn.Module):
 
     # Buffers (register_buffer), declared for the type checker only: no class attributes.
     weight_int4: torch.Tensor  # the kernel's packed layout (uint8, CPU-dependent)
+    nibbles: torch.Tensor  # quantize_groups' form (uint8 [out, in/2]), a plain attribute
     scales_zeros: torch.Tensor  # [in/group, out, 2] in the kernel's dtype
     bias: torch.Tensor | None  # [out] in the activation dtype
 
@@ -97,6 +98,9 @@ class Int4WeightOnlyLinear(torch.nn.Module):
         self.group = group
         self.kernel_dtype = torch.float16 if dtype == torch.float16 else torch.bfloat16
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack(nibbles), 1)
+        # The portable form as well: `tuned.step`'s fused decode step reads it (from the cache's
+        # memory map when the weights came from there).
+        self.nibbles = nibbles.contiguous()  # [out, in/2] uint8
         self.register_buffer("weight_int4", packed)
         self.register_buffer("scales_zeros", scales_zeros.to(self.kernel_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))

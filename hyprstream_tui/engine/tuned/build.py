@@ -1,0 +1,73 @@
+"""Compiling the package's C kernels: once per source, flags and compiler, cached in the home.
+
+A library is built with the system's C compiler (`$CC` or `cc`) into `$HYPRSTREAM_HOME/cache/kernels/`
+under a name holding a hash of the source, the flags and the compiler, written to a temp name and
+renamed (never half a file), and loaded by the caller with ctypes. `BuildError` says why a build
+could not happen; callers then keep torch's own path.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from hyprstream_tui.store.atomic import tmp_name
+
+BUILD_TIMEOUT_S = 120
+
+
+class BuildError(Exception):
+    pass
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC") or "cc"
+    found = shutil.which(cc)
+    if found is None:
+        raise BuildError(f"no C compiler ({cc!r} not found)")
+    return found
+
+
+def cache_dir() -> Path:
+    from hyprstream_tui.settings import Paths
+
+    return Paths.from_env().cache / "kernels"
+
+
+def library(source: Path, flags: tuple[str, ...], stem: str) -> Path:
+    """The library compiled from `source` with `flags`, built now unless the cache holds it."""
+    cc = compiler()
+    text = source.read_bytes()
+    digest = hashlib.sha256(text + " ".join((cc, *flags)).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="hyprstream-kernels-"))
+    target = folder / f"{stem}-{digest}.so"
+    if target.is_file():
+        return target
+    tmp = tmp_name(target)  # the store's temp names (".<name>.<id>.incomplete")
+    try:
+        run = subprocess.run([cc, *flags, "-o", str(tmp), str(source)], capture_output=True,
+                             text=True, timeout=BUILD_TIMEOUT_S)
+        if run.returncode != 0:
+            first = (run.stderr.strip().splitlines() or ["no output"])[0]
+            raise BuildError(f"{cc} failed: {first}")
+        os.replace(tmp, target)
+    except subprocess.TimeoutExpired:
+        raise BuildError(f"{cc} took over {BUILD_TIMEOUT_S} s") from None
+    except OSError as exc:
+        raise BuildError(f"cannot build in {folder}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+__all__ = ["BUILD_TIMEOUT_S", "BuildError", "cache_dir", "compiler", "library"]

@@ -1,0 +1,420 @@
+"""A whole decode step in one C call (`step.c`), for the engine's own model classes.
+
+On SmolLM2-135M (30 layers, 576 wide) a quantized decode step through torch is some 600 operator
+calls, and their dispatch, not the weights' bytes, was most of its time. `FusedStep` runs the same
+step (embedding row, every layer, output layer) as one call into `step.c`: one OpenMP region, a
+few barriers a layer, the KV cache written in place (`NativeCache`'s own tensors, so a prefill
+through torch and the engine's prefix reuse see the same cache). The projections of one input
+(q/k/v, gate/up) stay where they are: fused ones are pointed at by rows, nothing is copied.
+
+Where it applies (`FusedStep.build` -> None everywhere else, and torch's step runs):
+- the engine's native classes (`engine.native`: Llama, Qwen2, Mistral) on the CPU, without LoRA
+  layers;
+- by default models loaded with `--quantize int8` or `int4` (fp32 activations). Their activations
+  stay fp32 where torch's int8/int4 kernels round them to bf16, so the step is closer to the
+  dequantized model than torch's step is (tests compare both with it);
+- fp32 and bf16 models with `HYPRSTREAM_FUSED_STEP=all` only: a bf16 model keeps bf16 values and a
+  bf16 KV cache, rounded where torch rounds them, but sums run in another order than torch's
+  kernels (and its attention's exp is libm's), so a greedy token can leave transformers'
+  `generate` at a near tie, which torch's own step never does;
+- Linux on x86-64 with AVX2 and FMA, a C compiler, `HYPRSTREAM_FUSED_STEP` not `0`, and the
+  library's row products agreeing with torch's on the self-check (`self_check`, about 10 ms) at
+  its first load in each process.
+
+Imports torch at module level: only `engine.generate` imports this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hyprstream_tui.engine.tuned import build
+from hyprstream_tui.engine.tuned.build import BuildError
+
+SOURCE = Path(__file__).with_name("step.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+ENV_SWITCH = "HYPRSTREAM_FUSED_STEP"
+INT8, INT4, FP32, BF16 = 1, 2, 3, 4  # step.c's weight kinds
+QUANTIZED = frozenset({INT8, INT4})
+EVERY = frozenset({INT8, INT4, FP32, BF16})
+GROUP = 32  # int4 values per scale and zero (the cache's and quantize_int4's)
+MAX_HEAD_DIM = 512
+
+P = ctypes.c_void_p
+I64 = ctypes.c_int64
+
+
+class Lin(ctypes.Structure):
+    _fields_ = [("kind", I64), ("out", I64), ("inputs", I64), ("w", P), ("s", P), ("bias", P)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("q", Lin), ("k", Lin), ("v", Lin), ("o", Lin), ("gate", Lin), ("up", Lin), ("down", Lin),
+                ("ln1", P), ("ln2", P), ("kc", P), ("vc", P)]
+
+
+class Spec(ctypes.Structure):
+    _fields_ = [("layers", I64), ("dim", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64),
+                ("ffn", I64), ("vocab", I64), ("capacity", I64), ("threads", I64),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf16", I64), ("embed", P),
+                ("embed_f32", I64),
+                ("norm", P), ("inv_freq", P), ("head", Lin), ("layer", ctypes.POINTER(Layer)),
+                ("scratch", P)]
+
+
+class Unfit(Exception):
+    """The model is not one the fused step covers (the message says why)."""
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def describe(module: Any, keep: list[torch.Tensor], rows: tuple[int, int] | None = None) -> Lin:
+    """The `Lin` of a linear layer (int8, int4, fp32 or bf16), or of its output rows `rows`
+    (start, count); tensors it points into go to `keep`."""
+    from hyprstream_tui.engine.tuned.quantize import Int8WeightOnlyLinear
+    from hyprstream_tui.engine.tuned.quantize_int4 import Int4WeightOnlyLinear
+
+    bias = getattr(module, "bias", None)
+    s: torch.Tensor | None
+    if isinstance(module, Int8WeightOnlyLinear):
+        w, s = module.weight_int8, module.scales
+        if s.dtype != torch.float32:
+            raise Unfit("int8 scales that are not fp32 (activations other than fp32)")
+        kind = INT8
+    elif isinstance(module, Int4WeightOnlyLinear):
+        if module.group != GROUP or module.scales_zeros.dtype != torch.bfloat16:
+            raise Unfit("int4 groups other than 32, or activations other than fp32")
+        w = module.nibbles
+        s = module.scales_zeros.transpose(0, 1).contiguous()  # [in/32, out, 2] -> [out, in/32, 2]
+        kind = INT4
+    elif isinstance(module, torch.nn.Linear) and module.weight.dtype in (torch.float32, torch.bfloat16):
+        w, s = module.weight, None
+        kind = FP32 if w.dtype == torch.float32 else BF16
+    else:
+        raise Unfit(f"a {type(module).__name__} layer")
+    if bias is not None:
+        if bias.dtype not in (torch.float32, torch.bfloat16):
+            raise Unfit("a bias that is not fp32 or bf16")
+        bias = bias.detach().float().contiguous()  # a bf16 bias: its values, exactly
+    out, inputs = module.out_features, module.in_features
+    if inputs % GROUP or not w.is_contiguous() or w.device.type != "cpu":
+        raise Unfit(f"a {out}x{inputs} layer")
+    first, count = rows if rows is not None else (0, out)
+    w = w[first : first + count]
+    s = None if s is None else s[first : first + count]
+    bias = None if bias is None else bias[first : first + count]
+    keep.extend(t for t in (w, s, bias) if t is not None)
+    return Lin(kind, count, inputs, _ptr(w), _ptr(s), _ptr(bias))
+
+
+def parts(module: Any, names: tuple[str, ...], sizes: list[int], keep: list[torch.Tensor]) -> list[Lin]:
+    """The `Lin`s of projections `names` of `module`: their rows of quantize's `FusedInt8`, or the
+    layers themselves."""
+    found: list[Any] = [getattr(module, name, None) for name in names]
+    fused = getattr(found[0], "fused", None)
+    if fused is None:
+        lins = [describe(layer, keep) for layer in found]
+    elif any(getattr(p, "fused", None) is not fused or p.index != i for i, p in enumerate(found)) \
+            or list(fused.sizes) != sizes:
+        raise Unfit(f"{'/'.join(names)} are not one fused product")
+    else:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        lins = [describe(fused.linear, keep, (a, n)) for a, n in zip(starts, sizes)]
+    if [lin.out for lin in lins] != sizes or len({lin.inputs for lin in lins}) != 1:
+        raise Unfit(f"{'/'.join(names)} do not have the model's sizes")
+    return lins
+
+
+def quantized(model: Any) -> bool:
+    """Whether `model` went through `--quantize` (its output layer is always quantized then)."""
+    from hyprstream_tui.engine.tuned.quantize import Int8WeightOnlyLinear
+    from hyprstream_tui.engine.tuned.quantize_int4 import Int4WeightOnlyLinear
+
+    return isinstance(getattr(model, "lm_head", None), (Int8WeightOnlyLinear, Int4WeightOnlyLinear))
+
+
+class Described:
+    """A model's weights as `step.c` reads them: made once per model (`described`), shared by its
+    sequences. `keep` holds every tensor the structures point into."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        inner = model.model
+        self.keep: list[torch.Tensor] = []
+        keep = self.keep
+        heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        if hd % 2 or hd > MAX_HEAD_DIM or heads % kv_heads:
+            raise Unfit(f"head_dim {hd}, {heads} heads over {kv_heads}")
+        d, ffn = config.hidden_size, config.intermediate_size
+        layers = (Layer * len(inner.stack))()
+        for i, layer in enumerate(inner.stack):
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = tuple(n.weight.detach().float().contiguous()  # bf16 norms: their values, exactly
+                          for n in (layer.input_layernorm, layer.post_attention_layernorm))
+            keep.extend(norms)
+            L = layers[i]
+            L.q, L.k, L.v = parts(attn, ("q_proj", "k_proj", "v_proj"), [heads * hd, kv_heads * hd, kv_heads * hd],
+                                  keep)
+            L.o = describe(attn.o_proj, keep)
+            L.gate, L.up = parts(mlp, ("gate_proj", "up_proj"), [ffn, ffn], keep)
+            L.down = describe(mlp.down_proj, keep)
+            L.ln1, L.ln2 = _ptr(norms[0]), _ptr(norms[1])
+        embed = inner.embed_tokens
+        table = embed.weight
+        if getattr(embed, "scale", None) is not None or table.dtype not in (torch.bfloat16, torch.float32):
+            raise Unfit("a scaled or non-bf16/fp32 embedding")
+        norm = inner.norm.weight.detach().float().contiguous()
+        inv_freq = inner.rotary_emb.inv_freq.float().contiguous()
+        keep.extend((table, norm, inv_freq))
+        self.layers = layers
+        self.spec = Spec(
+            layers=len(inner.stack), dim=d, heads=heads, kv_heads=kv_heads, head_dim=hd, ffn=ffn,
+            vocab=config.vocab_size, capacity=0, threads=1, eps=config.rms_norm_eps,
+            scale=hd ** -0.5, embed=_ptr(table), embed_f32=int(table.dtype == torch.float32),
+            norm=_ptr(norm), inv_freq=_ptr(inv_freq), head=describe(model.lm_head, keep),
+            layer=None, scratch=None)
+        self.widest = max(d, heads * hd, ffn)
+        self.kinds = frozenset(lin.kind for layer in layers for lin in
+                               (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+                               ) | {self.spec.head.kind}
+        if BF16 in self.kinds and (self.kinds != {BF16} or table.dtype != torch.bfloat16):
+            raise Unfit("bf16 layers beside layers of other kinds")
+        # A bf16 model runs as torch runs it: bf16 values, bf16 KV cache (step.c's `bf16`)
+        self.spec.bf16 = int(self.kinds == {BF16})
+
+
+_described: "weakref.WeakKeyDictionary[Any, Described | Unfit]" = weakref.WeakKeyDictionary()
+
+
+def described(model: Any) -> Described:
+    """`model` described for `step.c` (once per model object); Unfit where it does not apply."""
+    found = _described.get(model)
+    if found is None:
+        try:
+            found = Described(model)
+        except (Unfit, AttributeError, TypeError) as exc:
+            found = exc if isinstance(exc, Unfit) else Unfit(f"{type(exc).__name__}: {exc}")
+        _described[model] = found
+    if isinstance(found, Unfit):
+        raise found
+    return found
+
+
+class FusedStep:
+    """Decode steps of one sequence through `step.c`, continuing `cache` (a `NativeCache`)."""
+
+    def __init__(self, lib: Any, model: Any, cache: Any) -> None:
+        shape = described(model)
+        self._fn = lib.hs_step
+        self.model, self.cache, self.shape = model, cache, shape
+        count = len(shape.layers)
+        self.layers = (Layer * count)()  # this sequence's copy: its own cache pointers
+        ctypes.memmove(self.layers, shape.layers, ctypes.sizeof(self.layers))
+        self.spec = Spec()
+        ctypes.memmove(ctypes.byref(self.spec), ctypes.byref(shape.spec), ctypes.sizeof(Spec))
+        self.spec.layer = ctypes.cast(self.layers, ctypes.POINTER(Layer))
+        self.spec.threads = max(1, torch.get_num_threads())
+        self.widest = shape.widest
+        self._attach()
+
+    @classmethod
+    def build(cls, model: Any, cache: Any, kinds: frozenset[int] | None = None) -> "FusedStep | None":
+        """The fused step for `model` continuing `cache`, or None where torch's step must run.
+        `kinds`: the weight kinds it may run; None: `default_kinds()`."""
+        if not getattr(model, "native", False) or getattr(cache, "keys", None) is None:
+            return None
+        lib = library()
+        if lib is None:
+            return None
+        try:
+            if not described(model).kinds <= (default_kinds() if kinds is None else kinds):
+                return None
+        except Unfit:
+            return None
+        if any(hasattr(m, "lora_A") for m in model.modules()):
+            return None  # LoRA layers: torch's step runs them
+        return cls(lib, model, cache)
+
+    def _attach(self) -> None:
+        """Point the spec at the cache's tensors and a scratch buffer sized for its capacity."""
+        keys, values = self.cache.keys, self.cache.values
+        dtype = torch.bfloat16 if self.spec.bf16 else torch.float32
+        if any(k is None or k.dtype != dtype or not k.is_contiguous() for k in (*keys, *values)):
+            raise Unfit(f"a KV cache that is not {dtype}")
+        capacity = keys[0].shape[2]
+        for i in range(self.spec.layers):
+            self.layers[i].kc, self.layers[i].vc = keys[i].data_ptr(), values[i].data_ptr()
+        s = self.spec
+        floats = (2 * s.dim + (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim + s.ffn
+                  + s.heads * capacity + self.widest + self.widest // GROUP + 16)
+        self.scratch = torch.empty(floats, dtype=torch.float32)
+        s.scratch, s.capacity = self.scratch.data_ptr(), capacity
+
+    def _grow(self) -> None:
+        cache = self.cache
+        length = cache.length
+        for store in (cache.keys, cache.values):
+            for i, old in enumerate(store):
+                new = old.new_empty((*old.shape[:2], 2 * old.shape[2], old.shape[3]))
+                new[:, :, :length] = old[:, :, :length]
+                store[i] = new
+        self._attach()
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """The logits [V] (fp32) of `token` at `position` (the cache's length); the cache grows by it."""
+        if position != self.cache.length:
+            raise ValueError(f"position {position} is not the cache's length {self.cache.length}")
+        if position >= self.spec.capacity or self.cache.keys[0].data_ptr() != self.layers[0].kc:
+            if position >= self.cache.keys[0].shape[2]:
+                self._grow()
+            else:
+                self._attach()
+        logits = torch.empty(self.spec.vocab, dtype=torch.float32)
+        if self._fn(ctypes.byref(self.spec), token, position, logits.data_ptr()) != 0:
+            raise ValueError(f"token {token} at position {position} is out of range")
+        self.cache.length = position + 1
+        return logits
+
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def library() -> Any:
+    """The checked library, built and loaded on first use; None where torch's step must run."""
+    if _state.get("off"):
+        return None
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"], _state["why"] = _load()
+    return _state["lib"]
+
+
+def default_kinds() -> frozenset[int]:
+    """The models the engine runs fused: int8 and int4 ones; fp32 and bf16 ones too with
+    `HYPRSTREAM_FUSED_STEP=all` (their sums run in another order than torch's, so greedy tokens
+    can leave transformers' `generate` at a near tie, where torch's own step keeps them equal)."""
+    return EVERY if os.environ.get(ENV_SWITCH, "1") == "all" else QUANTIZED
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the fused step off (torch's step everywhere) or back on, for this process."""
+    _state["off"] = not on
+
+
+def status() -> str:
+    """One line: whether quantized decode steps run fused, and why not."""
+    if _state.get("off"):
+        return "fused decode step: off (turned off in this process)"
+    lib = library()
+    return "fused decode step: on" if lib is not None else f"fused decode step: off ({_state['why']})"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _load() -> tuple[Any, str]:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None, f"{ENV_SWITCH}=0"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"not Linux on x86-64 ({sys.platform}, {platform.machine()})"
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if missing:
+        return None, f"the CPU lacks {', '.join(sorted(missing))}"
+    try:
+        path = build.library(SOURCE, FLAGS, "step")
+        try:
+            lib = _open(path)
+        except (OSError, AttributeError):  # a damaged cached file: build it once more
+            path.unlink(missing_ok=True)
+            path = build.library(SOURCE, FLAGS, "step")
+            lib = _open(path)
+    except BuildError as exc:
+        return None, str(exc)
+    except (OSError, AttributeError) as exc:
+        return None, f"cannot load the library: {exc}"
+    bad = self_check(lib)
+    if bad:
+        return None, f"its results differ from torch's ({bad})"
+    return lib, ""
+
+
+def _open(path: Path) -> Any:
+    lib = ctypes.CDLL(str(path))
+    lib.hs_step.restype = ctypes.c_int
+    lib.hs_step.argtypes = [ctypes.POINTER(Spec), I64, I64, P]
+    lib.hs_rows.restype = None
+    lib.hs_rows.argtypes = [ctypes.POINTER(Lin), P, I64, P, P]
+    return lib
+
+
+def rows(lib: Any, lin: Lin, x: torch.Tensor) -> torch.Tensor:
+    """lin's product with x [rows, in] through the library's row kernels (one thread)."""
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], lin.out, dtype=torch.float32)
+    scratch = torch.empty(lin.inputs + lin.inputs // GROUP + 16, dtype=torch.float32)
+    lib.hs_rows(ctypes.byref(lin), x.data_ptr(), x.shape[0], y.data_ptr(), scratch.data_ptr())
+    return y
+
+
+def self_check(lib: Any, product: Callable[[Lin, torch.Tensor], torch.Tensor] | None = None) -> str:
+    """'' when each kind of row product (`product`, default: the library's) agrees with the same
+    weights dequantized through torch (relative error under 1e-5), else what differed."""
+    from hyprstream_tui.engine.tuned.quantize import Int8WeightOnlyLinear
+    from hyprstream_tui.engine.tuned.quantize_int4 import Int4WeightOnlyLinear, dequantize, quantize_groups
+
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for out, inputs in ((48, 96), (64, 576)):
+            w = torch.randn(out, inputs, generator=g) * 0.05
+            x = torch.randn(3, inputs, generator=g) * 2
+            bias = torch.randn(out, generator=g)
+            dense = torch.nn.Linear(inputs, out)
+            dense.weight.copy_(w)
+            dense.bias.copy_(bias)
+            int8 = Int8WeightOnlyLinear(w, bias, torch.float32)
+            nibbles, sz = quantize_groups(w)
+            int4 = Int4WeightOnlyLinear(nibbles, sz, bias, torch.float32)
+            half = torch.nn.Linear(inputs, out).to(torch.bfloat16)
+            half.weight.copy_(w)
+            half.bias.copy_(bias)
+            xb = x.bfloat16().float()  # bf16 models' inputs are bf16 values
+            cases = (
+                ("bf16", half, half.weight.float()),
+                ("fp32", dense, w),
+                ("int8", int8, int8.weight_int8.float() * int8.scales[:, None]),
+                ("int4", int4, dequantize(nibbles, sz)),
+            )
+            for name, module, weight in cases:
+                keep: list[torch.Tensor] = []
+                lin = describe(module, keep)
+                xi = xb if name == "bf16" else x
+                ours = product(lin, xi) if product is not None else rows(lib, lin, xi)
+                want = (xi.double() @ weight.double().T + bias.bfloat16().double() if name == "bf16"
+                        else xi.double() @ weight.double().T + bias.double()).float()
+                err = float((ours - want).abs().max() / want.abs().max())
+                if not err < 1e-5:
+                    return f"{name} {out}x{inputs}: relative error {err:.2g}"
+    return ""
+
+
+__all__ = ["FusedStep", "Unfit", "library", "self_check", "set_enabled", "status"]

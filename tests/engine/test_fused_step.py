@@ -1,0 +1,256 @@
+"""The fused decode step (engine/tuned/step.py and step.c, issue 15): a whole decode step in one C
+call for the engine's own classes with int8/int4 weights.
+
+What it must compute: with fp32 weights, what the torch step computes (to fp32 rounding); with
+int8/int4 weights, the model whose weights are the dequantized ones, in fp32 (torch's int8/int4
+kernels round activations to bf16, the fused step does not). The KV cache it writes is the
+`NativeCache` torch's step reads, so the two can take turns on one sequence.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyprstream_tui.engine import native
+from hyprstream_tui.engine.generate import decode_one_token, generate_tokens, new_cache, prefill
+from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
+from hyprstream_tui.engine.native.model import NativeForCausalLM
+from hyprstream_tui.engine.params import SamplingParams
+from hyprstream_tui.engine.sequence import SequenceState
+from hyprstream_tui.engine.tuned import step
+from hyprstream_tui.engine.tuned.quantize import Int8WeightOnlyLinear
+from hyprstream_tui.engine.tuned.quantize_int4 import Int4WeightOnlyLinear, dequantize
+
+needs_step = pytest.mark.skipif(step.library() is None,
+                                reason=f"the fused step cannot run on this machine: {step.status()}")
+ALL_KINDS = step.EVERY
+PROMPT = "The quick brown fox jumps over the lazy dog."
+
+
+def load(tiny_models, arch, **options):
+    lm = load_model(ModelSource(name=arch, path=tiny_models[arch]), LoadOptions(**options))
+    assert isinstance(lm.model, NativeForCausalLM)
+    return lm
+
+
+def prefilled(lm, ids):
+    cache = new_cache(lm.model)
+    n = ids.shape[1]
+    with torch.inference_mode():
+        logits = prefill(lm.model, ids, torch.arange(n).unsqueeze(0), cache)
+    return cache, logits
+
+
+def close(ours, theirs, tol=1e-4):
+    scale = float(theirs.abs().max())
+    assert float((ours - theirs).abs().max()) <= tol * scale, (ours - theirs).abs().max()
+
+
+def run_pair(model_fused, model_ref, ids, steps, tol=1e-4):
+    """`steps` decode steps of the fused step on `model_fused` against torch's on `model_ref`, fed
+    the same tokens; returns the fused step's cache."""
+    lm_f, lm_r = model_fused, model_ref
+    cache_f, logits_f = prefilled(lm_f, ids)
+    cache_r, logits_r = prefilled(lm_r, ids)
+    fused = step.FusedStep.build(lm_f.model, cache_f, kinds=ALL_KINDS)
+    assert fused is not None
+    pos = ids.shape[1]
+    token = int(logits_r.argmax())
+    with torch.inference_mode():
+        for _ in range(steps):
+            ours = fused.step(token, pos)
+            theirs = decode_one_token(lm_r.model, torch.tensor([[token]]), torch.tensor([[pos]]), cache_r)
+            close(ours, theirs, tol)
+            token, pos = int(theirs.argmax()), pos + 1
+    assert cache_f.length == cache_r.length == pos
+    return cache_f, cache_r, token
+
+
+@needs_step
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_fp32_steps_equal_torchs_and_the_cache_grows(tiny_models, arch, monkeypatch):
+    monkeypatch.setattr(native.model, "FIRST_CAPACITY", 4)  # the prompt fills it: steps must grow it
+    lm = load(tiny_models, arch, dtype="float32")
+    ids = torch.tensor([lm.tokenizer.encode(PROMPT)])
+    cache_f, cache_r, token = run_pair(lm, lm, ids, steps=3 * ids.shape[1])
+    assert cache_f.keys[0].shape[2] > ids.shape[1]  # grown past the prompt's capacity
+    # torch's step continues the fused step's cache as it continues its own
+    pos = cache_r.length
+    with torch.inference_mode():
+        after_fused = decode_one_token(lm.model, torch.tensor([[token]]), torch.tensor([[pos]]), cache_f)
+        after_torch = decode_one_token(lm.model, torch.tensor([[token]]), torch.tensor([[pos]]), cache_r)
+    close(after_fused, after_torch)
+
+
+def dequantized_reference(tiny_models, arch, quantized):
+    """The fp32 native model whose weights are `quantized`'s dequantized (and whose embedding is
+    its bf16 table): what the fused step must compute for `quantized`."""
+    ref = load(tiny_models, arch, dtype="float32").model
+
+    def weight(module):
+        if isinstance(module, Int8WeightOnlyLinear):
+            return module.weight_int8.float() * module.scales.float()[:, None]
+        assert isinstance(module, Int4WeightOnlyLinear)
+        return dequantize(module.nibbles, module.scales_zeros)
+
+    def fill(targets, module):
+        w = weight(module)
+        start = 0
+        for lin in targets:
+            lin.weight = torch.nn.Parameter(w[start : start + lin.out_features].clone(), requires_grad=False)
+            if lin.bias is not None:
+                lin.bias = torch.nn.Parameter(module.bias[start : start + lin.out_features].float().clone(),
+                                              requires_grad=False)
+            start += lin.out_features
+
+    for mine, theirs in zip(ref.model.stack, quantized.model.stack):
+        a, qa = mine.self_attn, theirs.self_attn
+        fill([a.q_proj, a.k_proj, a.v_proj], qa.q_proj.fused.linear)
+        fill([a.o_proj], qa.o_proj)
+        fill([mine.mlp.gate_proj, mine.mlp.up_proj], theirs.mlp.gate_proj.fused.linear)
+        fill([mine.mlp.down_proj], theirs.mlp.down_proj)
+    ref.model.embed_tokens.weight = torch.nn.Parameter(quantized.model.embed_tokens.weight.float(),
+                                                       requires_grad=False)
+    ref.lm_head = torch.nn.Linear(ref.config.hidden_size, ref.config.vocab_size, bias=False)
+    ref.lm_head.weight = torch.nn.Parameter(weight(quantized.lm_head), requires_grad=False)
+    return ref
+
+
+@needs_step
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantized_steps_compute_the_dequantized_model(tiny_models, arch, scheme):
+    lm = load(tiny_models, arch, quantize=scheme)
+    kinds = step.described(lm.model).kinds
+    assert kinds == ({step.INT8} if scheme == "int8" else {step.INT4, step.INT8})  # int4: int8 head
+    ref = load(tiny_models, arch, dtype="float32")
+    ref.model = dequantized_reference(tiny_models, arch, lm.model)
+    ids = torch.tensor([lm.tokenizer.encode(PROMPT)])
+    # the prefills differ (torch's int8/int4 kernels round activations to bf16): start the fused
+    # side from the reference's own prefill by running the reference's prompt through both caches
+    cache_f, _ = prefilled(ref, ids)
+    cache_r, logits = prefilled(ref, ids)
+    fused = step.FusedStep.build(lm.model, cache_f)
+    assert fused is not None
+    token, pos = int(logits.argmax()), ids.shape[1]
+    with torch.inference_mode():
+        for _ in range(12):
+            ours = fused.step(token, pos)
+            theirs = decode_one_token(ref.model, torch.tensor([[token]]), torch.tensor([[pos]]), cache_r)
+            close(ours, theirs)
+            token, pos = int(theirs.argmax()), pos + 1
+
+
+@needs_step
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_decode_runs_quantized_models_fused_and_fp32_bf16_through_torch(tiny_models, scheme):
+    for options, fused in (({"quantize": scheme}, True), ({"dtype": "float32"}, False),
+                           ({"dtype": "bfloat16"}, False)):
+        lm = load(tiny_models, "llama", **options)
+        cache, _ = prefilled(lm, torch.tensor([lm.tokenizer.encode(PROMPT)]))
+        assert (step.FusedStep.build(lm.model, cache) is not None) == fused, options
+
+
+@needs_step
+def test_all_runs_fp32_and_bf16_models_fused_too(tiny_models, monkeypatch):
+    monkeypatch.setenv(step.ENV_SWITCH, "all")
+    for dtype in ("float32", "bfloat16"):
+        lm = load(tiny_models, "llama", dtype=dtype)
+        cache, _ = prefilled(lm, torch.tensor([lm.tokenizer.encode(PROMPT)]))
+        assert step.FusedStep.build(lm.model, cache) is not None
+
+
+@needs_step
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_steps_round_where_torch_rounds(tiny_models, arch):
+    """A bf16 model keeps bf16 values and a bf16 KV cache: torch's step and the fused one differ
+    only where a sum taken in another order rounds the other way (a bf16 step or two)."""
+    lm = load(tiny_models, arch, dtype="bfloat16")
+    ids = torch.tensor([lm.tokenizer.encode(PROMPT)])
+    cache_f, _ = prefilled(lm, ids)
+    cache_r, logits = prefilled(lm, ids)
+    assert cache_f.keys[0].dtype == torch.bfloat16
+    fused = step.FusedStep.build(lm.model, cache_f, kinds=ALL_KINDS)
+    assert fused is not None and fused.spec.bf16 == 1
+    token, pos = int(logits.argmax()), ids.shape[1]
+    with torch.inference_mode():
+        for _ in range(8):
+            ours = fused.step(token, pos)
+            theirs = decode_one_token(lm.model, torch.tensor([[token]]), torch.tensor([[pos]]), cache_r).float()
+            assert torch.equal(ours, ours.bfloat16().float())  # bf16 values
+            close(ours, theirs, tol=0.03)
+            assert int(ours.argmax()) == int(theirs.argmax())
+            token, pos = int(theirs.argmax()), pos + 1
+
+
+@needs_step
+def test_greedy_tokens_with_the_step_on_and_off_agree_where_logits_are_clear(tiny_models):
+    """Through the engine's loop: the same greedy tokens as torch's quantized step for as long as
+    the two runs' top two logits stay apart by more than the bf16 rounding of torch's kernel."""
+    lm = load(tiny_models, "qwen2", quantize="int8")
+    ids = lm.tokenizer.encode(PROMPT)
+
+    def run(on):
+        step.set_enabled(on)
+        try:
+            seq = SequenceState(list(ids), SamplingParams(temperature=0, max_tokens=16),
+                                eos_ids=frozenset(), generator=None)
+            return list(generate_tokens(lm.model, seq))
+        finally:
+            step.set_enabled(True)
+
+    fused, plain = run(True), run(False)
+    assert len(fused) == len(plain) == 16
+    assert fused[:4] == plain[:4]
+
+
+@needs_step
+def test_lora_layers_keep_torchs_step(tiny_models, tiny_adapters):
+    from hyprstream_tui.engine.loader import AdapterSource
+
+    lm = load(tiny_models, "llama", dtype="float32")
+    cache, _ = prefilled(lm, torch.tensor([lm.tokenizer.encode(PROMPT)]))
+    assert step.FusedStep.build(lm.model, cache, kinds=ALL_KINDS) is not None
+    lm.use_adapter(AdapterSource(name="lora", path=tiny_adapters["llama"], commit="c0ffee"))
+    assert step.FusedStep.build(lm.model, cache, kinds=ALL_KINDS) is None
+
+
+@needs_step
+def test_a_token_or_position_out_of_range_raises_and_writes_nothing(tiny_models):
+    lm = load(tiny_models, "llama", quantize="int8")
+    ids = torch.tensor([lm.tokenizer.encode(PROMPT)])
+    cache, _ = prefilled(lm, ids)
+    fused = step.FusedStep.build(lm.model, cache)
+    assert fused is not None
+    before = [k.clone() for k in cache.keys]
+    with pytest.raises(ValueError, match="out of range"):
+        fused.step(lm.model.config.vocab_size, ids.shape[1])
+    with pytest.raises(ValueError, match="cache's length"):
+        fused.step(1, ids.shape[1] + 5)
+    assert cache.length == ids.shape[1]
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.keys))
+
+
+def test_the_switch_and_turning_it_off_are_reasons(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPRSTREAM_HOME", str(tmp_path))
+    monkeypatch.setenv(step.ENV_SWITCH, "0")
+    assert step._load() == (None, f"{step.ENV_SWITCH}=0")
+    step.set_enabled(False)
+    try:
+        assert step.library() is None
+        assert step.status() == "fused decode step: off (turned off in this process)"
+    finally:
+        step.set_enabled(True)
+
+
+@needs_step
+def test_the_self_check_refuses_a_library_whose_products_are_wrong():
+    lib = step.library()
+    assert step.self_check(lib) == ""
+
+    def off_by_a_little(lin, x):
+        y = step.rows(lib, lin, x)
+        return y * (1 + 1e-3)
+
+    assert "relative error" in step.self_check(lib, product=off_by_a_little)
