@@ -41,3 +41,11 @@ for _module in ("safetensors.torch", "hyprstream_tui.engine.loader", "hyprstream
                 "hyprstream_tui.engine.train.loop", "hyprstream_tui.store", "hyprstream_tui.engine.engine",
                 "hyprstream_tui.engine.generate", "hyprstream_tui.engine.chat"):
     importlib.import_module(_module)
+# The fused decode step's C library: compiled now (once per home, under a second) rather than in
+# the first job that needs it. Only compiled: its check runs torch operations, which each job does
+# itself after the fork (about 10 ms), as OpenMP threads do not survive a fork.
+_build = importlib.import_module("hyprstream_tui.engine.tuned.build")
+try:
+    importlib.import_module("hyprstream_tui.engine.tuned.step").compile_library()
+except (_build.BuildError, OSError):  # no compiler, no disk: each job finds out and keeps torch's step
+    pass

@@ -254,3 +254,22 @@ def test_the_self_check_refuses_a_library_whose_products_are_wrong():
         return y * (1 + 1e-3)
 
     assert "relative error" in step.self_check(lib, product=off_by_a_little)
+
+
+@needs_step
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPRSTREAM_HOME", str(tmp_path))
+    path = step.compile_library()
+    assert path.parent == tmp_path / "cache" / "kernels"
+    path.write_bytes(b"not a shared library")
+    lib, why = step._load()
+    assert lib is not None and why == ""
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_no_compiler_is_a_reason_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPRSTREAM_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    lib, why = step._load()
+    assert lib is None
+    assert why.startswith(("no C compiler", "not Linux", "the CPU lacks")) and "\n" not in why

@@ -322,6 +322,11 @@ def status() -> str:
     return "fused decode step: on" if lib is not None else f"fused decode step: off ({_state['why']})"
 
 
+def compile_library() -> Path:
+    """The compiled library's path, built now unless the home's cache holds it (BuildError)."""
+    return build.library(SOURCE, FLAGS, "step")
+
+
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -341,12 +346,12 @@ def _load() -> tuple[Any, str]:
     if missing:
         return None, f"the CPU lacks {', '.join(sorted(missing))}"
     try:
-        path = build.library(SOURCE, FLAGS, "step")
+        path = compile_library()
         try:
             lib = _open(path)
         except (OSError, AttributeError):  # a damaged cached file: build it once more
             path.unlink(missing_ok=True)
-            path = build.library(SOURCE, FLAGS, "step")
+            path = compile_library()
             lib = _open(path)
     except BuildError as exc:
         return None, str(exc)
