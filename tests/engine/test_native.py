@@ -160,3 +160,27 @@ def test_generation_from_a_prefilled_prefix_equals_a_whole_run(tiny_models, arch
     with torch.inference_mode():
         prefill(lm.model, torch.tensor([ids[:-7]]), torch.arange(len(ids) - 7).unsqueeze(0), cache)
     assert run(cache) == whole
+
+
+def test_a_tied_table_saved_under_the_output_layers_name_loads_natively(tiny_models, tmp_path):
+    """safetensors' `save_model` keeps one name of a shared tensor; a tied checkpoint holding only
+    `lm_head.weight` (as decode.py's Qwen-shaped model did) loads through our classes too."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for path in Path(tiny_models["qwen2"]).iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")  # the table, one name
+    save_file(tensors, str(folder / "model.safetensors"))
+    lm = load_model(ModelSource(name="m", path=folder), LoadOptions(dtype="float32", tuned=False))
+    assert type(lm.model).__name__ == "NativeForCausalLM"
+    theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    assert torch.equal(theirs.model.embed_tokens.weight, tensors["lm_head.weight"])
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8, 1000, 12]])
+    with torch.inference_mode():
+        assert torch.equal(lm.model(ids).logits, theirs(ids).logits)

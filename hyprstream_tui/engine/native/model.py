@@ -350,7 +350,11 @@ def load_weights(model: NativeForCausalLM, tensors: dict[str, torch.Tensor], dty
     (None: kept as they are)."""
     state = {k: v.to(dtype) if v.is_floating_point() and dtype is not None else v for k, v in tensors.items()}
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        head = state.pop("lm_head.weight", None)
+        # A tied checkpoint may hold the table under either name (safetensors' `save_model` keeps
+        # one of the names of a shared tensor)
+        if head is not None and "model.embed_tokens.weight" not in state:
+            state["model.embed_tokens.weight"] = head
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")
                and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
