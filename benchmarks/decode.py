@@ -24,7 +24,8 @@ RSS, whether greedy tokens match `generate`, the int8 quality cost against fp32 
 perplexity on a text) and the memory-bandwidth roofline (weight bytes read per token / measured
 bandwidth).
 
-`--real`: the real model (SmolLM2-135M-Instruct) against llama.cpp instead; see decode_real.py.
+`--real`: the real model (SmolLM2-135M-Instruct) against llama.cpp instead; `--real --shape
+qwen2.5-0.5b`: this random model against llama.cpp on our GGUF export of it; see decode_real.py.
 """
 
 from __future__ import annotations
@@ -427,7 +428,9 @@ def main() -> None:
                    help="pair-float32, int8-float32, pair-bfloat16 or int8-bfloat16 (repeatable)")
     p.add_argument("--real", action="store_true",
                    help="SmolLM2-135M-Instruct, real weights, against llama.cpp (decode_real.py)")
-    p.add_argument("--home", default=None, help="--real: a home holding smollm2 (default: a temporary one)")
+    p.add_argument("--shape", default="smollm2", choices=["smollm2", "qwen2.5-0.5b"],
+                   help="--real: SmolLM2-135M-Instruct (real weights) or this random Qwen2.5-0.5B shape")
+    p.add_argument("--home", default=None, help="--real: a home holding the model (default: a temporary one)")
     p.add_argument("--llama-python", default=None, help="--real: a python where `import llama_cpp` works")
     p.add_argument("--json", action="store_true", help="--real: one JSON object")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -442,7 +445,8 @@ def main() -> None:
         from benchmarks.llama_ref import LLAMA_PYTHON
 
         if args.worker:
-            return decode_real.ours_worker(args.home, args.worker, args.threads, args.new, json.loads(args.ids))
+            return decode_real.ours_worker(args.home, args.worker, args.threads, args.new, json.loads(args.ids),
+                                           decode_real.SHAPES[args.shape][0])
         args.llama_python = args.llama_python or str(LLAMA_PYTHON)
         return decode_real.main_real(args)
     if args.child:

@@ -21,12 +21,26 @@ run each. Per case: decode tok/s (tokens 2..N over the time from the 1st to the 
 first token (prompt in, first token out), medians over rounds; per pair: the median over rounds of
 ours / llama.cpp in the same round, [lowest-highest]. The pairs: fp32/F16, bf16/BF16, int8/Q8_0,
 int4/Q4_K_M. "same tokens": how many of the greedy tokens equal those of llama.cpp's pair.
+
+`--shape qwen2.5-0.5b`: the same cases, rounds and report on the Qwen2.5-0.5B-Instruct architecture
+with random weights (issue 15's second shape): decode.py's `build_model` (seeded, bf16, the tiny test
+tokenizer with 151936 embedding rows), imported into the home as `qwen2.5-0.5b-random` by the store's
+import, then exported by our own exporter (`hyprstream model export ... --outtype f16`). llama.cpp's
+F16 case is that export as written; BF16, Q8_0 and Q4_K_M are llama.cpp's requantizations of it,
+cached as `qwen2.5-0.5b-shape-seed0-<sha256 of the export>.<kind>.gguf` (older digests are removed).
+The tiny tokenizer has 1024 tokens; llama.cpp wants a token list as long as the embedding, and the
+exporter pads it with unused `[PADn]` entries itself (as convert_hf_to_gguf does), so the benchmark
+pads nothing. The prompt is the tiny tokenizer's chat rendering of the message plus " Keep it short
+and kind.": 43 tokens, as SmolLM2's. Random weights make meaningless text: only the speed counts,
+and "same tokens" is shown for information (greedy choices between near-equal logits tip either way).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,10 +49,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.llama_ref import llama_files  # noqa: E402
+from benchmarks.llama_ref import llama_files, prune  # noqa: E402
 
 MODEL = "smollm2"
 MESSAGE = "Write a short story about a little robot who learns to paint."  # 43 tokens with the template
+QWEN = "qwen2.5-0.5b-random"
+QWEN_KEY = "qwen2.5-0.5b-shape-seed0"  # llama.cpp's cached files: this, the export's digest, the kind
+# --shape: (the model's name in the home, the user message, the report's title)
+SHAPES = {
+    "smollm2": (MODEL, MESSAGE, "SmolLM2-135M-Instruct, real weights"),
+    "qwen2.5-0.5b": (QWEN, MESSAGE + " Keep it short and kind.",  # 43 tokens with the tiny tokenizer
+                     "Qwen2.5-0.5B-Instruct shape, random bf16 weights (seed 0), llama.cpp on our F16 export"),
+}
 OURS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"},
         "int4": {"quantize": "int4"}}
 # kind: (llama.cpp's ftype, made from: None is the Q4_1 GGUF itself); the names are coldstart.py's
@@ -65,7 +87,7 @@ for _ in sys.stdin:
 """
 
 
-def ours_worker(home: str, kind: str, threads: int, new: int, ids: list[int]) -> None:
+def ours_worker(home: str, kind: str, threads: int, new: int, ids: list[int], model: str = MODEL) -> None:
     """One of our cases (a child process): load, say READY, then one greedy run per line read."""
     from hyprstream_tui.engine.generate import generate_tokens
     from hyprstream_tui.engine.loader import LoadOptions, load_model, set_threads
@@ -76,7 +98,7 @@ def ours_worker(home: str, kind: str, threads: int, new: int, ids: list[int]) ->
     from hyprstream_tui.store import Store
 
     set_threads(threads)
-    lm = load_model(resolve_source(MODEL, Store(Paths.from_env(Path(home)))), LoadOptions(**OURS[kind]))
+    lm = load_model(resolve_source(model, Store(Paths.from_env(Path(home)))), LoadOptions(**OURS[kind]))
     print(f"READY {json.dumps({'load_s': lm.load_s, 'quant_cache': lm.quant_cache})}", flush=True)
     for _ in sys.stdin:
         seq = SequenceState(list(ids), SamplingParams(temperature=0, max_tokens=new), eos_ids=frozenset(),
@@ -131,14 +153,52 @@ def prepare_home(home: Path, gguf: Path) -> None:
                         "--name", MODEL], check=True, capture_output=True)
 
 
-def prompt_ids(home: Path) -> list[int]:
+def _hyprstream(home: Path, *args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "hyprstream_tui", "--home", str(home), *args],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"hyprstream {' '.join(args)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+
+
+def prepare_qwen(home: Path, tmp: Path) -> Path:
+    """The Qwen2.5-0.5B-shape model (decode.py's `build_model`, in a child process so that this one
+    stays small while the cases run) imported into `home` as QWEN unless the home holds it, then
+    exported by our exporter to GGUF F16; returns the export (in `tmp`)."""
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    if not any(m.name == QWEN for m in Store(Paths.from_env(home)).list_models()):
+        folder = tmp / QWEN
+        print("building the random Qwen2.5-0.5B-shape model...", flush=True)
+        root = str(Path(__file__).resolve().parents[1])
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                        "from benchmarks.decode import build_model; build_model(Path(sys.argv[2]))", root, str(folder)],
+                       check=True)
+        print(f"importing it into {home}...", flush=True)
+        _hyprstream(home, "model", "import", str(folder), "--name", QWEN)
+        shutil.rmtree(folder)
+    export = tmp / f"{QWEN}.F16.gguf"
+    print(f"exporting {export.name} (hyprstream model export --outtype f16)...", flush=True)
+    _hyprstream(home, "model", "export", QWEN, "--outtype", "f16", "-o", str(export))
+    return export
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def prompt_ids(home: Path, model: str = MODEL, message: str = MESSAGE) -> list[int]:
     from hyprstream_tui.engine.chat import render
     from hyprstream_tui.engine.loader import load_tokenizer
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store import Store
 
-    tokenizer = load_tokenizer(Store(Paths.from_env(home)).model_dir(MODEL))
-    return render(tokenizer, [{"role": "user", "content": MESSAGE}])
+    tokenizer = load_tokenizer(Store(Paths.from_env(home)).model_dir(model))
+    return render(tokenizer, [{"role": "user", "content": message}])
 
 
 def _same(a: list[int], b: list[int]) -> int:
@@ -149,25 +209,34 @@ def _same(a: list[int], b: list[int]) -> int:
 
 
 def main_real(args) -> None:
-    from tests.realmodel import gguf_path
-
-    gguf = gguf_path()
+    model, message, _title = SHAPES[args.shape]
     has_llama = Path(args.llama_python).is_file()
-    files = llama_files(args.llama_python, gguf, LLAMA) if has_llama else {}
     if not has_llama:
         print(f"llama.cpp: no {args.llama_python} (build it as benchmarks/coldstart.py says): ours alone")
     with tempfile.TemporaryDirectory(prefix="hyprstream-decode-") as tmp:
         home = Path(args.home) if args.home else Path(tmp) / "home"
-        prepare_home(home, gguf)
-        ids = prompt_ids(home)
+        files: dict[str, Path] = {}
+        if args.shape == "smollm2":
+            from tests.realmodel import gguf_path
+
+            gguf = gguf_path()
+            files = llama_files(args.llama_python, gguf, LLAMA) if has_llama else {}
+            prepare_home(home, gguf)
+        else:
+            export = prepare_qwen(home, Path(tmp))
+            if has_llama:
+                stem = f"{QWEN_KEY}-{digest(export)}"
+                prune(QWEN_KEY, stem)
+                files = llama_files(args.llama_python, export, LLAMA, stem=stem, given={"F16": export})
+        ids = prompt_ids(home, model, message)
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         workers: dict[str, Worker] = {}
         try:
             for ours, theirs in PAIRS.items():  # loaded one at a time: no load competes with another
                 workers[f"ours {ours}"] = Worker(f"ours {ours}", [
                     sys.executable, str(Path(__file__).with_name("decode.py")), "--real", "--worker", ours,
-                    "--home", str(home), "--threads", str(args.threads), "--new", str(args.new),
-                    "--ids", json.dumps(ids)], env)
+                    "--home", str(home), "--shape", args.shape, "--threads", str(args.threads),
+                    "--new", str(args.new), "--ids", json.dumps(ids)], env)
                 if has_llama:
                     workers[f"llama.cpp {theirs}"] = Worker(f"llama.cpp {theirs}", [
                         args.llama_python, "-c", LLAMA_WORKER, str(files[theirs]), str(args.threads),
@@ -200,9 +269,9 @@ def report(args, workers: dict, ids: list[int]) -> None:
             ttft = [x / y for x, y in zip(a["ttfts"], b["ttfts"])]
             pairs[f"{ours}/{theirs}"] = {"decode": decode, "ttft": ttft, "same": _same(a["tokens"], b["tokens"])}
     if args.json:
-        print(json.dumps({"rows": rows, "pairs": pairs, "prompt_tokens": len(ids)}))
+        print(json.dumps({"rows": rows, "pairs": pairs, "prompt_tokens": len(ids), "shape": args.shape}))
         return
-    print(f"\nSmolLM2-135M-Instruct, real weights; {args.threads} threads; {len(ids)}-token chat prompt, "
+    print(f"\n{SHAPES[args.shape][2]}; {args.threads} threads; {len(ids)}-token chat prompt, "
           f"{args.new} greedy tokens; median of {args.rounds} rounds, cases in turn, each its own process\n")
     head = f"{'case':<20}{'decode tok/s':>14}{'1st token ms':>14}   load"
     print(head + "\n" + "-" * (len(head) + 24))
@@ -219,3 +288,5 @@ def report(args, workers: dict, ids: list[int]) -> None:
                   f"{f'{med(t):.2f} [{min(t):.2f}-{max(t):.2f}]':>22}{p['same']:>10}/{args.new}")
     print("\ndecode: the median over rounds of ours' rate / llama.cpp's in the same round (above 1: ours faster);"
           "\n1st token time: the same for the time to the first token (below 1: ours sooner).")
+    if args.shape != "smollm2":
+        print("same tokens: random weights, for information only (near-equal logits tip either way).")
