@@ -13,9 +13,9 @@ Never imports torch.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
-import uuid
 from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, TypeVar
 
 from hyprstream_tui.engine.events import Event, EventCallback, GenerationDone, GenerationError
@@ -133,7 +133,7 @@ class ChatEngine(Protocol):
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex[:12]
+    return os.urandom(6).hex()  # as uuid4().hex[:12], without importing uuid (and platform)
 
 
 def draw_seed(seed: int | None) -> int:
