@@ -37,6 +37,7 @@ from hyprstream_tui.engine.jobs import (
 )
 from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource
 from hyprstream_tui.engine.params import SamplingParams, check_budget, check_prompt
+from hyprstream_tui.engine.prefix import PrefixCache
 from hyprstream_tui.engine.sources import ModelSpec, parse_spec, resolve_source
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ class Engine:
         self._loading: dict[ModelKey, threading.Lock] = {}
         self._jobs: set[Job] = set()
         self._jobs_lock = threading.Lock()
+        # KV caches of earlier requests, their prompt prefixes reused (engine/prefix.py)
+        self.prefix = PrefixCache()
 
     # ---- models --------------------------------------------------------------------------
     def resolve(self, spec: str | ModelSpec) -> ModelSource:
@@ -100,7 +103,7 @@ class Engine:
         """Forget loaded models (all, or those named `name`); running requests keep theirs."""
         with self._models_lock:
             for key in [k for k, m in self._models.items() if name in (None, m.source.name)]:
-                del self._models[key]
+                self.prefix.forget(self._models.pop(key))
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Cancel running requests, wait for them (up to `timeout` s each), unload every model."""
@@ -136,7 +139,7 @@ class Engine:
                 self._models[key] = model
                 self._loading.pop(key, None)
                 while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
+                    self.prefix.forget(self._models.popitem(last=False)[1])
             return model, True
 
     # ---- generation ------------------------------------------------------------------------
@@ -265,17 +268,29 @@ class Engine:
         self, lm: LoadedModel, source: ModelSource, request: Request, prompt_ids: list[int],
         dropped: int, load_s: float, cancel: threading.Event, emit: EventCallback,
     ) -> GenerationDone:
-        from hyprstream_tui.engine.generate import stream_text
+        from hyprstream_tui.engine.generate import decode, new_cache
         from hyprstream_tui.engine.sequence import SequenceState, provenance, seeded
 
         params = request.params
         seed = draw_seed(params.seed)
         seq = SequenceState(prompt_ids, params, eos_ids=lm.eos_ids, generator=seeded(seed),
                             tokenizer=lm.tokenizer)
-        for text in stream_text(lm.model, seq, cancel=cancel, tuned=lm.options.tuned):
-            emit(TokenDelta(request_id=request.request_id, text=text, tokens=len(seq.token_ids)))
+        taken = self.prefix.take(lm, prompt_ids)  # the prompt's start computed by an earlier request
+        cache = taken.cache if taken.cache is not None else new_cache(lm.model)
+        for text in decode(lm.model, seq, cancel=cancel, cache=cache, tuned=lm.options.tuned):
+            if text:
+                emit(TokenDelta(request_id=request.request_id, text=text,
+                                tokens=len(seq.token_ids)))
+        # Only after a request that ended without an error (a cache left mid-forward is not whole),
+        # and only for a model still loaded: an unloaded model's memory must go.
+        if self._holds(lm):
+            self.prefix.keep(lm, seq.seen[: seq.n_prompt + len(seq.token_ids)].tolist(), cache)
         return seq.done(request.request_id, provenance(lm, source, params, seed), load_s=load_s,
                         dropped_messages=dropped)
+
+    def _holds(self, lm: LoadedModel) -> bool:
+        with self._models_lock:
+            return any(m is lm for m in self._models.values())
 
 
 def _spec(spec: str | ModelSpec) -> ModelSpec:
