@@ -75,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func = cmd_tui
     try:
         with interrupt.redelivered():
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        if argv is None and getattr(args, "leave_at_once", False):
+            leave_at_once(code)
+        return code
     except HyprError as exc:
         if args.debug:
             raise
@@ -101,4 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return StorageError.exit_code
 
 
-__all__ = ["build_parser", "main"]
+def leave_at_once(code: int) -> None:
+    """End this process now, its output flushed, without the interpreter's teardown (about 10 ms of
+    finalizing modules and objects, a twentieth of a warm `infer`). Only for a command that said it
+    holds nothing else to finish (`args.leave_at_once`: a reply from the keep-alive engine, whose
+    connection is closed) and only as the process's own entry point (`argv` None), never inside
+    a caller's process. Where flushing fails (a closed pipe) the usual way out reports it."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(code)
+
+
+__all__ = ["build_parser", "leave_at_once", "main"]

@@ -270,6 +270,11 @@ def engine_from_args(args: argparse.Namespace) -> Engine | KeepAliveClient:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    from hyprstream_tui.cli.quick import quick_infer
+
+    if quick_infer(args) is not None:  # the warm path: an engine of ours listens already
+        args.leave_at_once = True
+        return 0
     params = params_from_args(args)
     engine = engine_from_args(args)
     try:
@@ -277,6 +282,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
                   as_json=args.json)
     finally:
         engine.close()
+    # A reply from the keep-alive engine leaves nothing in this process to finish: `main` may skip
+    # the interpreter's teardown (cli.leave_at_once). Not with the engine here (--no-keep-alive).
+    args.leave_at_once = type(engine).__name__ == "KeepAliveClient"
     return 0
 
 

@@ -3,7 +3,9 @@ Ollama keeps a model loaded), so a second `hyprstream infer` answers without loa
 
 It runs an ordinary `Engine` on its own `Store` and answers clients (`engine.keepalive_client`) on a
 Unix socket (`engine.keepalive_protocol`): each connection sends requests, and every event of a
-request goes back as the engine's own frozen dataclass, GenerationDone or GenerationError last.
+request goes back as the engine's own frozen dataclass, GenerationDone or GenerationError last
+(the warm `infer` of cli/quick.py speaks plain tuples instead: `engine.keepalive_wire`). The
+engine's prefix cache (engine/prefix.py) lets a repeated chat template start skip its prefill.
 A connection that closes cancels its requests. With no connection open and no request for the idle
 timeout (HYPRSTREAM_KEEP_ALIVE, 5 minutes by default; each command's own value wins) it removes its
 socket and exits. `hyprstream engine stop` ends it at once.
@@ -28,7 +30,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from hyprstream_tui import __version__
@@ -38,11 +39,13 @@ from hyprstream_tui.engine.events import (
     GenerationDone,
     GenerationError,
     ModelLoaded,
+    TokenDelta,
 )
 from hyprstream_tui.engine.jobs import Job, error_event, new_request_id
 from hyprstream_tui.engine.keepalive_protocol import (
     PROTOCOL,
     Cancel,
+    Channel,
     Chat,
     EngineFiles,
     Hello,
@@ -58,13 +61,12 @@ from hyprstream_tui.engine.keepalive_protocol import (
     same_user,
 )
 from hyprstream_tui.engine.loader import LoadOptions
-from hyprstream_tui.engine.params import check_prompt
+from hyprstream_tui.engine.params import SamplingParams, check_prompt
 from hyprstream_tui.engine.sources import parse_spec
 from hyprstream_tui.errors import Conflict, HyprError, InvalidInput
 from hyprstream_tui.store.locks import FileLock
 
 if TYPE_CHECKING:
-    from hyprstream_tui.engine.params import SamplingParams
     from hyprstream_tui.settings import Paths
 
 TICK_S = 0.2  # how often the accept loop looks at the idle timeout and a stop request
@@ -113,21 +115,26 @@ def log(message: str) -> None:
 class Client:
     """One connection: its requests, and a lock so events of several requests interleave whole."""
 
-    conn: Connection
+    conn: Channel
     jobs: dict[str, Job] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)  # cancelled before their job existed
     closed: bool = False  # gone: a request still loading is cancelled as soon as it starts
     asked: bool = False  # it sent a request (the idle time counts from its end)
+    plain: set[str] = field(default_factory=set)  # requests whose events go as plain tuples
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, message: object) -> None:
         with self.lock:
+            rid = getattr(message, "request_id", None)
+            wire = plain_event(message) if rid in self.plain else message
             try:
-                self.conn.send(message)
+                if wire is not None:
+                    self.conn.send(wire)
             except (OSError, ValueError):
                 pass  # the client is gone: its read loop ends and cancels its requests
             if isinstance(message, (GenerationDone, GenerationError)):
                 self.jobs.pop(message.request_id, None)
+                self.plain.discard(message.request_id)
 
     def started(self, request_id: str, job: Job) -> None:
         with self.lock:
@@ -223,7 +230,7 @@ class KeepAliveServer:
                 sock.setblocking(True)
                 with self._lock:
                     self._connections += 1
-                threading.Thread(target=self._serve, args=(Connection(sock.detach()),),
+                threading.Thread(target=self._serve, args=(Channel(sock),),
                                  name="hyprstream-keepalive-conn", daemon=True).start()
             elif self._idle_for() >= self.keep_alive_s:
                 log(f"idle for {self.keep_alive_s:g} s: leaving")
@@ -238,7 +245,7 @@ class KeepAliveServer:
             self._last_seen = time.monotonic()
 
     # ---- one connection -------------------------------------------------------------------
-    def _serve(self, conn: Connection) -> None:
+    def _serve(self, conn: Channel) -> None:
         client = Client(conn)
         try:
             while True:
@@ -249,7 +256,8 @@ class KeepAliveServer:
                 except Exception as exc:  # noqa: BLE001 - a message that does not unpickle
                     log(f"unreadable message: {type(exc).__name__}: {exc}")
                     break
-                if isinstance(message, (Infer, Chat, Cancel)):
+                if isinstance(message, (Infer, Chat, Cancel)) or (
+                        isinstance(message, tuple) and message[:1] in (("infer",), ("cancel",))):
                     client.asked = True  # a status or stop alone does not count as use
                     self._touch()
                 if not self._handle(client, message):
@@ -264,6 +272,8 @@ class KeepAliveServer:
 
     def _handle(self, client: Client, message: object) -> bool:
         """Answer one message; False ends the connection."""
+        if isinstance(message, tuple):
+            return self._handle_plain(client, message)
         if isinstance(message, Hello):
             if message.keep_alive_s is not None:
                 with self._lock:
@@ -284,6 +294,48 @@ class KeepAliveServer:
             log(f"unknown message {type(message).__name__}: closing that connection")
             return False
         return True
+
+    def _handle_plain(self, client: Client, message: tuple[object, ...]) -> bool:
+        """The warm `infer`'s plain messages (engine/keepalive_wire.py); False ends the connection."""
+        kind, args = message[0], message[1:]
+        if kind == "hello" and len(args) == 2:
+            if isinstance(args[1], (int, float)) and not isinstance(args[1], bool):
+                with self._lock:
+                    self.keep_alive_s = float(args[1])
+            client.send(("welcome", PROTOCOL, __version__, os.getpid()))
+        elif kind == "infer" and len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], dict):
+            rid, fields = args[0], args[1]
+            with client.lock:
+                client.plain.add(rid)
+            threading.Thread(target=self._plain_request, args=(client, rid, fields), daemon=True,
+                             name=f"hyprstream-keepalive-{rid}").start()
+        elif kind == "cancel" and len(args) == 1 and isinstance(args[0], str):
+            client.cancel(args[0])
+        else:
+            log(f"unknown plain message {str(kind)[:40]!r}: closing that connection")
+            return False
+        return True
+
+    def _plain_request(self, client: Client, rid: str, fields: dict[str, object]) -> None:
+        """A plain `infer` as the Infer it stands for (the parameters checked here, as the CLI's
+        full path checks them before sending)."""
+        try:
+            params, loading, system = fields["params"], fields["loading"], fields.get("system")
+            if not isinstance(params, dict) or not isinstance(loading, dict):
+                raise TypeError("params and loading must be dicts")
+            message = Infer(request_id=rid, spec=str(fields["spec"]), prompt=str(fields["prompt"]),
+                            params=SamplingParams(**{**params, "stop": tuple(params.get("stop") or ())}),
+                            system=None if system is None else str(system),
+                            raw=bool(fields.get("raw")), loading=Loading(**loading))
+        except HyprError as exc:
+            client.send(error_event(rid, exc))
+            return
+        except (KeyError, TypeError, ValueError) as exc:
+            log(f"malformed plain infer {rid}: {type(exc).__name__}: {exc}")
+            client.send(error_event(rid, InvalidInput("The engine process could not read that request: "
+                                                      "run it again with --no-keep-alive.")))
+            return
+        self._request(client, message)
 
     def _request(self, client: Client, message: Infer | Chat) -> None:
         """Run one request in its own thread (loading a model can take seconds; the connection
@@ -324,6 +376,21 @@ class KeepAliveServer:
         return Status(pid=os.getpid(), version=__version__, home=str(self.files.home),
                       socket=str(self.files.socket), log=str(self.files.log), started=self.started,
                       keep_alive_s=keep_alive, idle_s=idle, connections=connections, models=models)
+
+
+def plain_event(event: object) -> tuple[object, ...] | None:
+    """`event` as the warm `infer`'s plain tuple (engine/keepalive_wire.py); None for an event that
+    is no part of its reply."""
+    rid = getattr(event, "request_id", None)
+    if isinstance(event, TokenDelta):
+        return ("text", rid, event.text)
+    if isinstance(event, ModelLoaded):
+        return ("loaded", rid, event.seconds)
+    if isinstance(event, GenerationDone):
+        return ("done", rid, event.as_dict())
+    if isinstance(event, GenerationError):
+        return ("error", rid, event.kind, event.message)
+    return None
 
 
 def warm_imports() -> None:

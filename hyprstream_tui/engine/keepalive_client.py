@@ -18,23 +18,20 @@ Never imports torch, transformers or pygit2: the warm path of the CLI stays ligh
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from hyprstream_tui import __version__
 from hyprstream_tui.engine.events import EventCallback, GenerationDone, GenerationError
-from hyprstream_tui.engine.forkserver import rebuild_error
 from hyprstream_tui.engine.jobs import Forwarded, Job, ignore, new_request_id
 from hyprstream_tui.engine.keepalive_protocol import (
     PROTOCOL,
     Cancel,
+    Channel,
     Chat,
     EngineFiles,
     Hello,
@@ -47,10 +44,12 @@ from hyprstream_tui.engine.keepalive_protocol import (
     Welcome,
     same_user,
 )
+from hyprstream_tui.engine.keepalive_wire import absolute_spec, stopped
 from hyprstream_tui.errors import HyprError
-from hyprstream_tui.store.locks import is_locked, locked, read_info
 
 if TYPE_CHECKING:
+    import subprocess
+
     from hyprstream_tui.engine.params import SamplingParams
     from hyprstream_tui.settings import Paths
 
@@ -68,7 +67,7 @@ class KeepAliveClient:
     """One connection to the keep-alive engine. `infer` and `chat` (the `ChatEngine` protocol)
     send each request with this command's load options and threads (`loading`)."""
 
-    def __init__(self, conn: Connection, files: EngineFiles, welcome: Welcome,
+    def __init__(self, conn: Channel, files: EngineFiles, welcome: Welcome,
                  loading: Loading = Loading()) -> None:
         self.files = files
         self.pid = welcome.pid
@@ -109,14 +108,7 @@ class KeepAliveClient:
 
     def close(self) -> None:
         """Hang up: the engine cancels what this connection still runs."""
-        try:  # wake the reader blocked in recv, then close
-            sock = socket.socket(fileno=self._conn.fileno())
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            finally:
-                sock.detach()
-        except (OSError, ValueError):
-            pass
+        self._conn.shutdown()  # wakes the reader blocked in recv
         self._conn.close()
 
     def _submit(self, message: Infer | Chat, on_event: EventCallback | None) -> Job:
@@ -152,8 +144,7 @@ class KeepAliveClient:
                 raise HyprError(self._stopped()) from None
 
     def _stopped(self) -> str:
-        return (f"The engine process stopped (its log: {self.files.log}): run the command again to "
-                "start a new one, or add --no-keep-alive.")
+        return stopped(self.files.log)
 
     def _read(self) -> None:
         """Hand each event to its job's callback; a final one ends the job."""
@@ -179,20 +170,10 @@ class KeepAliveClient:
 
     def _rebuild(self, event: GenerationError) -> BaseException:
         """The engine's error as the same HyprError class; a bug names the engine's log."""
+        from hyprstream_tui.engine.forkserver import rebuild_error
+
         return rebuild_error(event.kind, event.message) \
             or HyprError(f"{event.message} (the engine process's log: {self.files.log})")
-
-
-def absolute_spec(spec: str) -> str:
-    """`spec` with its folder paths made absolute: the engine process works in another folder."""
-    model, sep, rest = spec.strip().partition(":")
-    if not model or (sep and not rest):
-        return spec  # the engine's parser words the mistake
-    if "/" in model or model.startswith((".", "~")):
-        model = str(Path(model).expanduser().absolute())
-    if rest.startswith(("/", ".", "~")):
-        rest = str(Path(rest).expanduser().absolute())
-    return model + sep + rest
 
 
 # ---- connecting, starting ---------------------------------------------------------------------
@@ -203,6 +184,8 @@ def connect(paths: Paths, *, keep_alive_s: float, loading: Loading = Loading(),
     client = open_client(files, keep_alive_s, loading)
     if client is not None:
         return client
+    from hyprstream_tui.store.locks import locked
+
     with locked(files.start_lock, "Starting the engine process", wait=START_WAIT_S * 2):
         client = open_client(files, keep_alive_s, loading)  # a racing command started it
         return client if client is not None else start(files, keep_alive_s, loading, note)
@@ -227,7 +210,7 @@ def open_client(files: EngineFiles, keep_alive_s: float | None, loading: Loading
         sock.close()
         raise HyprError(f"The engine socket {files.socket} belongs to another user: remove it, or add "
                         "--no-keep-alive.")
-    conn = Connection(sock.detach())
+    conn = Channel(sock)
     try:
         conn.send(Hello(protocol=PROTOCOL, keep_alive_s=keep_alive_s))
         if not conn.poll(REPLY_WAIT_S):
@@ -250,6 +233,8 @@ def open_client(files: EngineFiles, keep_alive_s: float | None, loading: Loading
 def start(files: EngineFiles, keep_alive_s: float, loading: Loading,
           note: Note | None) -> KeepAliveClient:
     """Start the engine process (the start lock held) and connect to it."""
+    from hyprstream_tui.store.locks import is_locked, read_info
+
     deadline = time.monotonic() + START_WAIT_S
     while is_locked(files.lock):  # one is starting or leaving: wait for either
         client = open_client(files, keep_alive_s, loading)
@@ -281,6 +266,8 @@ def start(files: EngineFiles, keep_alive_s: float, loading: Loading,
 def spawn(files: EngineFiles, keep_alive_s: float) -> subprocess.Popen[bytes]:
     """`python -m hyprstream_tui.engine.keepalive`, detached: its own session (a Ctrl-C in this
     terminal is not its), output to the log, run from the folder this package is imported from."""
+    import subprocess
+
     files.log.parent.mkdir(parents=True, exist_ok=True)
     if files.log.exists() and files.log.stat().st_size > LOG_ROTATE_BYTES:
         os.replace(files.log, files.log.with_name(files.log.name + ".1"))
@@ -316,6 +303,8 @@ def status(paths: Paths) -> Status | None:
 
 def stop(paths: Paths) -> int | None:
     """Stop the home's engine process and wait until it is gone; its pid (None: none ran)."""
+    from hyprstream_tui.store.locks import is_locked, read_info
+
     files = EngineFiles.of(paths)
     client = attach(paths)
     if client is not None:
@@ -340,6 +329,10 @@ def stop_client(client: KeepAliveClient) -> int:
 
 def end_process(files: EngineFiles, pid: int, *, asked: bool = False) -> None:
     """Wait for the engine to leave (SIGTERM first unless `asked`; SIGKILL when it lingers)."""
+    import signal
+
+    from hyprstream_tui.store.locks import is_locked
+
     if not asked and pid > 0:
         signal_quietly(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT_S

@@ -3,9 +3,10 @@ messages they exchange, and the checks that keep its socket to its own user.
 
 One engine process per home (`engine.keepalive`) listens on a Unix socket; each CLI command
 (`engine.keepalive_client`) connects, says `Hello`, sends `Infer` / `Chat` / `Cancel` /
-`StatusRequest` / `Stop`, and reads the engine's own event dataclasses back (pickled by
-`multiprocessing.connection`). The socket file is 0600 in a 0700 folder, and each side checks that
-the other runs as the same user (SO_PEERCRED); it is never a TCP port.
+`StatusRequest` / `Stop`, and reads the engine's own event dataclasses back (pickled, each after
+its length: `keepalive_wire.Channel`). The socket file is 0600 in a 0700 folder, and each side
+checks that the other runs as the same user (SO_PEERCRED); it is never a TCP port. The light part
+(socket path, framing, the warm `infer`'s plain messages) is `keepalive_wire`, re-exported here.
 
 Standard library and the light engine modules only: the client imports this, and it must not
 import torch, transformers or pygit2.
@@ -13,44 +14,29 @@ import torch, transformers or pygit2.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import socket
 import stat
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from hyprstream_tui.errors import InvalidInput, StorageError
+from hyprstream_tui.engine.keepalive_wire import (
+    DEFAULT_KEEP_ALIVE_S,
+    ENV,
+    MAX_SOCKET_PATH,
+    PROTOCOL,
+    Channel,
+    keep_alive_seconds,
+    log_path,
+    peer_uid,
+    same_user,
+    socket_path,
+)
+from hyprstream_tui.errors import StorageError
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.params import SamplingParams
     from hyprstream_tui.settings import Paths
-
-PROTOCOL = 1  # bumped when a message changes: a client stops an engine that speaks another
-ENV = "HYPRSTREAM_KEEP_ALIVE"
-DEFAULT_KEEP_ALIVE_S = 300.0  # as Ollama's: 5 minutes
-MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with the terminating NUL
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def keep_alive_seconds(value: str | None) -> float | None:
-    """How long an idle engine stays, from HYPRSTREAM_KEEP_ALIVE: seconds, or `30s` / `5m` / `1h`;
-    unset is 5 minutes; 0 (or `off`) is None: no keep-alive engine, the model loads in-process."""
-    if value is None or not value.strip():
-        return DEFAULT_KEEP_ALIVE_S
-    text = value.strip().lower()
-    if text in ("off", "no", "false"):
-        return None
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise InvalidInput(f"{ENV}={value!r} is not a duration: give seconds (300), or 30s, 5m or 1h; "
-                           "0 turns the keep-alive engine off.")
-    seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    return seconds if seconds > 0 else None
 
 
 # ---- where things are ---------------------------------------------------------------------------
@@ -67,18 +53,8 @@ class EngineFiles:
     @classmethod
     def of(cls, paths: "Paths") -> "EngineFiles":
         return cls(home=paths.home, socket=socket_path(paths.home),
-                   log=paths.home / "logs" / "keepalive.log",
+                   log=log_path(paths.home),
                    lock=paths.locks / "keepalive.lock", start_lock=paths.locks / "keepalive-start.lock")
-
-
-def socket_path(home: Path) -> Path:
-    """`<home>/run/engine.sock`; when that is too long for a Unix socket (a deep home), a short one
-    named by a hash of the home under /tmp/hyprstream-<uid>/."""
-    preferred = home / "run" / "engine.sock"
-    if len(os.fsencode(str(preferred))) <= MAX_SOCKET_PATH:
-        return preferred
-    digest = hashlib.sha256(os.fsencode(str(home))).hexdigest()[:20]
-    return Path(f"/tmp/hyprstream-{os.getuid()}") / f"{digest}.sock"
 
 
 def private_folder(folder: Path) -> None:
@@ -95,22 +71,6 @@ def private_folder(folder: Path) -> None:
                            f"off with {ENV}=0.")
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(folder, 0o700)
-
-
-def peer_uid(sock: socket.socket) -> int | None:
-    """The user id of the process at the other end of a Unix socket (None where the platform
-    cannot tell: there the socket's 0600 mode in a 0700 folder is the guard)."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is None:
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
-def same_user(sock: socket.socket) -> bool:
-    uid = peer_uid(sock)
-    return uid is None or uid == os.getuid()
 
 
 # ---- messages (client -> engine) ----------------------------------------------------------------
@@ -211,7 +171,7 @@ class Stopping:
 
 
 __all__ = [
-    "Cancel", "Chat", "DEFAULT_KEEP_ALIVE_S", "ENV", "EngineFiles", "Hello", "Infer", "LoadedInfo",
+    "Cancel", "Channel", "Chat", "DEFAULT_KEEP_ALIVE_S", "ENV", "EngineFiles", "Hello", "Infer", "LoadedInfo",
     "Loading", "PROTOCOL", "Status", "StatusRequest", "Stop", "Stopping", "Welcome", "keep_alive_seconds",
-    "peer_uid", "private_folder", "same_user", "socket_path",
+    "MAX_SOCKET_PATH", "peer_uid", "private_folder", "same_user", "socket_path",
 ]
