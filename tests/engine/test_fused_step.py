@@ -273,3 +273,37 @@ def test_no_compiler_is_a_reason_not_an_error(tmp_path, monkeypatch):
     lib, why = step._load()
     assert lib is None
     assert why.startswith(("no C compiler", "not Linux", "the CPU lacks")) and "\n" not in why
+
+
+@needs_step
+@pytest.mark.parametrize("left", [1, 3])
+def test_a_prompts_last_few_tokens_run_through_the_fused_step(tiny_models, monkeypatch, left):
+    """After a reused prefix (or for a prompt of a few tokens, from an empty cache) the last
+    tokens go through the fused step one by one: the same greedy tokens as torch's prefill."""
+    from hyprstream_tui.engine import generate
+
+    monkeypatch.setenv(step.ENV_SWITCH, "all")  # fp32: compared with torch's fp32 to rounding
+    lm = load(tiny_models, "llama", dtype="float32")
+    ids = lm.tokenizer.encode(PROMPT)
+    calls = []
+    real_prefill = generate.prefill
+    monkeypatch.setattr(generate, "prefill", lambda *a, **k: calls.append(1) or real_prefill(*a, **k))
+
+    def run(on, prompt, prefix):
+        step.set_enabled(on)
+        try:
+            cache = new_cache(lm.model)
+            if prefix:
+                with torch.inference_mode():
+                    real_prefill(lm.model, torch.tensor([prompt[:prefix]]), torch.arange(prefix).unsqueeze(0), cache)
+            seq = SequenceState(list(prompt), SamplingParams(temperature=0, max_tokens=8),
+                                eos_ids=frozenset(), generator=None)
+            return list(generate_tokens(lm.model, seq, cache=cache))
+        finally:
+            step.set_enabled(True)
+
+    for prompt, prefix in ((ids, len(ids) - left), (ids[:left], 0)):
+        calls.clear()
+        fused = run(True, prompt, prefix)
+        assert calls == []  # no torch prefill: the fused step ran the prompt's rest
+        assert fused == run(False, prompt, prefix) and calls == [1]

@@ -48,6 +48,7 @@ QUANTIZED = frozenset({INT8, INT4})
 EVERY = frozenset({INT8, INT4, FP32, BF16})
 GROUP = 32  # int4 values per scale and zero (the cache's and quantize_int4's)
 MAX_HEAD_DIM = 512
+FIRST_CAPACITY = 512  # positions of a cache this step allocates (it doubles when full), as NativeCache's
 
 P = ctypes.c_void_p
 I64 = ctypes.c_int64
@@ -247,9 +248,14 @@ class FusedStep:
         return cls(lib, model, cache)
 
     def _attach(self) -> None:
-        """Point the spec at the cache's tensors and a scratch buffer sized for its capacity."""
+        """Point the spec at the cache's tensors and a scratch buffer sized for its capacity (an
+        empty cache gets its tensors here: a prompt can start through the step)."""
         keys, values = self.cache.keys, self.cache.values
         dtype = torch.bfloat16 if self.spec.bf16 else torch.float32
+        if self.cache.length == 0 and all(k is None for k in (*keys, *values)):
+            shape = (1, self.spec.kv_heads, FIRST_CAPACITY, self.spec.head_dim)
+            for i in range(self.spec.layers):
+                keys[i], values[i] = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
         if any(k is None or k.dtype != dtype or not k.is_contiguous() for k in (*keys, *values)):
             raise Unfit(f"a KV cache that is not {dtype}")
         capacity = keys[0].shape[2]
