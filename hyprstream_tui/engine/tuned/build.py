@@ -16,8 +16,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from hyprstream_tui.store.atomic import tmp_name
+
+T = TypeVar("T")
 
 BUILD_TIMEOUT_S = 120
 
@@ -70,4 +73,16 @@ def library(source: Path, flags: tuple[str, ...], stem: str) -> Path:
     return target
 
 
-__all__ = ["BUILD_TIMEOUT_S", "BuildError", "cache_dir", "compiler", "library"]
+def opened(source: Path, flags: tuple[str, ...], stem: str, opener: Callable[[Path], T]) -> T:
+    """`opener` applied to the compiled library; a cached file it cannot open (damaged) is built
+    once more. Raises BuildError, or what `opener` raises on the rebuilt file (OSError,
+    AttributeError)."""
+    path = library(source, flags, stem)
+    try:
+        return opener(path)
+    except (OSError, AttributeError):
+        path.unlink(missing_ok=True)
+        return opener(library(source, flags, stem))
+
+
+__all__ = ["BUILD_TIMEOUT_S", "BuildError", "cache_dir", "compiler", "library", "opened"]

@@ -117,17 +117,11 @@ def _load() -> tuple[Kernel | None, str]:
     if capability != "AVX2":
         return None, f"torch's CPU capability is {capability}, not AVX2"
     try:
-        path = _build()
-        try:
-            k = Kernel(path)
-        except (OSError, AttributeError):  # a damaged cached file: build it once more
-            path.unlink(missing_ok=True)
-            path = _build()
-            k = Kernel(path)
+        k = build.opened(SOURCE, FLAGS, "gemv_bf16", Kernel)
     except BuildError as exc:
         return None, str(exc)
     except (OSError, AttributeError) as exc:
-        return None, f"cannot load {path}: {exc}"
+        return None, f"cannot load the kernel: {exc}"
     bad = self_check(k)
     if bad:
         return None, f"its results differ from torch's ({bad})"

@@ -352,13 +352,7 @@ def _load() -> tuple[Any, str]:
     if missing:
         return None, f"the CPU lacks {', '.join(sorted(missing))}"
     try:
-        path = compile_library()
-        try:
-            lib = _open(path)
-        except (OSError, AttributeError):  # a damaged cached file: build it once more
-            path.unlink(missing_ok=True)
-            path = compile_library()
-            lib = _open(path)
+        lib = build.opened(SOURCE, FLAGS, "step", _open)
     except BuildError as exc:
         return None, str(exc)
     except (OSError, AttributeError) as exc:
