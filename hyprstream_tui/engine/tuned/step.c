@@ -4,7 +4,7 @@
  * Why: on a 30-layer, 576-wide model (SmolLM2-135M) a step through torch is some 600 operator
  * calls, each paying dispatch and allocation; with int8 or int4 weights the arithmetic is a few
  * milliseconds and the calls were most of the rest. Here a step is one call, one OpenMP parallel
- * region and a few barriers per layer.
+ * region and a few barriers per layer (its own, `sync_wait`).
  *
  * What it computes (activations fp32 throughout, as the engine's quantized models run):
  *   h = embed[token]                                (a bf16 table widened, or fp32)
@@ -36,6 +36,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 
 typedef struct {
     int64_t kind, out, in;
@@ -200,11 +202,35 @@ static const float *prep(const hs_lin *lin, const float *x, float *xp, float *xs
     return xp;
 }
 
+/* The threads of a step wait for each other here between its parts (a dozen times a layer):
+ * spinning, as the wait is microseconds, then giving the core up if a partner has been descheduled.
+ * Not OpenMP's own barriers: under OMP_WAIT_POLICY=PASSIVE, which the TUI's child processes set so
+ * that training and chat share the cores, those sleep in the kernel, and a step took twice as long. */
+typedef struct {
+    atomic_int arrived, phase;
+} hs_sync;
+
+static void sync_wait(hs_sync *s, int *phase, int threads) {
+    const int next = ++*phase;
+    if (threads == 1) return;
+    if (atomic_fetch_add_explicit(&s->arrived, 1, memory_order_acq_rel) == threads - 1) {
+        atomic_store_explicit(&s->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&s->phase, next, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&s->phase, memory_order_acquire) != next; spins++) {
+        if (spins < 4096)
+            _mm_pause();
+        else
+            sched_yield();
+    }
+}
+
 /* y = the rows of `n` products of one input, one after the other (q, k, v): as `gemv` */
 static void gemv_parts(const hs_lin *parts, int n, const float *x, const float *xs, float *y, int bf16) {
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += parts[i].out;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t o = 0; o < total; o++) {
         const hs_lin *l = parts;
         int64_t r = o;
@@ -214,9 +240,9 @@ static void gemv_parts(const hs_lin *parts, int n, const float *x, const float *
     }
 }
 
-/* y[o] (+)= row o, for the rows of this thread: inside a parallel region, ends with a barrier. */
+/* y[o] (+)= row o, for the rows of this thread (inside a parallel region; no barrier). */
 static void gemv(const hs_lin *lin, const float *x, const float *xs, float *y, int add, int bf16) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t o = 0; o < lin->out; o++) {
         float r = row(lin, o, x, xs);
         if (bf16) r = rb(r);
@@ -320,18 +346,24 @@ int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
         const uint16_t *e = (const uint16_t *)m->embed + token * d;
         for (int64_t i = 0; i < d; i++) h[i] = bf16f(e[i]);
     }
+    hs_sync sync;
+    atomic_init(&sync.arrived, 0);
+    atomic_init(&sync.phase, 0);
 #pragma omp parallel num_threads((int)m->threads)
     {
+        const int threads = omp_get_num_threads(), first = omp_get_thread_num() == 0;
+        int phase = 0;
+#define SYNC() sync_wait(&sync, &phase, threads)
         for (int64_t l = 0; l < m->layers; l++) {
             const hs_layer *L = &m->layer[l];
-#pragma omp single
-            {
+            if (first) {
                 rmsnorm(h, L->ln1, x, d, m->eps, bf16);
                 prep(&L->q, x, xp, xs);
             }
+            SYNC();
             gemv_parts(&L->q, 3, input(&L->q, x, xp), xs, qkv, bf16);
-#pragma omp single
-            {
+            SYNC();
+            if (first) {
                 float *k = qkv + nq, *v = k + nkv;
                 for (int64_t i = 0; i < m->heads; i++) rotate(qkv + i * hd, cos_, sin_, hd, bf16);
                 for (int64_t i = 0; i < m->kv_heads; i++) {
@@ -340,20 +372,25 @@ int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
                     kv_put(L->vc, (i * m->capacity + pos) * hd, v + i * hd, hd, bf16);
                 }
             }
-#pragma omp for schedule(static)
+            SYNC();
+#pragma omp for schedule(static) nowait
             for (int64_t i = 0; i < m->heads; i++)
                 attend(m, L, qkv, att, scores + i * m->capacity, i, pos);
-#pragma omp single
-            prep(&L->o, att, xp, xs);
+            SYNC();
+            if (L->o.kind == 2) {
+                if (first) prep(&L->o, att, xp, xs);
+                SYNC();
+            }
             gemv(&L->o, input(&L->o, att, xp), xs, h, 1, bf16);
-#pragma omp single
-            {
+            SYNC();
+            if (first) {
                 rmsnorm(h, L->ln2, x, d, m->eps, bf16);
                 prep(&L->gate, x, xp, xs);
             }
+            SYNC();
             const float *gx = input(&L->gate, x, xp);
             /* gate row i and up row i together: act[i] = silu(gate) * up */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t i = 0; i < f; i++) {
                 float g = row(&L->gate, i, gx, xs), u = row(&L->up, i, gx, xs);
                 if (bf16) {
@@ -363,16 +400,21 @@ int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
                     act[i] = g / (1.0f + expf(-g)) * u;
                 }
             }
-#pragma omp single
-            prep(&L->down, act, xp, xs);
+            SYNC();
+            if (L->down.kind == 2) {
+                if (first) prep(&L->down, act, xp, xs);
+                SYNC();
+            }
             gemv(&L->down, input(&L->down, act, xp), xs, h, 1, bf16);
+            SYNC();
         }
-#pragma omp single
-        {
+        if (first) {
             rmsnorm(h, m->norm, x, d, m->eps, bf16);
             prep(&m->head, x, xp, xs);
         }
+        SYNC();
         gemv(&m->head, input(&m->head, x, xp), xs, logits, 0, bf16);
+#undef SYNC
     }
     return 0;
 }
