@@ -180,29 +180,51 @@ def test_bf16_steps_round_where_torch_rounds(tiny_models, arch):
             theirs = decode_one_token(lm.model, torch.tensor([[token]]), torch.tensor([[pos]]), cache_r).float()
             assert torch.equal(ours, ours.bfloat16().float())  # bf16 values
             close(ours, theirs, tol=0.03)
-            assert int(ours.argmax()) == int(theirs.argmax())
+            # the same token, or one torch rates within that rounding of its best
+            best = int(ours.argmax())
+            assert best == int(theirs.argmax()) or float(theirs.max() - theirs[best]) <= 0.03 * float(theirs.abs().max())
             token, pos = int(theirs.argmax()), pos + 1
+
+
+class Recording(SequenceState):
+    """A SequenceState that keeps the logits of every step it picks from."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.logits: list[torch.Tensor] = []
+
+    def pick(self, logits: torch.Tensor) -> int:
+        self.logits.append(logits.float().clone())
+        return super().pick(logits)
+
+
+def near_tie(logits: torch.Tensor, margin: float) -> bool:
+    top = logits.topk(2).values
+    return float(top[0] - top[1]) <= margin
 
 
 @needs_step
 def test_greedy_tokens_with_the_step_on_and_off_agree_where_logits_are_clear(tiny_models):
-    """Through the engine's loop: the same greedy tokens as torch's quantized step for as long as
-    the two runs' top two logits stay apart by more than the bf16 rounding of torch's kernel."""
+    """Through the engine's loop (int8): the same greedy tokens as torch's quantized step until
+    the first step whose two best logits lie within the bf16 rounding of torch's kernel."""
     lm = load(tiny_models, "qwen2", quantize="int8")
     ids = lm.tokenizer.encode(PROMPT)
 
     def run(on):
         step.set_enabled(on)
         try:
-            seq = SequenceState(list(ids), SamplingParams(temperature=0, max_tokens=16),
-                                eos_ids=frozenset(), generator=None)
-            return list(generate_tokens(lm.model, seq))
+            seq = Recording(list(ids), SamplingParams(temperature=0, max_tokens=16), eos_ids=frozenset(),
+                            generator=None)
+            return list(generate_tokens(lm.model, seq)), seq.logits
         finally:
             step.set_enabled(True)
 
-    fused, plain = run(True), run(False)
+    (fused, _), (plain, logits) = run(True), run(False)
     assert len(fused) == len(plain) == 16
-    assert fused[:4] == plain[:4]
+    for a, b, row in zip(fused, plain, logits):
+        if a != b:
+            assert near_tie(row, 0.02 * float(row.abs().max()))
+            break
 
 
 @needs_step
