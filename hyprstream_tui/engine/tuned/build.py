@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -73,6 +75,16 @@ def library(source: Path, flags: tuple[str, ...], stem: str) -> Path:
     return target
 
 
+def refusal(switch: str) -> str:
+    """Why a C library must not be used here ('' when it may): the environment variable `switch`
+    set to 0, or a platform other than Linux on x86-64."""
+    if os.environ.get(switch, "1") == "0":
+        return f"{switch}=0"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return f"not Linux on x86-64 ({sys.platform}, {platform.machine()})"
+    return ""
+
+
 def opened(source: Path, flags: tuple[str, ...], stem: str, opener: Callable[[Path], T]) -> T:
     """`opener` applied to the compiled library; a cached file it cannot open (damaged) is built
     once more. Raises BuildError, or what `opener` raises on the rebuilt file (OSError,
@@ -85,4 +97,4 @@ def opened(source: Path, flags: tuple[str, ...], stem: str, opener: Callable[[Pa
         return opener(library(source, flags, stem))
 
 
-__all__ = ["BUILD_TIMEOUT_S", "BuildError", "cache_dir", "compiler", "library", "opened"]
+__all__ = ["BUILD_TIMEOUT_S", "BuildError", "cache_dir", "compiler", "library", "opened", "refusal"]

@@ -22,9 +22,6 @@ Imports torch at module level: only `engine.tuned.kernels` imports this module.
 from __future__ import annotations
 
 import ctypes
-import os
-import platform
-import sys
 import threading
 from pathlib import Path
 
@@ -109,10 +106,9 @@ def status() -> str:
 
 
 def _load() -> tuple[Kernel | None, str]:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None, f"{ENV_SWITCH}=0"
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"not Linux on x86-64 ({sys.platform}, {platform.machine()})"
+    why = build.refusal(ENV_SWITCH)
+    if why:
+        return None, why
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX2":
         return None, f"torch's CPU capability is {capability}, not AVX2"

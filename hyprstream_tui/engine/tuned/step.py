@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
-import sys
 import threading
 import weakref
 from pathlib import Path
@@ -135,14 +133,6 @@ def parts(module: Any, names: tuple[str, ...], sizes: list[int], keep: list[torc
     if [lin.out for lin in lins] != sizes or len({lin.inputs for lin in lins}) != 1:
         raise Unfit(f"{'/'.join(names)} do not have the model's sizes")
     return lins
-
-
-def quantized(model: Any) -> bool:
-    """Whether `model` went through `--quantize` (its output layer is always quantized then)."""
-    from hyprstream_tui.engine.tuned.quantize import Int8WeightOnlyLinear
-    from hyprstream_tui.engine.tuned.quantize_int4 import Int4WeightOnlyLinear
-
-    return isinstance(getattr(model, "lm_head", None), (Int8WeightOnlyLinear, Int4WeightOnlyLinear))
 
 
 class Described:
@@ -344,10 +334,9 @@ def _cpu_flags() -> set[str]:
 
 
 def _load() -> tuple[Any, str]:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None, f"{ENV_SWITCH}=0"
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"not Linux on x86-64 ({sys.platform}, {platform.machine()})"
+    why = build.refusal(ENV_SWITCH)
+    if why:
+        return None, why
     missing = {"avx2", "fma"} - _cpu_flags()
     if missing:
         return None, f"the CPU lacks {', '.join(sorted(missing))}"
