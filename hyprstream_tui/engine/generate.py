@@ -3,8 +3,8 @@
 Shape of a step (batch 1): prefill runs the whole prompt once and computes the output layer for
 the last position only; each decode step feeds one token at its position and reuses the cache.
 Positions come from one preallocated arange. With `tuned` (LoadOptions.tuned, the default),
-decode steps go through `tuned.step.FusedStep` (the whole step in one C call: the engine's own
-classes with int8/int4 weights), else `tuned.lean.LeanDecoder` (the model's own layers over a
+the prompt and the decode steps go through `tuned.step.FusedStep` (the whole model in one C call:
+the engine's own classes with int8/int4 weights), else decode steps go through `tuned.lean.LeanDecoder` (the model's own layers over a
 preallocated cache, without transformers' per-step glue) where the architecture allows, else
 through `model(...)`.
 
@@ -30,11 +30,6 @@ if TYPE_CHECKING:
 
     from hyprstream_tui.engine.native.model import NativeCache
 
-
-# Prompt tokens left to run, up to which they go through the fused step one by one rather than
-# one forward through torch (measured on SmolLM2 int8 / int4, 2 threads: 1 token 4.9 / 5.6 ms
-# against 18.7 / 14.1 ms; even at 4 and 3 tokens; from 8, torch's forward wins)
-FUSED_PREFILL_MAX = 3
 
 
 class CancelToken(Protocol):
@@ -105,12 +100,11 @@ def decode(
     cache = new_cache(model) if cache is None else cache
     with torch.inference_mode():
         started = time.perf_counter()
-        # A prompt's last few tokens (a prefix reused from an earlier request) run faster one at a
-        # time through the fused step than as one forward through torch
-        fused = FusedStep.build(model, cache) if tuned and n_prompt - cached <= FUSED_PREFILL_MAX else None
+        # Where decode steps run fused, so does the prompt: its positions then hold what steps
+        # would have left (a prefix reused later, or a reply continued, reads the same cache)
+        fused = FusedStep.build(model, cache) if tuned else None
         if fused is not None:
-            for pos in range(cached, n_prompt):
-                logits = fused.step(int(seq.seen[pos]), pos)
+            logits = fused.prefill(seq.seen[cached:n_prompt], cached)
         else:
             input_ids = seq.seen[cached:n_prompt].unsqueeze(0).to(device)  # [1, S - cached]
             logits = prefill(model, input_ids, positions[:, cached:n_prompt], cache)

@@ -1,5 +1,5 @@
 """The fused decode step (engine/tuned/step.py and step.c, issue 15): a whole decode step in one C
-call for the engine's own classes with int8/int4 weights.
+call for the engine's own classes with int8/int4 weights (its prompts: test_fused_prefill.py).
 
 What it must compute: with fp32 weights, what the torch step computes (to fp32 rounding); with
 int8/int4 weights, the model whose weights are the dequantized ones, in fp32 (torch's int8/int4
@@ -298,10 +298,10 @@ def test_no_compiler_is_a_reason_not_an_error(tmp_path, monkeypatch):
 
 
 @needs_step
-@pytest.mark.parametrize("left", [1, 3])
-def test_a_prompts_last_few_tokens_run_through_the_fused_step(tiny_models, monkeypatch, left):
-    """After a reused prefix (or for a prompt of a few tokens, from an empty cache) the last
-    tokens go through the fused step one by one: the same greedy tokens as torch's prefill."""
+@pytest.mark.parametrize("left", [1, 3, 9])
+def test_a_prompt_or_its_rest_after_a_prefix_runs_fused(tiny_models, monkeypatch, left):
+    """After a reused prefix (or from an empty cache) the prompt's tokens left to run go through
+    the fused prompt (`FusedStep.prefill`), not torch's prefill: the same greedy tokens as torch's."""
     from hyprstream_tui.engine import generate
 
     monkeypatch.setenv(step.ENV_SWITCH, "all")  # fp32: compared with torch's fp32 to rounding
@@ -327,5 +327,5 @@ def test_a_prompts_last_few_tokens_run_through_the_fused_step(tiny_models, monke
     for prompt, prefix in ((ids, len(ids) - left), (ids[:left], 0)):
         calls.clear()
         fused = run(True, prompt, prefix)
-        assert calls == []  # no torch prefill: the fused step ran the prompt's rest
+        assert calls == []  # no torch prefill: the fused prompt ran the rest
         assert fused == run(False, prompt, prefix) and calls == [1]

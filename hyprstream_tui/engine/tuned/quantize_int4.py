@@ -85,7 +85,6 @@ class Int4WeightOnlyLinear(torch.nn.Module):
     KEEPS_DTYPES = True  # `quantize_int8`'s walk leaves these buffers' dtypes as they are
 
     # Buffers (register_buffer), declared for the type checker only: no class attributes.
-    weight_int4: torch.Tensor  # the kernel's packed layout (uint8, CPU-dependent)
     nibbles: torch.Tensor  # quantize_groups' form (uint8 [out, in/2]), a plain attribute
     scales_zeros: torch.Tensor  # [in/group, out, 2] in the kernel's dtype
     bias: torch.Tensor | None  # [out] in the activation dtype
@@ -97,13 +96,27 @@ class Int4WeightOnlyLinear(torch.nn.Module):
         self.in_features = 2 * half
         self.group = group
         self.kernel_dtype = torch.float16 if dtype == torch.float16 else torch.bfloat16
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack(nibbles), 1)
-        # The portable form as well: `tuned.step`'s fused decode step reads it (from the cache's
-        # memory map when the weights came from there).
+        # The portable form: `tuned.step`'s fused prompt and decode steps read it (from the cache's
+        # memory map when the weights came from there); torch's kernel wants its own layout, packed
+        # at the first product through torch (`packed`), so a model the fused step runs whole never
+        # pays for it (4.8 s a load on the Qwen2.5-0.5B shape) nor holds it twice.
         self.nibbles = nibbles.contiguous()  # [out, in/2] uint8
-        self.register_buffer("weight_int4", packed)
+        self._packed: torch.Tensor | None = None
         self.register_buffer("scales_zeros", scales_zeros.to(self.kernel_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @property
+    def weight_int4(self) -> torch.Tensor:
+        """torch's packed layout of the weight (uint8, CPU-dependent), made on first use."""
+        packed = self._packed
+        if packed is None:  # two threads may both pack: the same bytes, one kept
+            packed = self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack(self.nibbles), 1)
+        return packed
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether torch's layout has been made (a product ran through torch's kernel)."""
+        return self._packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         flat = x.reshape(-1, self.in_features).to(self.kernel_dtype).contiguous()  # [N, in]

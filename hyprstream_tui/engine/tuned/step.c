@@ -1,5 +1,6 @@
 /* One decode step of a Llama-shaped model (Llama, Qwen2, Mistral), whole, in one call: the token's
- * embedding row through every layer to the output layer's logits, for x86-64 with AVX2 and FMA.
+ * embedding row through every layer to the output layer's logits, for x86-64 with AVX2 and FMA;
+ * and a prompt's tokens, many at once, each exactly as a step computes it (`hs_prefill`).
  *
  * Why: on a 30-layer, 576-wide model (SmolLM2-135M) a step through torch is some 600 operator
  * calls, each paying dispatch and allocation; with int8 or int4 weights the arithmetic is a few
@@ -202,6 +203,15 @@ static const float *prep(const hs_lin *lin, const float *x, float *xp, float *xs
     return xp;
 }
 
+/* prep for projections `parts` of one input: xp and xs filled where any of them is int4. */
+static void prep_any(const hs_lin *parts, int n, const float *x, float *xp, float *xs) {
+    for (int i = 0; i < n; i++)
+        if (parts[i].kind == 2) {
+            prep(&parts[i], x, xp, xs);
+            return;
+        }
+}
+
 /* The threads of a step wait for each other here between its parts (a dozen times a layer):
  * spinning, as the wait is microseconds, then giving the core up if a partner has been descheduled.
  * Not OpenMP's own barriers: under OMP_WAIT_POLICY=PASSIVE, which the TUI's child processes set so
@@ -227,7 +237,8 @@ static void sync_wait(hs_sync *s, int *phase, int threads) {
 }
 
 /* y = the rows of `n` products of one input, one after the other (q, k, v): as `gemv` */
-static void gemv_parts(const hs_lin *parts, int n, const float *x, const float *xs, float *y, int bf16) {
+static void gemv_parts(const hs_lin *parts, int n, const float *x, const float *xp, const float *xs, float *y,
+                       int bf16) {
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += parts[i].out;
 #pragma omp for schedule(static) nowait
@@ -235,7 +246,7 @@ static void gemv_parts(const hs_lin *parts, int n, const float *x, const float *
         const hs_lin *l = parts;
         int64_t r = o;
         while (r >= l->out) r -= (l++)->out;
-        float v = row(l, r, x, xs);
+        float v = row(l, r, l->kind == 2 ? xp : x, xs);
         y[o] = bf16 ? rb(v) : v;
     }
 }
@@ -288,9 +299,16 @@ static void attend(const hs_model *m, const hs_layer *L, const float *q, float *
     const float *qh = q + h * hd;
     int64_t base = kvh * m->capacity * hd;
     float best = -INFINITY;
+    const int64_t wide = hd & ~(int64_t)7;
     for (int64_t t = 0; t <= pos; t++) {
-        float s = 0.0f;
-        for (int64_t j = 0; j < hd; j++) s += qh[j] * kv_at(L->kc, base + t * hd + j, bf16);
+        __m256 acc = _mm256_setzero_ps();
+        const int64_t kt = base + t * hd;
+        for (int64_t j = 0; j < wide; j += 8) {
+            __m256 k = bf16 ? bf16x8((const uint16_t *)L->kc + kt + j) : _mm256_loadu_ps((const float *)L->kc + kt + j);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j), k, acc);
+        }
+        float s = hsum8(acc);
+        for (int64_t j = wide; j < hd; j++) s += qh[j] * kv_at(L->kc, kt + j, bf16);
         s *= m->scale;
         scores[t] = s;
         if (s > best) best = s;
@@ -304,7 +322,13 @@ static void attend(const hs_model *m, const hs_layer *L, const float *q, float *
     for (int64_t j = 0; j < hd; j++) oh[j] = 0.0f;
     for (int64_t t = 0; t <= pos; t++) {
         float p = bf16 ? rb(scores[t]) : scores[t] / total;
-        for (int64_t j = 0; j < hd; j++) oh[j] += p * kv_at(L->vc, base + t * hd + j, bf16);
+        const __m256 pv = _mm256_set1_ps(p);
+        const int64_t vt = base + t * hd;
+        for (int64_t j = 0; j < wide; j += 8) {
+            __m256 v = bf16 ? bf16x8((const uint16_t *)L->vc + vt + j) : _mm256_loadu_ps((const float *)L->vc + vt + j);
+            _mm256_storeu_ps(oh + j, _mm256_add_ps(_mm256_loadu_ps(oh + j), _mm256_mul_ps(pv, v)));
+        }
+        for (int64_t j = wide; j < hd; j++) oh[j] += p * kv_at(L->vc, vt + j, bf16);
     }
     if (bf16)
         for (int64_t j = 0; j < hd; j++) oh[j] = rb(oh[j] / total);
@@ -321,6 +345,15 @@ static inline const float *input(const hs_lin *lin, const float *x, const float 
     return lin->kind == 2 ? xp : x;
 }
 
+static void rope_tables(const hs_model *m, int64_t pos, float *cos_, float *sin_) {
+    const int bf16 = (int)m->bf16;
+    for (int64_t j = 0; j < m->head_dim / 2; j++) {
+        float a = m->inv_freq[j] * (float)pos;
+        cos_[j] = cos_[j + m->head_dim / 2] = bf16 ? rb(cosf(a)) : cosf(a);
+        sin_[j] = sin_[j + m->head_dim / 2] = bf16 ? rb(sinf(a)) : sinf(a);
+    }
+}
+
 /* The logits [vocab] of `token` at position `pos` (< capacity); the cache gains that position.
  * Returns 0, or 1 when an argument is out of range (nothing written).
  * Scratch: h [dim], x [dim], qkv [(heads + 2 kv_heads) head_dim], att [heads head_dim],
@@ -335,11 +368,7 @@ int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
     float *xs = xp + widest;
     float cos_[512], sin_[512];
     const int bf16 = (int)m->bf16;
-    for (int64_t j = 0; j < hd / 2; j++) {
-        float a = m->inv_freq[j] * (float)pos;
-        cos_[j] = cos_[j + hd / 2] = bf16 ? rb(cosf(a)) : cosf(a);
-        sin_[j] = sin_[j + hd / 2] = bf16 ? rb(sinf(a)) : sinf(a);
-    }
+    rope_tables(m, pos, cos_, sin_);
     if (m->embed_f32) {
         memcpy(h, (const float *)m->embed + token * d, d * sizeof(float));
     } else {
@@ -358,10 +387,10 @@ int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
             const hs_layer *L = &m->layer[l];
             if (first) {
                 rmsnorm(h, L->ln1, x, d, m->eps, bf16);
-                prep(&L->q, x, xp, xs);
+                prep_any(&L->q, 3, x, xp, xs);
             }
             SYNC();
-            gemv_parts(&L->q, 3, input(&L->q, x, xp), xs, qkv, bf16);
+            gemv_parts(&L->q, 3, x, xp, xs, qkv, bf16);
             SYNC();
             if (first) {
                 float *k = qkv + nq, *v = k + nkv;
@@ -385,14 +414,13 @@ int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
             SYNC();
             if (first) {
                 rmsnorm(h, L->ln2, x, d, m->eps, bf16);
-                prep(&L->gate, x, xp, xs);
+                prep_any(&L->gate, 2, x, xp, xs);
             }
             SYNC();
-            const float *gx = input(&L->gate, x, xp);
             /* gate row i and up row i together: act[i] = silu(gate) * up */
 #pragma omp for schedule(static) nowait
             for (int64_t i = 0; i < f; i++) {
-                float g = row(&L->gate, i, gx, xs), u = row(&L->up, i, gx, xs);
+                float g = row(&L->gate, i, input(&L->gate, x, xp), xs), u = row(&L->up, i, input(&L->up, x, xp), xs);
                 if (bf16) {
                     g = rb(g);
                     act[i] = rb(rb(g / (1.0f + expf(-g))) * rb(u));
@@ -415,6 +443,320 @@ int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
         SYNC();
         gemv(&m->head, input(&m->head, x, xp), xs, logits, 0, bf16);
 #undef SYNC
+    }
+    return 0;
+}
+
+/* ---- Prefill: many tokens at once, each computed exactly as `hs_step` computes it alone. ----
+ * The row products below take up to three inputs at a time, converting each weight vector once for
+ * all three, and run for each input the very operations, in the very order, of `dot_int8`,
+ * `dot_int4`, `dot_bf16` and `dot_f32` (four fp32 accumulators over blocks of 32, the same
+ * reduction). Everything else (norms, rotary, the cache, attention, silu) is the step's own
+ * functions, row by row. So a prompt through `hs_prefill` leaves the cache and logits that as many
+ * `hs_step` calls leave, bit for bit (tests/engine/test_fused_step.py holds them equal), whatever
+ * the chunking: a sequence's positions do not depend on how its prompt was run. */
+#define MAXR 5 /* inputs a row product takes at once: int4's (its chain per input is five operations
+                 deep); three for the others (four accumulators each, in 16 registers) */
+#define DENSE_R 3
+#define PREFILL_ROWS 64 /* inputs per chunk: a layer's weights are read once per chunk */
+#define OUT_BLOCK 16    /* output rows a thread takes in turn over one chunk's inputs */
+
+static inline __attribute__((always_inline)) __m256 wvec(int kind, const void *w, int64_t i) {
+    if (kind == 1) return i8x8((const int8_t *)w + i);
+    if (kind == 4) return bf16x8((const uint16_t *)w + i);
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+/* v[r] = dot(w, x[r]) for r < R, as dot_int8 / dot_bf16 / dot_f32 compute each (kind 1 / 4 / 3). */
+static inline __attribute__((always_inline)) void dots_dense(int kind, const void *w, const float *const *x,
+                                                             int R, int64_t n, float *v) {
+    __m256 a[MAXR][4];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+        #pragma GCC unroll 8
+        for (int j = 0; j < 4; j++) a[r][j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 32) {
+        #pragma GCC unroll 8
+        for (int j = 0; j < 4; j++) {
+            __m256 wj = wvec(kind, w, i + 8 * j);
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++) a[r][j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(x[r] + i + 8 * j), a[r][j]);
+        }
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+        v[r] = hsum8(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
+}
+
+/* v[r] = dot_int4(w, sz, xp[r], xs[r], n) for r < R. */
+static inline __attribute__((always_inline)) void dots_int4(const uint8_t *w, const uint16_t *sz,
+                                                            const float *const *xp, const float *const *xs,
+                                                            int R, int64_t n, float *v) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m256 acc[MAXR];
+    float zeros[MAXR];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+        zeros[r] = 0.0f;
+    }
+    for (int64_t g = 0; g < n / 32; g++) {
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(w + g * 16));
+        __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+        __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        float scale = bf16f(sz[2 * g]), zero = bf16f(sz[2 * g + 1]);
+        __m256 sv = _mm256_set1_ps(scale);
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const float *xg = xp[r] + g * 32;
+            __m256 d = _mm256_mul_ps(q0, _mm256_loadu_ps(xg));
+            d = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xg + 8), d);
+            d = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xg + 16), d);
+            d = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xg + 24), d);
+            acc[r] = _mm256_fmadd_ps(sv, d, acc[r]);
+            zeros[r] += (zero - 8.0f * scale) * xs[r][g];
+        }
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++) v[r] = hsum8(acc[r]) + zeros[r];
+}
+
+/* Row `o` of lin for R inputs (x[r], xs[r]: as `row` takes them), bias included: `row`'s values. */
+static inline __attribute__((always_inline)) void rows_of(const hs_lin *lin, int64_t o, const float *const *x,
+                                                          const float *const *xs, int R, float *v) {
+    if (lin->kind == 1) {
+        dots_dense(1, (const int8_t *)lin->w + o * lin->in, x, R, lin->in, v);
+        const float s = ((const float *)lin->s)[o];
+        for (int r = 0; r < R; r++) v[r] = s * v[r];
+    } else if (lin->kind == 2) {
+        dots_int4((const uint8_t *)lin->w + o * (lin->in / 2), (const uint16_t *)lin->s + o * (lin->in / 16),
+                  x, xs, R, lin->in, v);
+    } else if (lin->kind == 4) {
+        dots_dense(4, (const uint16_t *)lin->w + o * lin->in, x, R, lin->in, v);
+    } else {
+        dots_dense(3, (const float *)lin->w + o * lin->in, x, R, lin->in, v);
+    }
+    if (lin->bias)
+        for (int r = 0; r < R; r++) v[r] = v[r] + lin->bias[o];
+}
+
+static void rows_any(const hs_lin *lin, int64_t o, const float *const *x, const float *const *xs, int R, float *v) {
+    if (lin->kind != 2 && R > DENSE_R) {
+        rows_any(lin, o, x, xs, DENSE_R, v);
+        rows_any(lin, o, x + DENSE_R, xs + DENSE_R, R - DENSE_R, v + DENSE_R);
+        return;
+    }
+    switch (R) {
+    case 5: rows_of(lin, o, x, xs, 5, v); break;
+    case 4: rows_of(lin, o, x, xs, 4, v); break;
+    case 3: rows_of(lin, o, x, xs, 3, v); break;
+    case 2: rows_of(lin, o, x, xs, 2, v); break;
+    default: rows_of(lin, o, x, xs, 1, v);
+    }
+}
+
+/* Inputs a pass over rows of `parts` takes at once. */
+static int group_of(const hs_lin *parts, int n) {
+    for (int i = 0; i < n; i++)
+        if (parts[i].kind != 2) return DENSE_R;
+    return MAXR;
+}
+
+/* One chunk's activations, a row per input: each of stride `ld` floats. */
+typedef struct {
+    float *base;
+    int64_t ld;
+} hs_mat;
+
+static inline float *at(hs_mat m, int64_t r) { return m.base + r * m.ld; }
+
+/* The inputs lin reads for rows r..r+R-1: x itself, or for int4 the permuted copies in xp. */
+static void inputs_of(const hs_lin *lin, hs_mat x, hs_mat xp, hs_mat xs, int64_t r, int R,
+                      const float **xr, const float **xsr) {
+    for (int i = 0; i < R; i++) {
+        xr[i] = lin->kind == 2 ? at(xp, r + i) : at(x, r + i);
+        xsr[i] = at(xs, r + i);
+    }
+}
+
+/* y[r] (+)= lin x[r] for the chunk's T rows, as `gemv` / `gemv_parts` (n parts) write them; output
+ * rows in blocks over the threads (inside the parallel region; no barrier). */
+static void gemm_parts(const hs_lin *parts, int n, hs_mat x, hs_mat xp, hs_mat xs, int64_t T,
+                       hs_mat y, int add, int bf16) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += parts[i].out;
+    const int G = group_of(parts, n);
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < total; b += OUT_BLOCK) {
+        const int64_t end = b + OUT_BLOCK < total ? b + OUT_BLOCK : total;
+        for (int64_t r = 0; r < T; r += G) {
+            const int R = (int)(T - r < G ? T - r : G);
+            for (int64_t o = b; o < end; o++) {
+                const hs_lin *l = parts;
+                int64_t k = o;
+                while (k >= l->out) k -= (l++)->out;
+                const float *xr[MAXR], *xsr[MAXR];
+                inputs_of(l, x, xp, xs, r, R, xr, xsr);
+                float v[MAXR];
+                rows_any(l, k, xr, xsr, R, v);
+                for (int i = 0; i < R; i++) {
+                    float *yo = at(y, r + i) + o;
+                    float t = bf16 ? rb(v[i]) : v[i];
+                    *yo = add ? (bf16 ? rb(*yo + t) : *yo + t) : t;
+                }
+            }
+        }
+    }
+}
+
+/* act[r][i] = silu(gate row i) * (up row i), as the step computes it. */
+static void gate_up(const hs_layer *L, hs_mat x, hs_mat xp, hs_mat xs, int64_t T, hs_mat act,
+                    int bf16) {
+    const int64_t f = L->gate.out;
+    const int G = group_of(&L->gate, 2);
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < f; b += OUT_BLOCK) {
+        const int64_t end = b + OUT_BLOCK < f ? b + OUT_BLOCK : f;
+        for (int64_t r = 0; r < T; r += G) {
+            const int R = (int)(T - r < G ? T - r : G);
+            const float *xg[MAXR], *xu[MAXR], *xsr[MAXR];
+            inputs_of(&L->gate, x, xp, xs, r, R, xg, xsr);
+            inputs_of(&L->up, x, xp, xs, r, R, xu, xsr);
+            for (int64_t i = b; i < end; i++) {
+                float g[MAXR], u[MAXR];
+                rows_any(&L->gate, i, xg, xsr, R, g);
+                rows_any(&L->up, i, xu, xsr, R, u);
+                for (int k = 0; k < R; k++) {
+                    float gk = g[k], uk = u[k];
+                    if (bf16) {
+                        gk = rb(gk);
+                        at(act, r + k)[i] = rb(rb(gk / (1.0f + expf(-gk))) * rb(uk));
+                    } else {
+                        at(act, r + k)[i] = gk / (1.0f + expf(-gk)) * uk;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Floats of `work` that hs_prefill needs for this model and cache capacity. */
+int64_t hs_prefill_floats(const hs_model *m) {
+    const int64_t d = m->dim, nq = m->heads * m->head_dim, nkv = m->kv_heads * m->head_dim, f = m->ffn;
+    const int64_t widest = f > nq ? (f > d ? f : d) : (nq > d ? nq : d);
+    const int64_t row = 2 * d + nq + 2 * nkv + nq + f + widest + widest / 32;
+    return PREFILL_ROWS * row + m->threads * m->capacity + 64;
+}
+
+static void prefill_chunk(const hs_model *m, const int64_t *tokens, int64_t T, int64_t pos, float *logits,
+                          float *work) {
+    const int64_t d = m->dim, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd, f = m->ffn;
+    const int64_t widest = f > nq ? (f > d ? f : d) : (nq > d ? nq : d);
+    const int bf16 = (int)m->bf16;
+    hs_mat H = {work, d}, X = {H.base + PREFILL_ROWS * d, d};
+    hs_mat QKV = {X.base + PREFILL_ROWS * d, nq + 2 * nkv};
+    hs_mat ATT = {QKV.base + PREFILL_ROWS * QKV.ld, nq};
+    hs_mat ACT = {ATT.base + PREFILL_ROWS * nq, f};
+    hs_mat XP = {ACT.base + PREFILL_ROWS * f, widest};
+    hs_mat XS = {XP.base + PREFILL_ROWS * widest, widest / 32};
+    float *scores = XS.base + PREFILL_ROWS * XS.ld;
+    for (int64_t r = 0; r < T; r++) {
+        float *h = at(H, r);
+        if (m->embed_f32) {
+            memcpy(h, (const float *)m->embed + tokens[r] * d, d * sizeof(float));
+        } else {
+            const uint16_t *e = (const uint16_t *)m->embed + tokens[r] * d;
+            for (int64_t i = 0; i < d; i++) h[i] = bf16f(e[i]);
+        }
+    }
+    hs_sync sync;
+    atomic_init(&sync.arrived, 0);
+    atomic_init(&sync.phase, 0);
+#pragma omp parallel num_threads((int)m->threads)
+    {
+        const int threads = omp_get_num_threads();
+        float *mine = scores + omp_get_thread_num() * m->capacity;
+        int phase = 0;
+#define SYNC() sync_wait(&sync, &phase, threads)
+        for (int64_t l = 0; l < m->layers; l++) {
+            const hs_layer *L = &m->layer[l];
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < T; r++) {
+                rmsnorm(at(H, r), L->ln1, at(X, r), d, m->eps, bf16);
+                prep_any(&L->q, 3, at(X, r), at(XP, r), at(XS, r));
+            }
+            SYNC();
+            gemm_parts(&L->q, 3, X, XP, XS, T, QKV, 0, bf16);
+            SYNC();
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < T; r++) {
+                float cos_[512], sin_[512];
+                float *q = at(QKV, r), *k = q + nq, *v = k + nkv;
+                rope_tables(m, pos + r, cos_, sin_);
+                for (int64_t i = 0; i < m->heads; i++) rotate(q + i * hd, cos_, sin_, hd, bf16);
+                for (int64_t i = 0; i < m->kv_heads; i++) {
+                    rotate(k + i * hd, cos_, sin_, hd, bf16);
+                    kv_put(L->kc, (i * m->capacity + pos + r) * hd, k + i * hd, hd, bf16);
+                    kv_put(L->vc, (i * m->capacity + pos + r) * hd, v + i * hd, hd, bf16);
+                }
+            }
+            SYNC();
+#pragma omp for schedule(static) nowait
+            for (int64_t p = 0; p < T * m->heads; p++) {
+                const int64_t r = p / m->heads;
+                attend(m, L, at(QKV, r), at(ATT, r), mine, p % m->heads, pos + r);
+            }
+            SYNC();
+            if (L->o.kind == 2) {
+#pragma omp for schedule(static) nowait
+                for (int64_t r = 0; r < T; r++) prep(&L->o, at(ATT, r), at(XP, r), at(XS, r));
+                SYNC();
+            }
+            gemm_parts(&L->o, 1, ATT, XP, XS, T, H, 1, bf16);
+            SYNC();
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < T; r++) {
+                rmsnorm(at(H, r), L->ln2, at(X, r), d, m->eps, bf16);
+                prep_any(&L->gate, 2, at(X, r), at(XP, r), at(XS, r));
+            }
+            SYNC();
+            gate_up(L, X, XP, XS, T, ACT, bf16);
+            SYNC();
+            if (L->down.kind == 2) {
+#pragma omp for schedule(static) nowait
+                for (int64_t r = 0; r < T; r++) prep(&L->down, at(ACT, r), at(XP, r), at(XS, r));
+                SYNC();
+            }
+            gemm_parts(&L->down, 1, ACT, XP, XS, T, H, 1, bf16);
+            SYNC();
+        }
+        if (logits) {
+            const int64_t r = T - 1;
+            if (omp_get_thread_num() == 0) {
+                rmsnorm(at(H, r), m->norm, at(X, r), d, m->eps, bf16);
+                prep(&m->head, at(X, r), at(XP, r), at(XS, r));
+            }
+            SYNC();
+            gemv(&m->head, input(&m->head, at(X, r), at(XP, r)), at(XS, r), logits, 0, bf16);
+        }
+#undef SYNC
+    }
+}
+
+/* The logits [vocab] of the last of `count` tokens at positions pos..pos+count-1 (the cache holds
+ * `pos` positions; pos + count <= capacity); the cache gains them all, as `count` steps would leave
+ * it. work: hs_prefill_floats(m) floats. Returns 0, or 1 when an argument is out of range (nothing
+ * written). */
+int hs_prefill(const hs_model *m, const int64_t *tokens, int64_t count, int64_t pos, float *logits, float *work) {
+    if (count < 1 || pos < 0 || pos + count > m->capacity || m->head_dim > 512) return 1;
+    for (int64_t i = 0; i < count; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->vocab) return 1;
+    for (int64_t c = 0; c < count; c += PREFILL_ROWS) {
+        const int64_t T = count - c < PREFILL_ROWS ? count - c : PREFILL_ROWS;
+        prefill_chunk(m, tokens + c, T, pos + c, c + T == count ? logits : NULL, work);
     }
     return 0;
 }

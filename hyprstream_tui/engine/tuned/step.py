@@ -1,10 +1,15 @@
-"""A whole decode step in one C call (`step.c`), for the engine's own model classes.
+"""A whole decode step in one C call (`step.c`), and a prompt's tokens the same way, for the
+engine's own model classes.
 
 On SmolLM2-135M (30 layers, 576 wide) a quantized decode step through torch is some 600 operator
 calls, and their dispatch, not the weights' bytes, was most of its time. `FusedStep` runs the same
 step (embedding row, every layer, output layer) as one call into `step.c`: one OpenMP region, a
 few barriers a layer, the KV cache written in place (`NativeCache`'s own tensors, so a prefill
-through torch and the engine's prefix reuse see the same cache). The projections of one input
+through torch and the engine's prefix reuse see the same cache). `FusedStep.prefill` runs a
+prompt's tokens (64 at a time, each weight vector converted once for three to five of them) with
+each token's values exactly those of a step of its own: a prompt leaves the cache and logits its
+tokens' steps would, bit for bit, wherever it was cut. The engine runs a fused model's prompts
+there (int4 models then never make torch's packed layout). The projections of one input
 (q/k/v, gate/up) stay where they are: fused ones are pointed at by rows, nothing is copied.
 
 Where it applies (`FusedStep.build` -> None everywhere else, and torch's step runs):
@@ -39,7 +44,9 @@ from hyprstream_tui.engine.tuned import build
 from hyprstream_tui.engine.tuned.build import BuildError
 
 SOURCE = Path(__file__).with_name("step.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: a product and a sum stay two roundings wherever the source writes them so, in
+# the step and the prefill alike (their values agree bit for bit because they run the same operations)
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "HYPRSTREAM_FUSED_STEP"
 INT8, INT4, FP32, BF16 = 1, 2, 3, 4  # step.c's weight kinds
 QUANTIZED = frozenset({INT8, INT4})
@@ -207,7 +214,7 @@ class FusedStep:
 
     def __init__(self, lib: Any, model: Any, cache: Any) -> None:
         shape = described(model)
-        self._fn = lib.hs_step
+        self._fn, self._prefill, self._floats = lib.hs_step, lib.hs_prefill, lib.hs_prefill_floats
         self.model, self.cache, self.shape = model, cache, shape
         count = len(shape.layers)
         self.layers = (Layer * count)()  # this sequence's copy: its own cache pointers
@@ -267,15 +274,34 @@ class FusedStep:
                 store[i] = new
         self._attach()
 
+    def _fit(self, positions: int) -> None:
+        """Grow the cache (doubling) until it holds `positions`; re-point at it if it moved."""
+        if positions > self.spec.capacity or self.cache.keys[0].data_ptr() != self.layers[0].kc:
+            while positions > self.cache.keys[0].shape[2]:
+                self._grow()
+            self._attach()
+
+    def prefill(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """The logits [V] (fp32) of the last of `tokens` [S] run from `position` (the cache's
+        length) on; the cache grows by them all, holding what as many `step` calls leave, bit for bit."""
+        count = int(tokens.numel())
+        if position != self.cache.length:
+            raise ValueError(f"position {position} is not the cache's length {self.cache.length}")
+        self._fit(position + count)
+        ids = tokens.reshape(-1).to(torch.int64).contiguous()
+        work = torch.empty(int(self._floats(ctypes.byref(self.spec))), dtype=torch.float32)
+        logits = torch.empty(self.spec.vocab, dtype=torch.float32)
+        if self._prefill(ctypes.byref(self.spec), ids.data_ptr(), count, position, logits.data_ptr(),
+                         work.data_ptr()) != 0:
+            raise ValueError(f"a token of {ids.tolist()} is out of range, or position {position}")
+        self.cache.length = position + count
+        return logits
+
     def step(self, token: int, position: int) -> torch.Tensor:
         """The logits [V] (fp32) of `token` at `position` (the cache's length); the cache grows by it."""
         if position != self.cache.length:
             raise ValueError(f"position {position} is not the cache's length {self.cache.length}")
-        if position >= self.spec.capacity or self.cache.keys[0].data_ptr() != self.layers[0].kc:
-            if position >= self.cache.keys[0].shape[2]:
-                self._grow()
-            else:
-                self._attach()
+        self._fit(position + 1)
         logits = torch.empty(self.spec.vocab, dtype=torch.float32)
         if self._fn(ctypes.byref(self.spec), token, position, logits.data_ptr()) != 0:
             raise ValueError(f"token {token} at position {position} is out of range")
@@ -356,6 +382,10 @@ def _open(path: Path) -> Any:
     lib = ctypes.CDLL(str(path))
     lib.hs_step.restype = ctypes.c_int
     lib.hs_step.argtypes = [ctypes.POINTER(Spec), I64, I64, P]
+    lib.hs_prefill.restype = ctypes.c_int
+    lib.hs_prefill.argtypes = [ctypes.POINTER(Spec), P, I64, I64, P, P]
+    lib.hs_prefill_floats.restype = I64
+    lib.hs_prefill_floats.argtypes = [ctypes.POINTER(Spec)]
     lib.hs_rows.restype = None
     lib.hs_rows.argtypes = [ctypes.POINTER(Lin), P, I64, P, P]
     return lib
