@@ -104,9 +104,9 @@ def decode(
         # would have left (a prefix reused later, or a reply continued, reads the same cache)
         fused = FusedStep.build(model, cache) if tuned else None
         if fused is not None:
-            logits = fused.prefill(seq.seen[cached:n_prompt], cached)
+            logits = fused.prefill(torch.from_numpy(seq.seen[cached:n_prompt]), cached)
         else:
-            input_ids = seq.seen[cached:n_prompt].unsqueeze(0).to(device)  # [1, S - cached]
+            input_ids = torch.from_numpy(seq.seen[cached:n_prompt]).unsqueeze(0).to(device)  # [1, S - cached]
             logits = prefill(model, input_ids, positions[:, cached:n_prompt], cache)
             fused = FusedStep.build(model, cache) if tuned else None
         lean = LeanDecoder.build(model, cache, n_prompt, max_new) if tuned and fused is None else None

@@ -119,7 +119,7 @@ class Scheduler(threading.Thread):
         try:
             started = time.perf_counter()
             cache = new_cache(lm.model)
-            input_ids = seq.seen[: seq.n_prompt].unsqueeze(0).to(self.device)  # [1, S]
+            input_ids = torch.from_numpy(seq.seen[: seq.n_prompt]).unsqueeze(0).to(self.device)  # [1, S]
             positions = torch.arange(seq.n_prompt, device=self.device).unsqueeze(0)  # [1, S]
             with lm.lock:
                 self._use_adapter()
@@ -154,7 +154,7 @@ class Scheduler(threading.Thread):
                 self._use_adapter()
                 out = self.lm.model(input_ids=tokens, position_ids=positions, attention_mask=mask,
                                     cache=self.kv.cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1].float().cpu()  # [B, V]
+            logits = out.logits[:, -1].float().cpu().numpy()  # [B, V]
         except Exception as exc:  # noqa: BLE001 - the batch state is unknown: fail its rows
             self._fail_all(exc, [])
             return

@@ -9,14 +9,16 @@ splits a character, and the tail is flushed at the end.
 
 `provenance` and `SequenceState.done` build a reply's `Provenance` and `GenerationDone`, for both.
 
-Imports torch at module level: only the engine's worker code imports this module.
+Torch-free (numpy): the torch-free cold path decodes with it too, so one seed gives one reply on
+every path. `seen` is a numpy int64 array (`torch.from_numpy` makes a model input of it without a
+copy); `pick` takes numpy logits or a torch tensor; `seeded` makes the numpy generator.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
+import numpy as np
 
 from hyprstream_tui.engine.detok import IncrementalDetokenizer
 from hyprstream_tui.engine.events import FinishReason, GenerationDone, Provenance, Timings
@@ -24,6 +26,8 @@ from hyprstream_tui.engine.sampling import sample
 from hyprstream_tui.engine.stops import StopMatcher
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
     from hyprstream_tui.engine.loader import LoadedModel, ModelSource, Tokenizer
     from hyprstream_tui.engine.params import SamplingParams
 
@@ -41,7 +45,7 @@ class SequenceState:
         params: "SamplingParams",
         *,
         eos_ids: frozenset[int],
-        generator: torch.Generator | None,
+        generator: np.random.Generator | None,
         tokenizer: "Tokenizer | None" = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
@@ -49,8 +53,8 @@ class SequenceState:
         self.eos_ids = eos_ids
         self.generator = generator
         self.n_prompt = len(self.prompt_ids)
-        self.seen = torch.empty(self.n_prompt + params.max_tokens, dtype=torch.long)  # [S + N]
-        self.seen[: self.n_prompt] = torch.tensor(self.prompt_ids, dtype=torch.long)
+        self.seen = np.empty(self.n_prompt + params.max_tokens, dtype=np.int64)  # [S + N]
+        self.seen[: self.n_prompt] = self.prompt_ids
         self.token_ids: list[int] = []
         self.detok = None if tokenizer is None else IncrementalDetokenizer(
             _decoder(tokenizer), context=self.prompt_ids)
@@ -70,8 +74,13 @@ class SequenceState:
     def text(self) -> str:
         return "".join(self.pieces)
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """logits: [V] (on the CPU) -> the next token id under this request's parameters."""
+    def pick(self, logits: "npt.ArrayLike") -> int:
+        """logits: [V], a numpy array or a torch tensor (any device or float dtype; read as
+        float32 on the CPU, torch never imported here) -> the next token id under this request's
+        parameters."""
+        if hasattr(logits, "numpy"):  # a torch tensor
+            tensor: Any = logits
+            logits = tensor.detach().float().cpu().numpy()
         seen = self.seen[: self.n_prompt + len(self.token_ids)]
         return sample(logits, self.params, seen=seen, generator=self.generator)
 
@@ -146,8 +155,9 @@ def provenance(lm: "LoadedModel", source: "ModelSource", params: "SamplingParams
     )
 
 
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def seeded(seed: int) -> np.random.Generator:
+    """The request's generator: numpy's PCG64 from `seed` (a seed's stream is not torch's)."""
+    return np.random.default_rng(seed)
 
 
 __all__ = ["SequenceState", "provenance", "seeded"]

@@ -8,7 +8,7 @@ import torch
 from hyprstream_tui.engine.generate import generate_tokens, stream_text
 from hyprstream_tui.engine.loader import AdapterSource, LoadOptions, ModelSource, load_model
 from hyprstream_tui.engine.params import SamplingParams
-from hyprstream_tui.engine.sequence import SequenceState
+from hyprstream_tui.engine.sequence import SequenceState, seeded
 from hyprstream_tui.engine.tiny import ARCHS
 
 PROMPT = "Once upon a time there was a small village by the sea."
@@ -174,8 +174,7 @@ def test_same_seed_same_text(loaded):
     ids = lm.tokenizer.encode(PROMPT)
 
     def run(seed):
-        g = torch.Generator().manual_seed(seed)
-        return _ours(lm, ids, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=30), generator=g)
+        return _ours(lm, ids, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=30), generator=seeded(seed))
 
     assert run(1) == run(1) != run(2)
 

@@ -140,8 +140,10 @@ def test_cancel_leaves_the_batch_within_one_step(engine_f32, models):
     params = SamplingParams(temperature=1.0, seed=1, max_tokens=400)
     try:
         other = batcher.submit(model, prompt=LONG_PROMPT, params=params)
+        asked: list[int] = []  # the token count at the cancel (a token with no text has no delta)
         job = batcher.submit(model, prompt=LONG_PROMPT, params=params,
-                             on_event=lambda e: isinstance(e, TokenDelta) and e.tokens == 20 and job.cancel())
+                             on_event=lambda e: isinstance(e, TokenDelta) and e.tokens >= 20 and not asked
+                             and (asked.append(e.tokens) or job.cancel()))
         done = job.result(30)
         other.cancel()
         other.result(30)
@@ -150,7 +152,7 @@ def test_cancel_leaves_the_batch_within_one_step(engine_f32, models):
     left = next(e for e in events if isinstance(e, RowLeft) and e.request_id == job.request_id)
     assert done.finish_reason == "cancelled" and left.reason == "cancelled"
     assert left.cancel_step is not None and left.step - left.cancel_step <= 1
-    assert done.completion_tokens <= 21
+    assert done.completion_tokens <= asked[0] + 1
 
 
 def test_queue_is_bounded_and_waiting_requests_can_be_cancelled(engine_f32, models):
