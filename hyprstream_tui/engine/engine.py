@@ -41,6 +41,7 @@ from hyprstream_tui.engine.prefix import PrefixCache
 from hyprstream_tui.engine.sources import ModelSpec, parse_spec, resolve_source
 
 if TYPE_CHECKING:
+    from hyprstream_tui.engine.sequence import SequenceState
     from hyprstream_tui.store import Store
 
 
@@ -126,11 +127,9 @@ class Engine:
             with self._models_lock:
                 if key in self._models:
                     return self._models[key], False
-            from hyprstream_tui.engine.loader import load_model
-
             base = dataclasses.replace(source, adapter=None)
             try:
-                model = load_model(base, options)
+                model = self._load(base, options)
             except BaseException:
                 with self._models_lock:
                     self._loading.pop(key, None)
@@ -141,6 +140,12 @@ class Engine:
                 while len(self._models) > self.max_models:
                     self.prefix.forget(self._models.popitem(last=False)[1])
             return model, True
+
+    def _load(self, source: ModelSource, options: LoadOptions) -> LoadedModel:
+        """Read a model (the base of `source`) into memory: torch's model classes here."""
+        from hyprstream_tui.engine.loader import load_model
+
+        return load_model(source, options)
 
     # ---- generation ------------------------------------------------------------------------
     def generate(
@@ -213,11 +218,7 @@ class Engine:
 
     def _run(self, request: Request, job: Job, emit: EventCallback) -> None:
         try:
-            threads = request.threads if request.threads is not None else self.threads
-            if threads is not None:  # OpenMP's thread count is per calling thread
-                from hyprstream_tui.engine.loader import set_threads
-
-                set_threads(threads)
+            self._use_threads(request.threads if request.threads is not None else self.threads)
             job.done = self._generate(request, job.cancel_token, emit)
             emit(job.done)
         except Exception as exc:  # a HyprError, a bug or a failing callback: kept on the job
@@ -227,6 +228,13 @@ class Engine:
             with self._jobs_lock:
                 self._jobs.discard(job)
             job.finish()
+
+    def _use_threads(self, threads: int | None) -> None:
+        """Set this worker thread's CPU thread count for the request (None: the default)."""
+        if threads is not None:  # OpenMP's thread count is per calling thread
+            from hyprstream_tui.engine.loader import set_threads
+
+            set_threads(threads)
 
     def _generate(
         self, request: Request, cancel: threading.Event, emit: EventCallback
@@ -268,25 +276,32 @@ class Engine:
         self, lm: LoadedModel, source: ModelSource, request: Request, prompt_ids: list[int],
         dropped: int, load_s: float, cancel: threading.Event, emit: EventCallback,
     ) -> GenerationDone:
-        from hyprstream_tui.engine.generate import decode, new_cache
         from hyprstream_tui.engine.sequence import SequenceState, provenance, seeded
 
         params = request.params
         seed = draw_seed(params.seed)
         seq = SequenceState(prompt_ids, params, eos_ids=lm.eos_ids, generator=seeded(seed),
                             tokenizer=lm.tokenizer)
-        taken = self.prefix.take(lm, prompt_ids)  # the prompt's start computed by an earlier request
-        cache = taken.cache if taken.cache is not None else new_cache(lm.model)
-        for text in decode(lm.model, seq, cancel=cancel, cache=cache, tuned=lm.options.tuned):
+        for text in self._texts(lm, seq, cancel):
             if text:
                 emit(TokenDelta(request_id=request.request_id, text=text,
                                 tokens=len(seq.token_ids)))
+        return seq.done(request.request_id, provenance(lm, source, params, seed), load_s=load_s,
+                        dropped_messages=dropped)
+
+    def _texts(self, lm: LoadedModel, seq: SequenceState, cancel: threading.Event) -> Iterator[str]:
+        """`seq` decoded on `lm` (`generate.decode`'s texts), over the KV cache of an earlier
+        request that began with the same tokens where one is kept."""
+        from hyprstream_tui.engine.generate import decode, new_cache
+
+        prompt_ids = seq.prompt_ids
+        taken = self.prefix.take(lm, prompt_ids)  # the prompt's start computed by an earlier request
+        cache = taken.cache if taken.cache is not None else new_cache(lm.model)
+        yield from decode(lm.model, seq, cancel=cancel, cache=cache, tuned=lm.options.tuned)
         # Only after a request that ended without an error (a cache left mid-forward is not whole),
         # and only for a model still loaded: an unloaded model's memory must go.
         if self._holds(lm):
             self.prefix.keep(lm, seq.seen[: seq.n_prompt + len(seq.token_ids)].tolist(), cache)
-        return seq.done(request.request_id, provenance(lm, source, params, seed), load_s=load_s,
-                        dropped_messages=dropped)
 
     def _holds(self, lm: LoadedModel) -> bool:
         with self._models_lock:

@@ -16,11 +16,12 @@ Imports torch at module level: the engine imports this module lazily, in its wor
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from hyprstream_tui.engine import loop
+from hyprstream_tui.engine.loop import CancelToken, NeverCancel
 from hyprstream_tui.engine.sequence import SequenceState
 from hyprstream_tui.engine.tuned.lean import LeanDecoder
 from hyprstream_tui.engine.tuned.step import FusedStep
@@ -30,15 +31,6 @@ if TYPE_CHECKING:
 
     from hyprstream_tui.engine.native.model import NativeCache
 
-
-
-class CancelToken(Protocol):
-    def is_set(self) -> bool: ...
-
-
-class NeverCancel:
-    def is_set(self) -> bool:
-        return False
 
 
 def new_cache(model: torch.nn.Module) -> "Cache | NativeCache":
@@ -73,6 +65,54 @@ def decode_one_token(model: torch.nn.Module, token: torch.Tensor, position: torc
     return out.logits[0, -1]
 
 
+class TorchRun:
+    """One sequence's prompt and steps through torch's model: its own classes' fused C step on their
+    tensors (the prompt too) where it applies, else the lean step, else `model(...)`."""
+
+    def __init__(self, model: torch.nn.Module, seq: SequenceState, cache: "Cache | NativeCache | None",
+                 tuned: bool) -> None:
+        self.model, self.seq, self.tuned = model, seq, tuned
+        self.device = next(model.parameters()).device
+        n_prompt, max_new = seq.n_prompt, seq.params.max_tokens
+        self.positions = torch.arange(n_prompt + max_new, device=self.device).unsqueeze(0)  # [1, S + N]
+        self.token = torch.empty(1, 1, dtype=torch.long, device=self.device)  # [1, 1]
+        self.cached = 0 if cache is None else cache.get_seq_length()
+        if self.cached >= n_prompt:
+            raise ValueError(f"the cache holds {self.cached} positions of a {n_prompt}-token prompt: at "
+                             "least its last token must run")
+        self.cache: Cache | NativeCache | None = new_cache(model) if cache is None else cache
+        self.fused: FusedStep | None = None
+        self.lean: LeanDecoder | None = None
+
+    def prompt(self) -> torch.Tensor:
+        """The logits [V] after the prompt's last token (its positions before `cached` reused)."""
+        model, seq, cache, cached, n_prompt = self.model, self.seq, self.cache, self.cached, self.seq.n_prompt
+        assert cache is not None
+        # Where decode steps run fused, so does the prompt: its positions then hold what steps
+        # would have left (a prefix reused later, or a reply continued, reads the same cache)
+        self.fused = FusedStep.build(model, cache) if self.tuned else None
+        if self.fused is not None:
+            return self.fused.prefill(torch.from_numpy(seq.seen[cached:n_prompt]), cached)
+        input_ids = torch.from_numpy(seq.seen[cached:n_prompt]).unsqueeze(0).to(self.device)  # [1, S - cached]
+        logits = prefill(model, input_ids, self.positions[:, cached:n_prompt], cache)
+        self.fused = FusedStep.build(model, cache) if self.tuned else None
+        if self.tuned and self.fused is None:
+            self.lean = LeanDecoder.build(model, cache, n_prompt, seq.params.max_tokens)
+            if self.lean is not None:
+                self.cache = None  # its keys and values now live in the lean decoder's buffers
+        return logits
+
+    def step(self, token_id: int, pos: int) -> torch.Tensor:
+        """The logits [V] after `token_id` at position `pos`."""
+        if self.fused is not None:
+            return self.fused.step(token_id, pos)
+        self.token.fill_(token_id)
+        if self.lean is not None:
+            return self.lean.step(self.token, self.positions[:, pos : pos + 1])
+        assert self.cache is not None
+        return decode_one_token(self.model, self.token, self.positions[:, pos : pos + 1], self.cache)
+
+
 def decode(
     model: torch.nn.Module,
     seq: SequenceState,
@@ -81,64 +121,18 @@ def decode(
     cache: Cache | NativeCache | None = None,
     tuned: bool = True,
 ) -> Iterator[str]:
-    """The single-stream loop: prefill `seq`'s prompt, then one token per step until `seq` ends.
+    """The single-stream loop (`loop.run`) over torch's model: prefill `seq`'s prompt, then one
+    token per step until `seq` ends.
 
     Yields, after every accepted token, the text it released (often ""), and at the end the tail
     (when not empty). `cache`: a KV cache (`new_cache`) already holding the first positions of this
     prompt, computed earlier; prefill runs only the rest (at least one token) and the cache is
-    extended in place. `tuned`: decode through the lean step where it applies (False: `model(...)`
-    every step).
+    extended in place. `tuned`: the fused or lean step where it applies (False: `model(...)` every
+    step).
     """
-    device = next(model.parameters()).device
-    n_prompt, max_new = seq.n_prompt, seq.params.max_tokens
-    positions = torch.arange(n_prompt + max_new, device=device).unsqueeze(0)  # [1, S + N]
-    token = torch.empty(1, 1, dtype=torch.long, device=device)  # [1, 1]
-    cached = 0 if cache is None else cache.get_seq_length()
-    if cached >= n_prompt:
-        raise ValueError(f"the cache holds {cached} positions of a {n_prompt}-token prompt: at "
-                         "least its last token must run")
-    cache = new_cache(model) if cache is None else cache
+    run = TorchRun(model, seq, cache, tuned)
     with torch.inference_mode():
-        started = time.perf_counter()
-        # Where decode steps run fused, so does the prompt: its positions then hold what steps
-        # would have left (a prefix reused later, or a reply continued, reads the same cache)
-        fused = FusedStep.build(model, cache) if tuned else None
-        if fused is not None:
-            logits = fused.prefill(torch.from_numpy(seq.seen[cached:n_prompt]), cached)
-        else:
-            input_ids = torch.from_numpy(seq.seen[cached:n_prompt]).unsqueeze(0).to(device)  # [1, S - cached]
-            logits = prefill(model, input_ids, positions[:, cached:n_prompt], cache)
-            fused = FusedStep.build(model, cache) if tuned else None
-        lean = LeanDecoder.build(model, cache, n_prompt, max_new) if tuned and fused is None else None
-        if lean is not None:
-            cache = None  # its keys and values now live in the lean decoder's buffers
-        first = True
-        while True:
-            next_id = seq.pick(logits.cpu())
-            elapsed = time.perf_counter() - started
-            if first:
-                seq.prefill_s += elapsed
-            else:
-                seq.decode_s += elapsed
-            first = False
-            yield seq.accept(next_id)
-            if cancel.is_set():
-                seq.cancel()
-            if seq.finish_reason is not None:
-                break
-            started = time.perf_counter()
-            token.fill_(next_id)
-            pos = seq.position
-            if fused is not None:
-                logits = fused.step(next_id, pos)
-            elif lean is not None:
-                logits = lean.step(token, positions[:, pos : pos + 1])
-            else:
-                assert cache is not None
-                logits = decode_one_token(model, token, positions[:, pos : pos + 1], cache)
-    tail = seq.tail()
-    if tail:
-        yield tail
+        yield from loop.run(seq, run.prompt, run.step, cancel=cancel)
 
 
 def generate_tokens(
