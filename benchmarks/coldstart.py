@@ -11,9 +11,11 @@ them (PYTHONDONTWRITEBYTECODE is dropped and every command runs once before the 
   ours fp32 / bf16 / int8   `hyprstream --home H infer smollm2 --prompt "What is the capital of
                             France?" --temperature 0 --max-tokens 16` (with `--dtype bfloat16`, or
                             `--quantize int8`), cold: HYPRSTREAM_KEEP_ALIVE=0, no engine running
-  ours ... warm             the same command a second time with the keep-alive engine on (its first
-                            call, which starts the engine, is shown too); skipped, with a line that
-                            says so, while `hyprstream infer` knows no `--no-keep-alive`
+  ours ... warm             the same command a second time with the keep-alive engine on, once the
+                            engine holds the model (its first call, which starts the engine, is
+                            shown too: an int8 one answers without torch and does not wait for it);
+                            skipped, with a line that says so, while `hyprstream infer` knows no
+                            `--no-keep-alive`
   llama.cpp F16 / BF16 / Q8_0  `Llama(model_path, n_threads).create_chat_completion(...)`, max_tokens
                             16, temperature 0, in a `python -c` process of the llama-cpp-python venv
                             (`--llama-python`), on the same GGUF requantized by llama.cpp's own
@@ -159,13 +161,29 @@ class Cases:
         return {f"ours {dtype} cold": run(self.infer(OURS[dtype]), child_env(HYPRSTREAM_KEEP_ALIVE="0"))}
 
     def warm(self, dtype: str) -> dict[str, tuple[float, str]]:
-        """The keep-alive engine's first call (it starts the engine), then the call it serves warm."""
+        """The keep-alive engine's first call (it starts the engine), then the call it serves warm:
+        once the engine holds the model (a first call answered without torch has not waited for
+        the engine it started; every other first call has)."""
         self.stop_engine()
         env = child_env(HYPRSTREAM_KEEP_ALIVE="60")  # an engine left behind leaves within a minute
         first = run(self.infer(OURS[dtype]), env)
+        self.wait_loaded()
         second = run(self.infer(OURS[dtype]), env)
         self.stop_engine()
         return {f"ours {dtype} keep-alive 1st call": first, f"ours {dtype} warm": second}
+
+    def wait_loaded(self, timeout: float = 120.0) -> None:
+        """Until the home's engine process holds a model (`hyprstream engine status --json`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _, out = run(hyprstream() + ["--home", str(self.home), "engine", "status", "--json"], check=False)
+            try:
+                if json.loads(out).get("models"):
+                    return
+            except ValueError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"the engine process held no model after {timeout:g} s")
 
     def llama_cpp(self, kind: str) -> dict[str, tuple[float, str]]:
         assert self.llama is not None

@@ -249,6 +249,17 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def light_engine_from_args(args: argparse.Namespace) -> Engine | None:
+    """An engine that answers without torch (engine/light.py) where this command's model has a
+    step image and nothing else must load it; None: the keep-alive or the in-process engine."""
+    from hyprstream_tui.engine.light import engine_for
+    from hyprstream_tui.engine.loader import LoadOptions
+
+    options = LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize,
+                          allow_pickle=args.allow_pickle)
+    return engine_for(args.model, home=getattr(args, "home", None), options=options, threads=args.threads)
+
+
 def engine_from_args(args: argparse.Namespace) -> Engine | KeepAliveClient:
     """The home's keep-alive engine (started if none runs), or with it off an engine here."""
     import os
@@ -276,16 +287,39 @@ def cmd_infer(args: argparse.Namespace) -> int:
         args.leave_at_once = True
         return 0
     params = params_from_args(args)
-    engine = engine_from_args(args)
+    light = light_engine_from_args(args)
+    engine = light or engine_from_args(args)
     try:
         run_infer(engine, args.model, args.prompt, params, system=args.system, raw=args.raw,
                   as_json=args.json)
     finally:
         engine.close()
-    # A reply from the keep-alive engine leaves nothing in this process to finish: `main` may skip
-    # the interpreter's teardown (cli.leave_at_once). Not with the engine here (--no-keep-alive).
-    args.leave_at_once = type(engine).__name__ == "KeepAliveClient"
+    if light is not None:
+        start_engine_behind(args)
+    # A reply from the keep-alive engine, or one without torch, leaves nothing in this process to
+    # finish: `main` may skip the interpreter's teardown (cli.leave_at_once). Not with torch's
+    # engine here (--no-keep-alive).
+    args.leave_at_once = light is not None or type(engine).__name__ == "KeepAliveClient"
     return 0
+
+
+def start_engine_behind(args: argparse.Namespace) -> None:
+    """After a reply without torch, with keep-alive on: start the home's engine process loading
+    this model, so that the next command finds it warm (this one does not wait for it)."""
+    import os
+
+    from hyprstream_tui.engine.keepalive_protocol import ENV, keep_alive_seconds
+
+    keep_alive_s = None if getattr(args, "no_keep_alive", False) else keep_alive_seconds(os.environ.get(ENV))
+    if keep_alive_s is None:
+        return
+    from hyprstream_tui.engine.keepalive_client import start_behind
+    from hyprstream_tui.engine.keepalive_protocol import Loading
+    from hyprstream_tui.settings import Paths
+
+    loading = Loading(dtype=args.dtype, device=args.device, quantize=args.quantize,
+                      allow_pickle=args.allow_pickle, threads=args.threads)
+    start_behind(Paths.from_env(getattr(args, "home", None)), keep_alive_s, args.model, loading)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

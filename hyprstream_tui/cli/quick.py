@@ -84,7 +84,8 @@ def open_channel(home: Path, keep_alive_s: float) -> Channel | None:
     except Exception:  # noqa: BLE001 - nothing listens, it is leaving, or another version replied
         sock.close()
         return None
-    if not (isinstance(welcome, tuple) and welcome[:3] == ("welcome", PROTOCOL, __version__)):
+    if not (isinstance(welcome, tuple) and welcome[:3] == ("welcome", PROTOCOL, __version__)) \
+            or welcome[4:5] == (False,):  # still warming up: the full path decides (engine/light.py)
         sock.close()
         return None
     return channel

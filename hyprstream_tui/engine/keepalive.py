@@ -21,6 +21,7 @@ text), used by this process and by `hyprstream infer --no-keep-alive` alike.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import select
 import signal
@@ -159,7 +160,7 @@ class Client:
 class KeepAliveServer:
     """The engine process: accept loop, one thread per connection, one per loading request."""
 
-    def __init__(self, paths: Paths, keep_alive_s: float) -> None:
+    def __init__(self, paths: Paths, keep_alive_s: float, preload: tuple[str, Loading] | None = None) -> None:
         from hyprstream_tui.store import Store
 
         self.files = EngineFiles.of(paths)
@@ -170,6 +171,8 @@ class KeepAliveServer:
         # must not keep an earlier command's.
         self.engine = Engine(store=Store(paths), threads=cores or 1)
         self.started = time.time()
+        self.preload = preload  # a model to load at once: the command that started it answered without us
+        self.ready = threading.Event()  # warm-up done: Welcome says so (engine/light.py answers until then)
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._connections = 0
@@ -189,7 +192,7 @@ class KeepAliveServer:
         listener = self._listen()
         self.life.update(socket=str(self.files.socket), keep_alive_s=self.keep_alive_s)
         log(f"listening on {self.files.socket} (idle timeout {self.keep_alive_s:g} s)")
-        threading.Thread(target=warm_imports, name="hyprstream-warm", daemon=True).start()
+        threading.Thread(target=self._warm, name="hyprstream-warm", daemon=True).start()
         try:
             self._accept_loop(listener)
         finally:
@@ -199,6 +202,20 @@ class KeepAliveServer:
         self.engine.close(timeout=5)
         log("stopped")
         return 0
+
+    def _warm(self) -> None:
+        """Import what requests need, load the model it was started for, then say it is ready."""
+        try:
+            warm_imports()
+            if self.preload is not None:
+                spec, loading = self.preload
+                try:
+                    self.engine.load(spec, LoadOptions(**loading.load_options()))
+                    log(f"loaded {spec} ahead of its requests")
+                except Exception as exc:  # noqa: BLE001 - its first request reports it properly
+                    log(f"could not load {spec} ahead: {type(exc).__name__}: {exc}")
+        finally:
+            self.ready.set()
 
     def _listen(self) -> socket.socket:
         """The socket file, 0600 from the start (umask), in a private folder; a file left by a
@@ -278,7 +295,8 @@ class KeepAliveServer:
             if message.keep_alive_s is not None:
                 with self._lock:
                     self.keep_alive_s = message.keep_alive_s
-            client.send(Welcome(protocol=PROTOCOL, version=__version__, pid=os.getpid()))
+            client.send(Welcome(protocol=PROTOCOL, version=__version__, pid=os.getpid(),
+                                ready=self.ready.is_set()))
         elif isinstance(message, (Infer, Chat)):
             threading.Thread(target=self._request, args=(client, message), daemon=True,
                              name=f"hyprstream-keepalive-{message.request_id}").start()
@@ -302,7 +320,7 @@ class KeepAliveServer:
             if isinstance(args[1], (int, float)) and not isinstance(args[1], bool):
                 with self._lock:
                     self.keep_alive_s = float(args[1])
-            client.send(("welcome", PROTOCOL, __version__, os.getpid()))
+            client.send(("welcome", PROTOCOL, __version__, os.getpid(), self.ready.is_set()))
         elif kind == "infer" and len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], dict):
             rid, fields = args[0], args[1]
             with client.lock:
@@ -415,10 +433,13 @@ def main(argv: list[str] | None = None) -> int:
                                      description="The keep-alive engine of one home (started by the CLI).")
     parser.add_argument("--home", required=True)
     parser.add_argument("--keep-alive", type=float, required=True, help="idle timeout in seconds")
+    parser.add_argument("--preload", help="a model to load at once (its spec)")
+    parser.add_argument("--loading", default="{}", help="its load options (a Loading, as JSON)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return KeepAliveServer(Paths.from_env(args.home), args.keep_alive).run()
+        preload = None if not args.preload else (args.preload, Loading(**json.loads(args.loading)))
+        return KeepAliveServer(Paths.from_env(args.home), args.keep_alive, preload).run()
     except HyprError as exc:  # e.g. a socket folder that is not ours: one line in the log
         log(f"error: {exc.message}")
         return 1

@@ -263,9 +263,28 @@ def start(files: EngineFiles, keep_alive_s: float, loading: Loading,
     return client
 
 
-def spawn(files: EngineFiles, keep_alive_s: float) -> subprocess.Popen[bytes]:
+def start_behind(paths: Paths, keep_alive_s: float, spec: str, loading: Loading) -> bool:
+    """Start the home's engine process to load `spec` at once, without waiting for it (a command
+    that answered without it: the next one finds it warm); False where one runs or starts already."""
+    from hyprstream_tui.errors import Conflict
+    from hyprstream_tui.store.locks import is_locked, locked
+
+    files = EngineFiles.of(paths)
+    try:
+        with locked(files.start_lock, "Starting the engine process", wait=0):
+            if is_locked(files.lock):
+                return False
+            spawn(files, keep_alive_s, preload=(absolute_spec(spec), loading))
+            return True
+    except Conflict:  # another command is starting it
+        return False
+
+
+def spawn(files: EngineFiles, keep_alive_s: float,
+          preload: tuple[str, Loading] | None = None) -> subprocess.Popen[bytes]:
     """`python -m hyprstream_tui.engine.keepalive`, detached: its own session (a Ctrl-C in this
-    terminal is not its), output to the log, run from the folder this package is imported from."""
+    terminal is not its), output to the log, run from the folder this package is imported from;
+    `preload`: a model (spec, load options) it loads at once."""
     import subprocess
 
     files.log.parent.mkdir(parents=True, exist_ok=True)
@@ -280,10 +299,20 @@ def spawn(files: EngineFiles, keep_alive_s: float) -> subprocess.Popen[bytes]:
     with open(files.log, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "hyprstream_tui.engine.keepalive", "--home", str(files.home),
-             "--keep-alive", repr(keep_alive_s)],
+             "--keep-alive", repr(keep_alive_s), *_preload_args(preload)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             close_fds=True, cwd=package_parent, env=env,
         )
+
+
+def _preload_args(preload: tuple[str, Loading] | None) -> list[str]:
+    if preload is None:
+        return []
+    import dataclasses
+    import json
+
+    spec, loading = preload
+    return ["--preload", spec, "--loading", json.dumps(dataclasses.asdict(loading))]
 
 
 # ---- status, stop ----------------------------------------------------------------------------

@@ -140,6 +140,7 @@ class Welcome:
     protocol: int
     version: str
     pid: int
+    ready: bool = True  # its warm-up (torch, a model it was started to load) is done
 
 
 @dataclass(frozen=True, kw_only=True)

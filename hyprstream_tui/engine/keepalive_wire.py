@@ -4,7 +4,7 @@ on, the framing of messages, the same-user check, and the plain messages of the 
 `hyprstream infer` with an engine already listening (`cli/quick.py`) speaks plain tuples and dicts
 (no dataclass to import on either end of its path):
 
-    client -> engine   ("hello", PROTOCOL, keep_alive_s)   engine -> client  ("welcome", PROTOCOL, version, pid)
+    client -> engine   ("hello", PROTOCOL, keep_alive_s)   engine -> client  ("welcome", PROTOCOL, version, pid, ready)
                        ("infer", request_id, {spec, prompt, params, system, raw, loading})
                        ("cancel", request_id)
     engine -> client   ("loaded", request_id, seconds)  ("text", request_id, text)

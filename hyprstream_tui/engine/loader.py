@@ -185,8 +185,9 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     if model is None:
         model = _load_transformers(source, options, dtype, use_safetensors)
     model.eval().requires_grad_(False)
+    cache_key: str | None = None
     if options.quantize:
-        quant_cache = _quantize(model, source, dtype, options.quantize)
+        quant_cache, cache_key = _quantize(model, source, dtype, options.quantize)
     elif not options.tuned or device != "cpu":
         pass  # torch's own kernels
     elif dtype == "bfloat16" and _prefill_fp32(options):
@@ -204,7 +205,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) types `self` as the first argument
     if tokenizer is None:
         tokenizer = load_tokenizer(source.path)
-    return LoadedModel(
+    lm = LoadedModel(
         source=source,
         options=options,
         model=model,
@@ -216,11 +217,20 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         load_s=time.perf_counter() - started,
         quant_cache=quant_cache,
     )
+    if cache_key is not None and source.cache is not None and options.tuned and options.quantize:
+        # What a later command without torch needs to give this model's replies (engine.light)
+        from hyprstream_tui.engine.tuned import step_image
+
+        step_image.save(model, source.cache, cache_key, step_image.Facts(
+            dtype=dtype, window=lm.window, eos_ids=tuple(sorted(lm.eos_ids)), quantize=options.quantize),
+            about={"model": source.name, "commit": source.commit or ""})
+    return lm
 
 
-def _quantize(model: Model, source: ModelSource, dtype: str, quantize: str) -> str | None:
+def _quantize(model: Model, source: ModelSource, dtype: str, quantize: str) -> tuple[str | None, str | None]:
     """Quantize `model` in place to `quantize` (int8 or int4), through the home's cache of
-    quantized weights where `source` is a store model (a commit); "hit", "made" or None (not cached)."""
+    quantized weights where `source` is a store model (a commit): "hit", "made" or None (not
+    cached), and the cache entry's name (None: not cached)."""
     from hyprstream_tui.engine import native
     from hyprstream_tui.engine.tuned import quant_cache
     from hyprstream_tui.engine.tuned.quantize import Packs, quantize_int8
@@ -242,12 +252,12 @@ def _quantize(model: Model, source: ModelSource, dtype: str, quantize: str) -> s
     else:
         quantize_int8(model, dtype=dtype, packs=packs)
     if source.cache is None or name is None:
-        return None
+        return None, None
     if not packs.made:
-        return "hit"
+        return "hit", name
     quant_cache.write(source.cache, name, packs.tensors(),
                       about={"model": source.name, "commit": source.commit or "", "scheme": scheme})
-    return "made"
+    return "made", name
 
 
 def _load_native(source: ModelSource, *, dtype: str | None

@@ -34,8 +34,10 @@ def logits(lm, text=PROMPT):
 
 
 def entries(store):
+    """The cache's weight entries (`<key>.safetensors`; not the step images beside them,
+    `<key>.stepN.safetensors`, which engine/light.py reads: tests/engine/test_light.py)."""
     where = quant_cache.folder(store.paths.cache)
-    return sorted(where.glob("*.safetensors")) if where.is_dir() else []
+    return sorted(p for p in where.glob("*.safetensors") if "." not in p.stem) if where.is_dir() else []
 
 
 @pytest.mark.parametrize("group", [32, 64])

@@ -20,8 +20,10 @@ PROMPT = "The quick brown fox jumps over the lazy dog."
 
 
 def entries(store):
+    """The cache's weight entries (`<key>.safetensors`; not the step images beside them,
+    `<key>.stepN.safetensors`, which engine/light.py reads: tests/engine/test_light.py)."""
     where = quant_cache.folder(store.paths.cache)
-    return sorted(where.glob("*.safetensors")) if where.is_dir() else []
+    return sorted(p for p in where.glob("*.safetensors") if "." not in p.stem) if where.is_dir() else []
 
 
 def logits(lm):
@@ -131,11 +133,13 @@ def test_cache_prune_and_list_from_the_cli(tiny_store, cli):
     os.utime(stale, (1000, 1000))
     listed = cli("cache", "list", "--json")
     assert listed.returncode == 0, listed.stderr
-    [row] = json.loads(listed.stdout)["entries"]
-    assert row["model"] == "tiny" and row["scheme"] == "int8" and row["bytes"] > 0
+    rows = json.loads(listed.stdout)["entries"]  # the weights, and the step image beside them
+    assert sorted(row["scheme"] for row in rows) == ["int8", "int8 step image"]
+    assert all(row["model"] == "tiny" and row["bytes"] > 0 for row in rows)
     kept = cli("cache", "prune", "--keep", "1GB")
-    assert kept.returncode == 0 and "1 kept" in kept.stdout and not stale.exists()
+    assert kept.returncode == 0 and "2 kept" in kept.stdout and not stale.exists()
     bad = cli("cache", "prune", "--keep", "lots")
     assert bad.returncode != 0 and bad.stderr.strip() == "error: --keep takes a size such as 500MB or 2GB, got 'lots'."
     gone = cli("cache", "prune")
-    assert gone.returncode == 0 and "Removed 1 cached file(s)" in gone.stdout and entries(tiny_store) == []
+    assert gone.returncode == 0 and "Removed 2 cached file(s)" in gone.stdout and entries(tiny_store) == []
+    assert not list(quant_cache.folder(tiny_store.paths.cache).glob("*.safetensors"))

@@ -12,7 +12,7 @@ import mmap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hyprstream_tui.engine.native.model import Unsupported
+from hyprstream_tui.engine.native.unsupported import Unsupported
 
 if TYPE_CHECKING:
     import torch

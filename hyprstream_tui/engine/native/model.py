@@ -29,13 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyprstream_tui.engine.native.unsupported import Unsupported
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "mistral": "MistralForCausalLM"}
 FIRST_CAPACITY = 512  # KV positions reserved at first; the cache doubles when it fills
-
-
-class Unsupported(Exception):
-    """This model needs transformers' own classes (the message says why)."""
 
 
 @dataclass(kw_only=True)

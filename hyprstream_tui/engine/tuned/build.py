@@ -45,17 +45,26 @@ def cache_dir() -> Path:
     return Paths.from_env().cache / "kernels"
 
 
+def _target(source: Path, flags: tuple[str, ...], stem: str, folder: Path) -> Path:
+    digest = hashlib.sha256(source.read_bytes() + " ".join((compiler(), *flags)).encode()).hexdigest()[:16]
+    return folder / f"{stem}-{digest}.so"
+
+
+def built(source: Path, flags: tuple[str, ...], stem: str) -> Path | None:
+    """The library `library` would return, where the cache holds it already; None: not built."""
+    target = _target(source, flags, stem, cache_dir())
+    return target if target.is_file() else None
+
+
 def library(source: Path, flags: tuple[str, ...], stem: str) -> Path:
     """The library compiled from `source` with `flags`, built now unless the cache holds it."""
     cc = compiler()
-    text = source.read_bytes()
-    digest = hashlib.sha256(text + " ".join((cc, *flags)).encode()).hexdigest()[:16]
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         folder = Path(tempfile.mkdtemp(prefix="hyprstream-kernels-"))
-    target = folder / f"{stem}-{digest}.so"
+    target = _target(source, flags, stem, folder)
     if target.is_file():
         return target
     tmp = tmp_name(target)  # the store's temp names (".<name>.<id>.incomplete")
@@ -97,4 +106,4 @@ def opened(source: Path, flags: tuple[str, ...], stem: str, opener: Callable[[Pa
         return opener(library(source, flags, stem))
 
 
-__all__ = ["BUILD_TIMEOUT_S", "BuildError", "cache_dir", "compiler", "library", "opened", "refusal"]
+__all__ = ["BUILD_TIMEOUT_S", "BuildError", "built", "cache_dir", "compiler", "library", "opened", "refusal"]

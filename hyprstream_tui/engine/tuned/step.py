@@ -43,38 +43,28 @@ import torch
 from hyprstream_tui.engine.tuned import build
 from hyprstream_tui.engine.tuned.build import BuildError
 
-SOURCE = Path(__file__).with_name("step.c")
-# -ffp-contract=off: a product and a sum stay two roundings wherever the source writes them so, in
-# the step and the prefill alike (their values agree bit for bit because they run the same operations)
-FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
-ENV_SWITCH = "HYPRSTREAM_FUSED_STEP"
-INT8, INT4, FP32, BF16 = 1, 2, 3, 4  # step.c's weight kinds
-QUANTIZED = frozenset({INT8, INT4})
-EVERY = frozenset({INT8, INT4, FP32, BF16})
-GROUP = 32  # int4 values per scale and zero (the cache's and quantize_int4's)
-MAX_HEAD_DIM = 512
+from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tests and callers use
+    BF16,
+    ENV_SWITCH,
+    EVERY,
+    FLAGS,
+    FP32,
+    GROUP,
+    INT4,
+    INT8,
+    MAX_HEAD_DIM,
+    QUANTIZED,
+    SOURCE,
+    STEM,
+    Layer,
+    Lin,
+    Spec,
+    mark_checked,
+    open_library,
+    scratch_floats,
+)
+
 FIRST_CAPACITY = 512  # positions of a cache this step allocates (it doubles when full), as NativeCache's
-
-P = ctypes.c_void_p
-I64 = ctypes.c_int64
-
-
-class Lin(ctypes.Structure):
-    _fields_ = [("kind", I64), ("out", I64), ("inputs", I64), ("w", P), ("s", P), ("bias", P)]
-
-
-class Layer(ctypes.Structure):
-    _fields_ = [("q", Lin), ("k", Lin), ("v", Lin), ("o", Lin), ("gate", Lin), ("up", Lin), ("down", Lin),
-                ("ln1", P), ("ln2", P), ("kc", P), ("vc", P)]
-
-
-class Spec(ctypes.Structure):
-    _fields_ = [("layers", I64), ("dim", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64),
-                ("ffn", I64), ("vocab", I64), ("capacity", I64), ("threads", I64),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf16", I64), ("embed", P),
-                ("embed_f32", I64),
-                ("norm", P), ("inv_freq", P), ("head", Lin), ("layer", ctypes.POINTER(Layer)),
-                ("scratch", P)]
 
 
 class Unfit(Exception):
@@ -259,10 +249,9 @@ class FusedStep:
         for i in range(self.spec.layers):
             self.layers[i].kc, self.layers[i].vc = keys[i].data_ptr(), values[i].data_ptr()
         s = self.spec
-        floats = (2 * s.dim + (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim + s.ffn
-                  + s.heads * capacity + self.widest + self.widest // GROUP + 16)
-        self.scratch = torch.empty(floats, dtype=torch.float32)
-        s.scratch, s.capacity = self.scratch.data_ptr(), capacity
+        s.capacity = capacity
+        self.scratch = torch.empty(scratch_floats(s, self.widest), dtype=torch.float32)
+        s.scratch = self.scratch.data_ptr()
 
     def _grow(self) -> None:
         cache = self.cache
@@ -346,28 +335,17 @@ def status() -> str:
 
 def compile_library() -> Path:
     """The compiled library's path, built now unless the home's cache holds it (BuildError)."""
-    return build.library(SOURCE, FLAGS, "step")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return build.library(SOURCE, FLAGS, STEM)
 
 
 def _load() -> tuple[Any, str]:
-    why = build.refusal(ENV_SWITCH)
+    from hyprstream_tui.engine.tuned import step_abi
+
+    why = step_abi.refusal()
     if why:
         return None, why
-    missing = {"avx2", "fma"} - _cpu_flags()
-    if missing:
-        return None, f"the CPU lacks {', '.join(sorted(missing))}"
     try:
-        lib = build.opened(SOURCE, FLAGS, "step", _open)
+        lib = build.opened(SOURCE, FLAGS, STEM, open_library)
     except BuildError as exc:
         return None, str(exc)
     except (OSError, AttributeError) as exc:
@@ -375,20 +353,10 @@ def _load() -> tuple[Any, str]:
     bad = self_check(lib)
     if bad:
         return None, f"its results differ from torch's ({bad})"
+    path = build.built(SOURCE, FLAGS, STEM)
+    if path is not None:
+        mark_checked(path)  # for engine.light, which cannot run the check without torch
     return lib, ""
-
-
-def _open(path: Path) -> Any:
-    lib = ctypes.CDLL(str(path))
-    lib.hs_step.restype = ctypes.c_int
-    lib.hs_step.argtypes = [ctypes.POINTER(Spec), I64, I64, P]
-    lib.hs_prefill.restype = ctypes.c_int
-    lib.hs_prefill.argtypes = [ctypes.POINTER(Spec), P, I64, I64, P, P]
-    lib.hs_prefill_floats.restype = I64
-    lib.hs_prefill_floats.argtypes = [ctypes.POINTER(Spec)]
-    lib.hs_rows.restype = None
-    lib.hs_rows.argtypes = [ctypes.POINTER(Lin), P, I64, P, P]
-    return lib
 
 
 def rows(lib: Any, lin: Lin, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,128 @@
+"""Replies without torch, for a cold `hyprstream infer` (issue 21): an `Engine` whose models are
+step images (`tuned.step_image`), run by the fused step's C library through numpy.
+
+`import torch` alone takes longer than issue 21's whole cold target (2x llama.cpp's cold answer).
+A quantized model the engine has loaded once through the home's cache has left an image of what
+its fused step reads; a later command that finds it answers here: the store resolves the name,
+`engine.native.tokenizer` (tokenizers and jinja2) renders the prompt, the library runs the prompt
+and each token exactly as the engine's `FusedStep` does, and `SequenceState` picks, detokenises
+and stops as it does there. So the reply, its events, its provenance and seed are the engine's.
+
+`engine_for` returns a LightEngine only where all of that holds, None everywhere else (the caller
+loads torch's engine): `--quantize int8`/`int4` with fp32 activations on the CPU (no CUDA device
+present), a store model at a commit, no adapter, tokenizer files the native tokenizer reads, the
+library built and checked on this CPU by an earlier torch process (`step_abi.checked_library`),
+the image written, and `HYPRSTREAM_LIGHT` not 0.
+
+Imports neither torch nor transformers; numpy when it answers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, cast
+
+from hyprstream_tui.engine.engine import Engine
+from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource
+
+if TYPE_CHECKING:
+    from hyprstream_tui.engine.native.tokenizer import NativeTokenizer
+    from hyprstream_tui.engine.sequence import SequenceState
+    from hyprstream_tui.engine.tuned.step_image import ImageModel
+    from hyprstream_tui.store import Store
+
+ENV = "HYPRSTREAM_LIGHT"
+CUDA_MARKS = ("/proc/driver/nvidia/version", "/dev/nvidia0")  # "auto" would pick CUDA there
+
+
+def default_threads() -> int:
+    """The cores this process may use (the engine's default, `loader.set_threads(None)`)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class LightEngine(Engine):
+    """An Engine over one prepared step image (`engine_for`); requests for other models or
+    options are refused with the reason, as loading errors are."""
+
+    def __init__(self, *, store: "Store", options: LoadOptions, threads: int | None, source: ModelSource,
+                 image: "ImageModel", tokenizer: "NativeTokenizer", prepared_s: float) -> None:
+        super().__init__(store=store, options=options, threads=threads, max_models=1)
+        self._source, self._image, self._tokenizer, self._prepared_s = source, image, tokenizer, prepared_s
+
+    def _load(self, source: ModelSource, options: LoadOptions) -> LoadedModel:
+        from hyprstream_tui.errors import InvalidInput
+
+        if (source.path, source.commit, options) != (self._source.path, self._source.commit, self.options):
+            raise InvalidInput(f"{source.name!r} with these options is not this command's model.")
+        started = time.perf_counter()
+        facts = self._image.facts
+        lm = LoadedModel(source=source, options=options, model=cast(Any, self._image),
+                         tokenizer=cast(Any, self._tokenizer), dtype=facts.dtype, device="cpu",
+                         window=facts.window, eos_ids=frozenset(facts.eos_ids), load_s=0.0,
+                         quant_cache="hit")
+        lm.load_s = self._prepared_s + time.perf_counter() - started
+        return lm
+
+    def _use_threads(self, threads: int | None) -> None:
+        self._image.spec.threads = max(1, threads if threads is not None else default_threads())
+
+    def _texts(self, lm: LoadedModel, seq: "SequenceState", cancel: threading.Event) -> Iterator[str]:
+        from hyprstream_tui.engine import loop
+
+        image = cast("ImageModel", lm.model)
+        run = image.sequence(min(seq.n_prompt + seq.params.max_tokens, lm.window))
+        return loop.run(seq, lambda: run.prefill(seq.prompt_ids), run.step, cancel=cancel)
+
+
+def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
+               threads: int | None) -> LightEngine | None:
+    """A LightEngine for `spec` under `options`, or None where the torch engine must answer."""
+    if os.environ.get(ENV, "1") == "0" or not _options_fit(options):
+        return None
+    if options.device == "auto" and any(os.path.exists(mark) for mark in CUDA_MARKS):
+        return None
+    started = time.perf_counter()
+    from hyprstream_tui.engine.tuned import step_abi
+
+    lib = step_abi.checked_library()
+    if lib is None:
+        return None
+    from hyprstream_tui.engine import native
+    from hyprstream_tui.engine.native.tokenizer import NativeTokenizer
+    from hyprstream_tui.engine.sources import parse_spec, resolve_source
+    from hyprstream_tui.engine.tuned import quant_cache, step_image
+    from hyprstream_tui.errors import HyprError
+    from hyprstream_tui.settings import Paths
+    from hyprstream_tui.store import Store
+
+    try:
+        parsed = parse_spec(spec)
+        if parsed.adapter is not None:
+            return None
+        store = Store(Paths.from_env(home))
+        source = resolve_source(parsed, store)
+        if source.commit is None or source.cache is None:
+            return None
+        assert options.quantize is not None  # _options_fit
+        key = quant_cache.key(source.path, source.commit, step_image.scheme(options.quantize),
+                              native.checkpoint_files(source.path))
+        image = step_image.ImageModel.open(lib, step_image.path_for(source.cache, key),
+                                           threads if threads is not None else default_threads())
+        if image is None or image.facts.quantize != options.quantize or image.facts.dtype != "float32":
+            return None
+        tokenizer = NativeTokenizer.read(source.path)
+    except (HyprError, native.Unsupported, OSError):
+        return None  # the engine's path reports what is wrong, as it always has
+    return LightEngine(store=store, options=options, threads=threads, source=source, image=image,
+                       tokenizer=tokenizer, prepared_s=time.perf_counter() - started)
+
+
+def _options_fit(options: LoadOptions) -> bool:
+    return (options.quantize in ("int8", "int4") and options.device in ("auto", "cpu")
+            and options.dtype in ("auto", "float32") and options.tuned and options.native)
+
+
+__all__ = ["ENV", "LightEngine", "engine_for"]

@@ -1,0 +1,253 @@
+"""A fused model's image: everything `step.c` reads for one quantized model, in one file that a
+process without torch can map and run (`engine.light`, issue 21's cold start).
+
+- **Written** by the engine (torch) when it loads a quantized model of the engine's own classes
+  through the home's quantized cache (`save`, from `loader.load_model`): the bytes the fused step's
+  structures point at (`step.described`), each row range as the step reads it, and in the
+  metadata the model's shape, each product's kind, and the facts a reply needs (dtype, context
+  window, end-of-reply ids). It sits beside the cache entry it came from, under the same
+  content-addressed name (`<key>.step<FORMAT>.safetensors`): the same commit, files and scheme,
+  or another name. The cache's cap and `hyprstream cache prune` evict it like an entry.
+- **Read** without torch (`ImageModel.open`): numpy views of one read-only memory map, pointed at
+  by the library's structures; `ImageModel.sequence` gives a sequence its own KV cache.
+
+A reply through the image is the engine's reply, bit for bit: the same library runs the same
+bytes, prompts through `hs_prefill` and tokens through `hs_step` as the engine's `FusedStep` does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hyprstream_tui.engine.tuned import quant_cache
+from hyprstream_tui.engine.tuned.step_abi import (
+    FP32,
+    GROUP,
+    INT4,
+    INT8,
+    LINEARS,
+    QUANTIZED,
+    Layer,
+    Lin,
+    Spec,
+    scratch_floats,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FORMAT = 1
+SHAPE = ("layers", "dim", "heads", "kv_heads", "head_dim", "ffn", "vocab", "bf16", "embed_f32")
+
+
+def name_for(key: str) -> str:
+    """The image's name in the quantized cache for entry `key`."""
+    return f"{key}.step{FORMAT}"
+
+
+def path_for(cache: Path, key: str) -> Path:
+    return quant_cache.folder(cache) / f"{name_for(key)}{quant_cache.SUFFIX}"
+
+
+def scheme(quantize: str) -> str:
+    """The quantized cache's scheme name for `quantize` in the group size the fused step reads."""
+    return quantize if quantize == "int8" else f"int4-g{GROUP}"
+
+
+def _lin_bytes(lin: Lin) -> tuple[int, int]:
+    """Bytes of a product's weights and of its scales."""
+    out, inputs = lin.out, lin.inputs
+    if lin.kind == INT8:
+        return out * inputs, out * 4
+    if lin.kind == INT4:
+        return out * inputs // 2, out * (inputs // GROUP) * 4
+    return out * inputs * (4 if lin.kind == FP32 else 2), 0
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a reply needs besides the weights (a `LoadedModel`'s fields)."""
+
+    dtype: str
+    window: int
+    eos_ids: tuple[int, ...]
+    quantize: str
+
+
+def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str]) -> Path | None:
+    """Write the image of `model` (loaded quantized, `key` its cache entry; `about`: its model and
+    commit, for `hyprstream cache list`) unless it is there; None where the fused step does not run
+    it whole or the cache cannot be written."""
+    import torch
+
+    from hyprstream_tui.engine.tuned import step
+
+    path = path_for(cache, key)
+    if intact(path):
+        return path
+    if step.library() is None:  # no library that passed its check here: nothing could read it
+        return None
+    try:
+        shape = step.described(model)
+    except step.Unfit:
+        return None
+    if not shape.kinds <= QUANTIZED:
+        return None
+    spec = shape.spec
+    tensors: dict[str, torch.Tensor] = {}
+    lins: dict[str, list[int]] = {}
+
+    def raw(name: str, address: int | None, size: int) -> None:
+        if address and size:  # a view of the bytes the step reads, written as they are
+            tensors[name] = torch.frombuffer((ctypes.c_uint8 * size).from_address(address), dtype=torch.uint8)
+
+    def product(name: str, lin: Lin) -> None:
+        weights, scales = _lin_bytes(lin)
+        raw(f"{name}.w", lin.w, weights)
+        raw(f"{name}.s", lin.s, scales)
+        raw(f"{name}.b", lin.bias, lin.out * 4)
+        lins[name] = [lin.kind, lin.out, lin.inputs]
+
+    for i, layer in enumerate(shape.layers):
+        for field in LINEARS:
+            product(f"L{i}.{field}", getattr(layer, field))
+        raw(f"L{i}.ln1", layer.ln1, spec.dim * 4)
+        raw(f"L{i}.ln2", layer.ln2, spec.dim * 4)
+    product("head", spec.head)
+    raw("embed", spec.embed, spec.vocab * spec.dim * (4 if spec.embed_f32 else 2))
+    raw("norm", spec.norm, spec.dim * 4)
+    raw("inv_freq", spec.inv_freq, spec.head_dim // 2 * 4)
+    meta = {
+        **about,
+        "scheme": f"{scheme(facts.quantize)} step image",
+        "image": str(FORMAT),
+        "shape": json.dumps({k: int(getattr(spec, k)) for k in SHAPE}),
+        "eps_scale": json.dumps([spec.eps, spec.scale]),  # the c_floats' values, exactly
+        "products": json.dumps(lins),
+        "facts": json.dumps(facts.__dict__),
+    }
+    return quant_cache.write(cache, name_for(key), tensors, about=meta)
+
+
+def intact(path: Path) -> bool:
+    """Whether `path` holds a whole image of this format (its header read, its length checked)."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            return header["__metadata__"].get("image") == str(FORMAT) and os.fstat(fh.fileno()).st_size == 8 + size + end
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
+        return False
+
+
+class ImageModel:
+    """A mapped image: the library's structures over its bytes. `sequence(capacity)` runs it."""
+
+    def __init__(self, lib: Any, path: Path, threads: int) -> None:
+        import numpy as np
+
+        with open(path, "rb") as fh:
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        size = int.from_bytes(self._map[:8], "little")
+        header = json.loads(self._map[8 : 8 + size])
+        meta = header.pop("__metadata__")
+        end = max(int(info["data_offsets"][1]) for info in header.values())
+        if meta.get("image") != str(FORMAT) or len(self._map) != 8 + size + end:
+            raise ValueError(f"not a whole image of format {FORMAT}")
+        self._bytes = np.frombuffer(self._map, dtype=np.uint8)
+        base, start = self._bytes.ctypes.data, 8 + size
+        self._at = {name: base + start + int(info["data_offsets"][0]) for name, info in header.items()}
+        shape = json.loads(meta["shape"])
+        eps, scale = json.loads(meta["eps_scale"])
+        facts = json.loads(meta["facts"])
+        self.facts = Facts(dtype=facts["dtype"], window=int(facts["window"]),
+                           eos_ids=tuple(int(i) for i in facts["eos_ids"]), quantize=facts["quantize"])
+        products = json.loads(meta["products"])
+        self.lib = lib
+        self.layers = (Layer * shape["layers"])()
+        for i in range(shape["layers"]):
+            layer = self.layers[i]
+            for field in LINEARS:
+                setattr(layer, field, self._lin(f"L{i}.{field}", products))
+            layer.ln1, layer.ln2 = self._at[f"L{i}.ln1"], self._at[f"L{i}.ln2"]
+        self.spec = Spec(**shape, capacity=0, threads=max(1, threads), eps=eps, scale=scale,
+                         embed=self._at["embed"], norm=self._at["norm"], inv_freq=self._at["inv_freq"],
+                         head=self._lin("head", products), layer=None, scratch=None)
+        self.widest = max(self.spec.dim, self.spec.heads * self.spec.head_dim, self.spec.ffn)
+        kinds = {kind for kind, _, _ in products.values()}
+        if not kinds <= QUANTIZED or self.spec.bf16:
+            raise ValueError(f"weight kinds {sorted(kinds)}")
+
+    def _lin(self, name: str, products: dict[str, list[int]]) -> Lin:
+        kind, out, inputs = products[name]
+        return Lin(kind, out, inputs, self._at[f"{name}.w"], self._at.get(f"{name}.s"), self._at.get(f"{name}.b"))
+
+    @classmethod
+    def open(cls, lib: Any, path: Path, threads: int) -> "ImageModel | None":
+        """The image at `path`; None where it is missing or unreadable (the engine writes it anew)."""
+        try:
+            model = cls(lib, path, threads)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+            return None
+        try:
+            os.utime(path)  # most recently used: the cache's cap evicts others first
+        except OSError:
+            pass
+        return model
+
+    def sequence(self, capacity: int) -> "ImageSequence":
+        return ImageSequence(self, capacity)
+
+
+class ImageSequence:
+    """One sequence through an image: its own KV cache of `capacity` positions."""
+
+    def __init__(self, model: ImageModel, capacity: int) -> None:
+        import numpy as np
+
+        self.model, self.np = model, np
+        count, s = len(model.layers), model.spec
+        self.layers = (Layer * count)()
+        ctypes.memmove(self.layers, model.layers, ctypes.sizeof(self.layers))
+        self.spec = Spec()
+        ctypes.memmove(ctypes.byref(self.spec), ctypes.byref(s), ctypes.sizeof(Spec))
+        self.spec.layer = ctypes.cast(self.layers, ctypes.POINTER(Layer))
+        self.spec.capacity = capacity
+        self.kv = [np.empty((s.kv_heads, capacity, s.head_dim), dtype=np.float32) for _ in range(2 * count)]
+        for i in range(count):
+            self.layers[i].kc, self.layers[i].vc = self.kv[2 * i].ctypes.data, self.kv[2 * i + 1].ctypes.data
+        self.scratch = np.empty(scratch_floats(self.spec, model.widest), dtype=np.float32)
+        self.spec.scratch = self.scratch.ctypes.data
+        self.length = 0
+
+    def prefill(self, tokens: "list[int] | np.ndarray") -> "np.ndarray":
+        """The logits [V] after `tokens`, run from the cache's length on."""
+        np = self.np
+        ids = np.ascontiguousarray(tokens, dtype=np.int64)
+        work = np.empty(int(self.model.lib.hs_prefill_floats(ctypes.byref(self.spec))), dtype=np.float32)
+        logits = np.empty(self.spec.vocab, dtype=np.float32)
+        if self.model.lib.hs_prefill(ctypes.byref(self.spec), ids.ctypes.data, len(ids), self.length,
+                                     logits.ctypes.data, work.ctypes.data) != 0:
+            raise ValueError(f"{len(ids)} tokens from position {self.length}: out of range")
+        self.length += len(ids)
+        return logits
+
+    def step(self, token: int, position: int) -> "np.ndarray":
+        """The logits [V] after `token` at `position` (the cache's length)."""
+        if position != self.length:
+            raise ValueError(f"position {position} is not the cache's length {self.length}")
+        logits = self.np.empty(self.spec.vocab, dtype=self.np.float32)
+        if self.model.lib.hs_step(ctypes.byref(self.spec), token, position, logits.ctypes.data) != 0:
+            raise ValueError(f"token {token} at position {position} is out of range")
+        self.length += 1
+        return logits
+
+
+__all__ = ["FORMAT", "Facts", "ImageModel", "ImageSequence", "name_for", "path_for", "save", "scheme"]
