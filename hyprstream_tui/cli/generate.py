@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from hyprstream_tui.engine.events import Event, EventCallback, GenerationDone
     from hyprstream_tui.engine.jobs import ChatEngine, Job
     from hyprstream_tui.engine.keepalive_client import KeepAliveClient
+    from hyprstream_tui.engine.light import LightEngine
     from hyprstream_tui.engine.params import SamplingParams
 
 Write = Callable[[str], Any]
@@ -249,7 +250,7 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def light_engine_from_args(args: argparse.Namespace) -> Engine | None:
+def light_engine_from_args(args: argparse.Namespace) -> LightEngine | None:
     """An engine that answers without torch (engine/light.py) where this command's model has a
     step image and nothing else must load it; None: the keep-alive or the in-process engine."""
     from hyprstream_tui.engine.light import engine_for
@@ -287,7 +288,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         args.leave_at_once = True
         return 0
     params = params_from_args(args)
-    light = light_engine_from_args(args)
+    light = light_engine_from_args(args)  # a LightEngine, or None
     engine = light or engine_from_args(args)
     try:
         run_infer(engine, args.model, args.prompt, params, system=args.system, raw=args.raw,
@@ -295,7 +296,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     if light is not None:
-        start_engine_behind(args)
+        start_engine_behind(args, light.last_ids)
     # A reply from the keep-alive engine, or one without torch, leaves nothing in this process to
     # finish: `main` may skip the interpreter's teardown (cli.leave_at_once). Not with torch's
     # engine here (--no-keep-alive).
@@ -303,9 +304,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_engine_behind(args: argparse.Namespace) -> None:
+def start_engine_behind(args: argparse.Namespace, ids: list[int]) -> None:
     """After a reply without torch, with keep-alive on: start the home's engine process loading
-    this model, so that the next command finds it warm (this one does not wait for it)."""
+    this model and keeping the KV cache of this conversation's tokens `ids`, so that the next
+    command finds it warm (this one does not wait for it)."""
     import os
 
     from hyprstream_tui.engine.keepalive_protocol import ENV, keep_alive_seconds
@@ -319,7 +321,7 @@ def start_engine_behind(args: argparse.Namespace) -> None:
 
     loading = Loading(dtype=args.dtype, device=args.device, quantize=args.quantize,
                       allow_pickle=args.allow_pickle, threads=args.threads)
-    start_behind(Paths.from_env(getattr(args, "home", None)), keep_alive_s, args.model, loading)
+    start_behind(Paths.from_env(getattr(args, "home", None)), keep_alive_s, args.model, loading, ids)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -289,6 +289,19 @@ class Engine:
         return seq.done(request.request_id, provenance(lm, source, params, seed), load_s=load_s,
                         dropped_messages=dropped)
 
+    def warm(self, spec: str | ModelSpec, options: LoadOptions, ids: Sequence[int]) -> None:
+        """Load `spec` and run the prompt `ids` once, so that its KV cache is kept for the next
+        request that starts with them (the conversation of a command answered elsewhere)."""
+        from hyprstream_tui.engine.sequence import SequenceState
+
+        lm = self.load(spec, options)
+        with lm.lock:
+            lm.use_adapter(None)
+            seq = SequenceState(list(ids), SamplingParams(temperature=0, max_tokens=1), eos_ids=frozenset(),
+                                generator=None)
+            for _ in self._texts(lm, seq, threading.Event()):
+                pass
+
     def _texts(self, lm: LoadedModel, seq: SequenceState, cancel: threading.Event) -> Iterator[str]:
         """`seq` decoded on `lm` (`generate.decode`'s texts), over the KV cache of an earlier
         request that began with the same tokens where one is kept."""

@@ -160,7 +160,8 @@ class Client:
 class KeepAliveServer:
     """The engine process: accept loop, one thread per connection, one per loading request."""
 
-    def __init__(self, paths: Paths, keep_alive_s: float, preload: tuple[str, Loading] | None = None) -> None:
+    def __init__(self, paths: Paths, keep_alive_s: float,
+                 preload: tuple[str, Loading, list[int]] | None = None) -> None:
         from hyprstream_tui.store import Store
 
         self.files = EngineFiles.of(paths)
@@ -171,7 +172,9 @@ class KeepAliveServer:
         # must not keep an earlier command's.
         self.engine = Engine(store=Store(paths), threads=cores or 1)
         self.started = time.time()
-        self.preload = preload  # a model to load at once: the command that started it answered without us
+        # a model to load at once, and the tokens of the conversation to keep the KV cache of: the
+        # command that started it answered without it (engine/light.py)
+        self.preload = preload
         self.ready = threading.Event()  # warm-up done: Welcome says so (engine/light.py answers until then)
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -208,10 +211,17 @@ class KeepAliveServer:
         try:
             warm_imports()
             if self.preload is not None:
-                spec, loading = self.preload
+                spec, loading, ids = self.preload
                 try:
-                    self.engine.load(spec, LoadOptions(**loading.load_options()))
-                    log(f"loaded {spec} ahead of its requests")
+                    from hyprstream_tui.engine.loader import set_threads
+
+                    set_threads(loading.threads if loading.threads is not None else self.engine.threads)
+                    options = LoadOptions(**loading.load_options())
+                    if ids:
+                        self.engine.warm(spec, options, ids)
+                    else:
+                        self.engine.load(spec, options)
+                    log(f"loaded {spec} ahead of its requests ({len(ids)} tokens of its last conversation run)")
                 except Exception as exc:  # noqa: BLE001 - its first request reports it properly
                     log(f"could not load {spec} ahead: {type(exc).__name__}: {exc}")
         finally:
@@ -435,10 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-alive", type=float, required=True, help="idle timeout in seconds")
     parser.add_argument("--preload", help="a model to load at once (its spec)")
     parser.add_argument("--loading", default="{}", help="its load options (a Loading, as JSON)")
+    parser.add_argument("--warm-ids", default="", help="token ids whose KV cache to keep (comma-separated)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        preload = None if not args.preload else (args.preload, Loading(**json.loads(args.loading)))
+        ids = [int(i) for i in args.warm_ids.split(",") if i.strip()]
+        preload = None if not args.preload else (args.preload, Loading(**json.loads(args.loading)), ids)
         return KeepAliveServer(Paths.from_env(args.home), args.keep_alive, preload).run()
     except HyprError as exc:  # e.g. a socket folder that is not ours: one line in the log
         log(f"error: {exc.message}")

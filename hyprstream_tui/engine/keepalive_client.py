@@ -263,9 +263,11 @@ def start(files: EngineFiles, keep_alive_s: float, loading: Loading,
     return client
 
 
-def start_behind(paths: Paths, keep_alive_s: float, spec: str, loading: Loading) -> bool:
-    """Start the home's engine process to load `spec` at once, without waiting for it (a command
-    that answered without it: the next one finds it warm); False where one runs or starts already."""
+def start_behind(paths: Paths, keep_alive_s: float, spec: str, loading: Loading,
+                 ids: Sequence[int] = ()) -> bool:
+    """Start the home's engine process to load `spec` at once and keep the KV cache of the tokens
+    `ids` (the conversation so far), without waiting for it (a command that answered without it:
+    the next one finds it warm); False where one runs or starts already."""
     from hyprstream_tui.errors import Conflict
     from hyprstream_tui.store.locks import is_locked, locked
 
@@ -274,17 +276,17 @@ def start_behind(paths: Paths, keep_alive_s: float, spec: str, loading: Loading)
         with locked(files.start_lock, "Starting the engine process", wait=0):
             if is_locked(files.lock):
                 return False
-            spawn(files, keep_alive_s, preload=(absolute_spec(spec), loading))
+            spawn(files, keep_alive_s, preload=(absolute_spec(spec), loading, list(ids)))
             return True
     except Conflict:  # another command is starting it
         return False
 
 
 def spawn(files: EngineFiles, keep_alive_s: float,
-          preload: tuple[str, Loading] | None = None) -> subprocess.Popen[bytes]:
+          preload: tuple[str, Loading, list[int]] | None = None) -> subprocess.Popen[bytes]:
     """`python -m hyprstream_tui.engine.keepalive`, detached: its own session (a Ctrl-C in this
     terminal is not its), output to the log, run from the folder this package is imported from;
-    `preload`: a model (spec, load options) it loads at once."""
+    `preload`: a model (spec, load options) it loads at once, and tokens it runs to keep their cache."""
     import subprocess
 
     files.log.parent.mkdir(parents=True, exist_ok=True)
@@ -305,14 +307,15 @@ def spawn(files: EngineFiles, keep_alive_s: float,
         )
 
 
-def _preload_args(preload: tuple[str, Loading] | None) -> list[str]:
+def _preload_args(preload: tuple[str, Loading, list[int]] | None) -> list[str]:
     if preload is None:
         return []
     import dataclasses
     import json
 
-    spec, loading = preload
-    return ["--preload", spec, "--loading", json.dumps(dataclasses.asdict(loading))]
+    spec, loading, ids = preload
+    return ["--preload", spec, "--loading", json.dumps(dataclasses.asdict(loading)),
+            "--warm-ids", ",".join(str(i) for i in ids)]
 
 
 # ---- status, stop ----------------------------------------------------------------------------

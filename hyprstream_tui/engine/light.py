@@ -51,6 +51,7 @@ class LightEngine(Engine):
                  image: "ImageModel", tokenizer: "NativeTokenizer", prepared_s: float) -> None:
         super().__init__(store=store, options=options, threads=threads, max_models=1)
         self._source, self._image, self._tokenizer, self._prepared_s = source, image, tokenizer, prepared_s
+        self.last_ids: list[int] = []  # the tokens of the last sequence it ran (prompt and reply)
 
     def _load(self, source: ModelSource, options: LoadOptions) -> LoadedModel:
         from hyprstream_tui.errors import InvalidInput
@@ -74,7 +75,8 @@ class LightEngine(Engine):
 
         image = cast("ImageModel", lm.model)
         run = image.sequence(min(seq.n_prompt + seq.params.max_tokens, lm.window))
-        return loop.run(seq, lambda: run.prefill(seq.prompt_ids), run.step, cancel=cancel)
+        yield from loop.run(seq, lambda: run.prefill(seq.prompt_ids), run.step, cancel=cancel)
+        self.last_ids = [int(i) for i in seq.seen[: seq.n_prompt + len(seq.token_ids)]]
 
 
 def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
