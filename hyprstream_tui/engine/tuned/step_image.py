@@ -91,13 +91,13 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str])
     path = path_for(cache, key)
     if intact(path):
         return path
-    if step.library() is None:  # no library that passed its check here: nothing could read it
-        return None
     try:
         shape = step.described(model)
     except step.Unfit:
         return None
-    if not shape.kinds <= QUANTIZED:
+    if not shape.kinds <= QUANTIZED or not getattr(model, "native", False):
+        return None
+    if step.library() is None:  # no library that passed its check here: nothing could read it
         return None
     spec = shape.spec
     tensors: dict[str, torch.Tensor] = {}
