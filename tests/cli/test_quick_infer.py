@@ -113,3 +113,46 @@ def test_the_channel_frames_as_multiprocessing_connection_does():
     with pytest.raises(EOFError):
         ours.recv()
     ours.close()
+
+
+def test_an_engine_still_warming_up_is_left_to_the_full_path(tmp_path, monkeypatch):
+    """An engine started behind a reply without torch (engine/light.py) says in its welcome that
+    it is not ready yet; the warm path then steps aside, having printed nothing, so the full path
+    can answer without it. The engine mid-warm-up is a moment: a stand-in on a real Unix socket
+    speaks its welcome (the real engine's is tests/engine/test_light.py's keep-alive test)."""
+    import socket
+    import threading
+
+    from hyprstream_tui import __version__
+    from hyprstream_tui.engine.keepalive_wire import PROTOCOL, Channel, socket_path
+
+    home = tmp_path / "home"
+    path = socket_path(home)
+    path.parent.mkdir(parents=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    heard: list[object] = []
+
+    def warming() -> None:
+        conn, _ = server.accept()
+        channel = Channel(conn)
+        heard.append(channel.recv())
+        channel.send(("welcome", PROTOCOL, __version__, os.getpid(), False))
+        try:
+            heard.append(channel.recv() if channel.poll(5) else "silent")
+        except EOFError:
+            heard.append("hung up")  # sent nothing more: no request reached the warming engine
+        conn.close()
+
+    thread = threading.Thread(target=warming, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HYPRSTREAM_KEEP_ALIVE", "60")
+    args = build_parser("infer").parse_args(["--home", str(home), *INFER])
+    printed: list[str] = []
+    try:
+        assert quick_infer(args, write=printed.append) is None and printed == []
+        thread.join(10)
+    finally:
+        server.close()
+    assert heard[0][0] == "hello" and heard[1] == "hung up"
