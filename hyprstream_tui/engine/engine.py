@@ -242,7 +242,8 @@ class Engine:
         source = self.resolve(request.spec)
         started = time.perf_counter()
         lm, fresh = self._get_model(source, request.options or self.options)
-        load_s = time.perf_counter() - started if fresh else 0.0
+        # lm.load_s: a LightEngine reads its model before the request (engine/light.py)
+        load_s = max(time.perf_counter() - started, lm.load_s) if fresh else 0.0
         if fresh:
             emit(ModelLoaded(request_id=request.request_id, model=source.name,
                              model_commit=source.commit, seconds=load_s, dtype=lm.dtype,

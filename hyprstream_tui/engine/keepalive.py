@@ -90,7 +90,7 @@ def start_infer(
     lm = engine.load(spec, wanted)
     if not loaded:
         on_event(ModelLoaded(request_id=rid, model=source.name, model_commit=source.commit,
-                             seconds=time.perf_counter() - started, dtype=lm.dtype,
+                             seconds=max(time.perf_counter() - started, lm.load_s), dtype=lm.dtype,
                              device=lm.device, quantize=lm.options.quantize))
     if raw or not getattr(lm.tokenizer, "chat_template", None):
         if system:

@@ -137,7 +137,7 @@ def test_a_cold_infer_answers_without_torch_as_the_engine_does(tiny_store, check
     a, b = json.loads(light.stdout), json.loads(full.stdout)
     assert a["text"] and a["text"] == b["text"]
     assert a["provenance"] == b["provenance"] and a["finish_reason"] == b["finish_reason"]
-    assert a["timings"]["load_s"] > 0
+    assert a["timings"]["load_s"] > 1e-3  # the image mapped and the tokenizer read, before the request
     streamed = infer(home, "tiny", "--quantize", "int8", "--prompt", PROMPT, "--max-tokens", "10", "--seed", "3")
     assert streamed.returncode == 0 and not streamed.torch
     assert streamed.stdout == a["text"] + "\n"
