@@ -83,6 +83,25 @@ def test_a_damaged_entry_is_made_again_with_the_same_result(tiny_store, damage):
     assert load_model(resolve_source("tiny", tiny_store), INT8).quant_cache == "hit"
 
 
+def test_an_entry_whose_tensors_are_off_a_64_byte_boundary_is_made_again_aligned(tiny_store):
+    """An entry of an earlier version (tensors packed without padding) would need a copy of every
+    weight at every load: it is made again, aligned, once."""
+    from safetensors.torch import save_file
+
+    source = resolve_source("tiny", tiny_store)
+    made = load_model(source, INT8)
+    [entry] = entries(tiny_store)
+    tensors = {k: v.contiguous() for k, v in quant_cache.read(tiny_store.paths.cache, entry.stem).items()}
+    tensors["#odd"] = torch.zeros(3, dtype=torch.uint8)  # shifts the tensors after it off a boundary
+    save_file(tensors, str(entry), metadata=quant_cache.describe(entry))
+    assert quant_cache.read(tiny_store.paths.cache, entry.stem) is None
+    again = load_model(source, INT8)
+    assert again.quant_cache == "made" and torch.equal(logits(again), logits(made))
+    mapped = quant_cache.read(tiny_store.paths.cache, entry.stem)
+    assert mapped is not None and all(v.data_ptr() % quant_cache.ALIGN == 0 for v in mapped.values() if v.numel())
+    assert load_model(source, INT8).quant_cache == "hit"
+
+
 def test_folder_models_and_unquantized_loads_write_no_cache(tiny_store, tiny_model_src):
     assert load_model(ModelSource(name="tiny", path=tiny_model_src), INT8).quant_cache is None
     assert load_model(resolve_source("tiny", tiny_store)).quant_cache is None

@@ -68,8 +68,12 @@ def read(cache: Path, name: str) -> dict[str, "torch.Tensor"] | None:
     except (Unsupported, OSError) as exc:
         log.warning("quantized cache entry %s is unreadable (%s): making it again", path.name, exc)
         return None
-    # Off a boundary (a file some other writer made): a copy, never a crash in a kernel.
-    tensors = {k: v if v.data_ptr() % ALIGN == 0 else v.clone() for k, v in tensors.items() if not k.startswith(PAD)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(PAD)}
+    if any(v.numel() and v.data_ptr() % ALIGN for v in tensors.values()):
+        # Off a boundary (a file of an earlier version, or another writer): made again and written
+        # aligned, rather than copied at every load (a crash in a kernel otherwise)
+        log.warning("quantized cache entry %s is not 64-byte aligned: making it again", path.name)
+        return None
     try:
         os.utime(path)  # most recently used: the size cap evicts others first
     except OSError:
