@@ -59,6 +59,7 @@ from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tes
     Layer,
     Lin,
     Spec,
+    for_sequence,
     mark_checked,
     open_library,
     scratch_floats,
@@ -206,12 +207,7 @@ class FusedStep:
         shape = described(model)
         self._fn, self._prefill, self._floats = lib.hs_step, lib.hs_prefill, lib.hs_prefill_floats
         self.model, self.cache, self.shape = model, cache, shape
-        count = len(shape.layers)
-        self.layers = (Layer * count)()  # this sequence's copy: its own cache pointers
-        ctypes.memmove(self.layers, shape.layers, ctypes.sizeof(self.layers))
-        self.spec = Spec()
-        ctypes.memmove(ctypes.byref(self.spec), ctypes.byref(shape.spec), ctypes.sizeof(Spec))
-        self.spec.layer = ctypes.cast(self.layers, ctypes.POINTER(Layer))
+        self.spec, self.layers = for_sequence(shape.spec, shape.layers)  # its own cache pointers
         self.spec.threads = max(1, torch.get_num_threads())
         self.widest = shape.widest
         self._attach()

@@ -59,6 +59,17 @@ class Spec(ctypes.Structure):
                 ("scratch", P)]
 
 
+def for_sequence(spec: Spec, layers: Any) -> tuple[Spec, Any]:
+    """Copies of a model's structures for one sequence, to point at its own KV cache and scratch
+    (the weights' pointers shared)."""
+    own = (Layer * len(layers))()
+    ctypes.memmove(own, layers, ctypes.sizeof(own))
+    copy = Spec()
+    ctypes.memmove(ctypes.byref(copy), ctypes.byref(spec), ctypes.sizeof(Spec))
+    copy.layer = ctypes.cast(own, ctypes.POINTER(Layer))
+    return copy, own
+
+
 def scratch_floats(spec: Spec, widest: int) -> int:
     """Floats of a step's scratch buffer (`hs_step`'s layout) for `spec`'s model and capacity."""
     s = spec

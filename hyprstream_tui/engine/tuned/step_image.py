@@ -36,6 +36,7 @@ from hyprstream_tui.engine.tuned.step_abi import (
     Layer,
     Lin,
     Spec,
+    for_sequence,
     scratch_floats,
 )
 
@@ -214,11 +215,7 @@ class ImageSequence:
 
         self.model, self.np = model, np
         count, s = len(model.layers), model.spec
-        self.layers = (Layer * count)()
-        ctypes.memmove(self.layers, model.layers, ctypes.sizeof(self.layers))
-        self.spec = Spec()
-        ctypes.memmove(ctypes.byref(self.spec), ctypes.byref(s), ctypes.sizeof(Spec))
-        self.spec.layer = ctypes.cast(self.layers, ctypes.POINTER(Layer))
+        self.spec, self.layers = for_sequence(s, model.layers)
         self.spec.capacity = capacity
         self.kv = [np.empty((s.kv_heads, capacity, s.head_dim), dtype=np.float32) for _ in range(2 * count)]
         for i in range(count):
