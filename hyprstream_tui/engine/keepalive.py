@@ -167,10 +167,12 @@ class KeepAliveServer:
         self.files = EngineFiles.of(paths)
         self.life = FileLock(self.files.lock, "The engine process")
         self.keep_alive_s = keep_alive_s
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        from hyprstream_tui.engine.cpu import usable_cores
+
+        cores = usable_cores()
         # Every request sets its thread count (its own --threads, or all cores): a worker thread
         # must not keep an earlier command's.
-        self.engine = Engine(store=Store(paths), threads=cores or 1)
+        self.engine = Engine(store=Store(paths), threads=cores)
         self.started = time.time()
         # a model to load at once, and the tokens of the conversation to keep the KV cache of: the
         # command that started it answered without it (engine/light.py)

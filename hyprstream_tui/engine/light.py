@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, cast
 
+from hyprstream_tui.engine.cpu import usable_cores
 from hyprstream_tui.engine.engine import Engine
 from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource
 
@@ -36,11 +37,6 @@ if TYPE_CHECKING:
 
 ENV = "HYPRSTREAM_LIGHT"
 CUDA_MARKS = ("/proc/driver/nvidia/version", "/dev/nvidia0")  # "auto" would pick CUDA there
-
-
-def default_threads() -> int:
-    """The cores this process may use (the engine's default, `loader.set_threads(None)`)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class LightEngine(Engine):
@@ -68,7 +64,7 @@ class LightEngine(Engine):
         return lm
 
     def _use_threads(self, threads: int | None) -> None:
-        self._image.spec.threads = max(1, threads if threads is not None else default_threads())
+        self._image.spec.threads = max(1, threads if threads is not None else usable_cores())
 
     def _texts(self, lm: LoadedModel, seq: "SequenceState", cancel: threading.Event) -> Iterator[str]:
         from hyprstream_tui.engine import loop
@@ -112,7 +108,7 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
         key = quant_cache.key(source.path, source.commit, step_image.scheme(options.quantize),
                               native.checkpoint_files(source.path))
         image = step_image.ImageModel.open(lib, step_image.path_for(source.cache, key),
-                                           threads if threads is not None else default_threads())
+                                           threads if threads is not None else usable_cores())
         if image is None or image.facts.quantize != options.quantize or image.facts.dtype != "float32":
             return None
         tokenizer = NativeTokenizer.read(source.path)

@@ -7,7 +7,6 @@ they come from; `load_model` turns it into a `LoadedModel` (model + tokenizer + 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import warnings
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hyprstream_tui.engine.cpu import cpu_has_bf16
+from hyprstream_tui.engine.cpu import cpu_has_bf16, usable_cores
 from hyprstream_tui.errors import InvalidInput, NotFound
 from hyprstream_tui.store.inspect import check_weights
 
@@ -323,6 +322,5 @@ def set_threads(n: int | None) -> None:
     import torch
 
     if n is None:
-        has_affinity = hasattr(os, "sched_getaffinity")
-        n = len(os.sched_getaffinity(0)) if has_affinity else os.cpu_count() or 1
+        n = usable_cores()
     torch.set_num_threads(max(1, n))
