@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from hyprstream_tui.engine.events import Event, EventCallback, GenerationDone
     from hyprstream_tui.engine.jobs import ChatEngine, Job
     from hyprstream_tui.engine.keepalive_client import KeepAliveClient
+    from hyprstream_tui.engine.keepalive_protocol import Loading
     from hyprstream_tui.engine.light import LightEngine
     from hyprstream_tui.engine.params import SamplingParams
 
@@ -250,35 +251,45 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def keep_alive_of(args: argparse.Namespace) -> float | None:
+    """The keep-alive engine's idle timeout for this command; None: keep-alive off."""
+    import os
+
+    from hyprstream_tui.engine.keepalive_protocol import ENV, keep_alive_seconds
+
+    return None if getattr(args, "no_keep_alive", False) else keep_alive_seconds(os.environ.get(ENV))
+
+
+def loading_of(args: argparse.Namespace) -> Loading:
+    """This command's load options and threads."""
+    from hyprstream_tui.engine.keepalive_protocol import Loading
+
+    return Loading(dtype=args.dtype, device=args.device, quantize=args.quantize,
+                   allow_pickle=args.allow_pickle, threads=args.threads)
+
+
 def light_engine_from_args(args: argparse.Namespace) -> LightEngine | None:
     """An engine that answers without torch (engine/light.py) where this command's model has a
     step image and nothing else must load it; None: the keep-alive or the in-process engine."""
     from hyprstream_tui.engine.light import engine_for
     from hyprstream_tui.engine.loader import LoadOptions
 
-    options = LoadOptions(dtype=args.dtype, device=args.device, quantize=args.quantize,
-                          allow_pickle=args.allow_pickle)
-    return engine_for(args.model, home=getattr(args, "home", None), options=options, threads=args.threads)
+    loading = loading_of(args)
+    return engine_for(args.model, home=getattr(args, "home", None),
+                      options=LoadOptions(**loading.load_options()), threads=loading.threads)
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine | KeepAliveClient:
     """The home's keep-alive engine (started if none runs), or with it off an engine here."""
-    import os
-
-    from hyprstream_tui.engine.keepalive_protocol import ENV, keep_alive_seconds
-
-    keep_alive_s = None if getattr(args, "no_keep_alive", False) else keep_alive_seconds(os.environ.get(ENV))
+    keep_alive_s = keep_alive_of(args)
     if keep_alive_s is None:
         return make_engine(home=getattr(args, "home", None), dtype=args.dtype, device=args.device,
                            quantize=args.quantize, allow_pickle=args.allow_pickle, threads=args.threads)
     from hyprstream_tui.engine.keepalive_client import connect
-    from hyprstream_tui.engine.keepalive_protocol import Loading
     from hyprstream_tui.settings import Paths
 
-    loading = Loading(dtype=args.dtype, device=args.device, quantize=args.quantize,
-                      allow_pickle=args.allow_pickle, threads=args.threads)
     return connect(Paths.from_env(getattr(args, "home", None)), keep_alive_s=keep_alive_s,
-                   loading=loading, note=lambda line: print(line, file=sys.stderr, flush=True))
+                   loading=loading_of(args), note=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -308,20 +319,13 @@ def start_engine_behind(args: argparse.Namespace, ids: list[int]) -> None:
     """After a reply without torch, with keep-alive on: start the home's engine process loading
     this model and keeping the KV cache of this conversation's tokens `ids`, so that the next
     command finds it warm (this one does not wait for it)."""
-    import os
-
-    from hyprstream_tui.engine.keepalive_protocol import ENV, keep_alive_seconds
-
-    keep_alive_s = None if getattr(args, "no_keep_alive", False) else keep_alive_seconds(os.environ.get(ENV))
+    keep_alive_s = keep_alive_of(args)
     if keep_alive_s is None:
         return
     from hyprstream_tui.engine.keepalive_client import start_behind
-    from hyprstream_tui.engine.keepalive_protocol import Loading
     from hyprstream_tui.settings import Paths
 
-    loading = Loading(dtype=args.dtype, device=args.device, quantize=args.quantize,
-                      allow_pickle=args.allow_pickle, threads=args.threads)
-    start_behind(Paths.from_env(getattr(args, "home", None)), keep_alive_s, args.model, loading, ids)
+    start_behind(Paths.from_env(getattr(args, "home", None)), keep_alive_s, args.model, loading_of(args), ids)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
