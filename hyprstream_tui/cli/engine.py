@@ -38,7 +38,8 @@ def cmd_engine_status(args: argparse.Namespace) -> int:
         return 0
     idle = f", idle for {units.duration(info.idle_s)}" if not info.connections else \
         f", {info.connections} command(s) connected"
-    print(f"Engine process {info.pid}: up {units.duration(time.time() - info.started)}{idle}; "
+    warming = "" if info.ready else ", warming up"
+    print(f"Engine process {info.pid}: up {units.duration(time.time() - info.started)}{idle}{warming}; "
           f"stops after {units.duration(info.keep_alive_s)} idle.")
     for m in info.models:
         quantized = f", {m.quantize}" if m.quantize else ""

@@ -405,7 +405,8 @@ class KeepAliveServer:
                        for m in self.engine.loaded())
         return Status(pid=os.getpid(), version=__version__, home=str(self.files.home),
                       socket=str(self.files.socket), log=str(self.files.log), started=self.started,
-                      keep_alive_s=keep_alive, idle_s=idle, connections=connections, models=models)
+                      keep_alive_s=keep_alive, idle_s=idle, connections=connections, models=models,
+                      ready=self.ready.is_set())
 
 
 def plain_event(event: object) -> tuple[object, ...] | None:

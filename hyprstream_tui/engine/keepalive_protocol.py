@@ -164,6 +164,7 @@ class Status:
     idle_s: float  # since the last request ended (0 while a command is connected)
     connections: int  # open connections besides the one asking
     models: tuple[LoadedInfo, ...] = ()
+    ready: bool = True  # its warm-up done (`Welcome.ready`)
 
 
 @dataclass(frozen=True, kw_only=True)

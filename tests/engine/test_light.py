@@ -156,10 +156,11 @@ def test_with_keep_alive_it_answers_and_starts_the_engine_loading_the_model(tiny
         first = infer(home, *args, env=keep)
         assert first.returncode == 0 and not first.torch, first.stderr
         deadline = time.monotonic() + 90
-        while True:  # the engine it started: up, then holding the model it was told to load
+        while True:  # the engine it started: up, warming, then ready and holding the model it was told to load
             status = cli("engine", "status", "--json")
-            models = json.loads(status.stdout).get("models", []) if status.returncode == 0 else []
-            if any(m.get("name") == "tiny" and m.get("quantize") == "int8" for m in models):
+            info = json.loads(status.stdout) if status.returncode == 0 else {}
+            models = info.get("models", [])
+            if info.get("ready") and any(m.get("name") == "tiny" and m.get("quantize") == "int8" for m in models):
                 break
             assert time.monotonic() < deadline, status
             time.sleep(0.2)
