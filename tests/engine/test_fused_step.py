@@ -251,7 +251,10 @@ def test_a_token_or_position_out_of_range_raises_and_writes_nothing(tiny_models)
     with pytest.raises(ValueError, match="cache's length"):
         fused.step(1, ids.shape[1] + 5)
     assert cache.length == ids.shape[1]
-    assert all(torch.equal(a, b) for a, b in zip(before, cache.keys))
+    # Bytes, not values: the cache's spare capacity is uninitialised memory, which may hold NaN
+    # bit patterns that never compare equal as floats.
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+               for a, b in zip(before, cache.keys))
 
 
 def test_the_switch_and_turning_it_off_are_reasons(monkeypatch, tmp_path):
