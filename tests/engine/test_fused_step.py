@@ -144,8 +144,8 @@ def test_quantized_steps_compute_the_dequantized_model(tiny_models, arch, scheme
 
 @needs_step
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_decode_runs_quantized_models_fused_and_fp32_bf16_through_torch(tiny_models, scheme):
-    for options, fused in (({"quantize": scheme}, True), ({"dtype": "float32"}, False),
+def test_decode_runs_quantized_and_fp32_models_fused_and_bf16_through_torch(tiny_models, scheme):
+    for options, fused in (({"quantize": scheme}, True), ({"dtype": "float32"}, True),
                            ({"dtype": "bfloat16"}, False)):
         lm = load(tiny_models, "llama", **options)
         cache, _ = prefilled(lm, torch.tensor([lm.tokenizer.encode(PROMPT)]))
@@ -153,12 +153,16 @@ def test_decode_runs_quantized_models_fused_and_fp32_bf16_through_torch(tiny_mod
 
 
 @needs_step
-def test_all_runs_fp32_and_bf16_models_fused_too(tiny_models, monkeypatch):
-    monkeypatch.setenv(step.ENV_SWITCH, "all")
-    for dtype in ("float32", "bfloat16"):
-        lm = load(tiny_models, "llama", dtype=dtype)
+@pytest.mark.parametrize("switch, fused", [("quantized", (True, False, False)),
+                                           ("all", (True, True, True)),
+                                           ("1", (True, True, False))])
+def test_the_switch_picks_the_kinds_that_run_fused(tiny_models, monkeypatch, switch, fused):
+    """`quantized` keeps torch's step (generate's bits) for fp32; `all` adds bf16."""
+    monkeypatch.setenv(step.ENV_SWITCH, switch)
+    for options, expected in zip(({"quantize": "int8"}, {"dtype": "float32"}, {"dtype": "bfloat16"}), fused):
+        lm = load(tiny_models, "llama", **options)
         cache, _ = prefilled(lm, torch.tensor([lm.tokenizer.encode(PROMPT)]))
-        assert step.FusedStep.build(lm.model, cache) is not None
+        assert (step.FusedStep.build(lm.model, cache) is not None) == expected, (switch, options)
 
 
 @needs_step

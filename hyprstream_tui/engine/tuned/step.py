@@ -15,13 +15,17 @@ there (int4 models then never make torch's packed layout). The projections of on
 Where it applies (`FusedStep.build` -> None everywhere else, and torch's step runs):
 - the engine's native classes (`engine.native`: Llama, Qwen2, Mistral) on the CPU, without LoRA
   layers;
-- by default models loaded with `--quantize int8` or `int4` (fp32 activations). Their activations
-  stay fp32 where torch's int8/int4 kernels round them to bf16, so the step is closer to the
-  dequantized model than torch's step is (tests compare both with it);
-- fp32 and bf16 models with `HYPRSTREAM_FUSED_STEP=all` only: a bf16 model keeps bf16 values and a
-  bf16 KV cache, rounded where torch rounds them, but sums run in another order than torch's
-  kernels (and its attention's exp is libm's), so a greedy token can leave transformers'
-  `generate` at a near tie, which torch's own step never does;
+- by default models loaded with `--quantize int8` or `int4` (fp32 activations) and fp32 models.
+  Quantized activations stay fp32 where torch's int8/int4 kernels round them to bf16, so the step
+  is closer to the dequantized model than torch's step is (tests compare both with it). An fp32
+  model's sums run in another order than torch's kernels, some 1e-7 apart, so a greedy token could
+  leave transformers' `generate` only at a tie within that; on SmolLM2-135M, 20 chat prompts of
+  128 greedy tokens gave `generate`'s tokens every time (`HYPRSTREAM_FUSED_STEP=quantized` keeps
+  torch's step, `generate`'s bits, for fp32);
+- bf16 models with `HYPRSTREAM_FUSED_STEP=all` only: bf16 values and a bf16 KV cache, rounded
+  where torch rounds them, but a sum in another order can move a value by one bf16 rounding step,
+  enough to part greedy tokens from `generate`'s (in 16 of those 20 prompts, at tokens 0 to 92);
+  torch's own step keeps them equal;
 - Linux on x86-64 with AVX2 and FMA, a C compiler, `HYPRSTREAM_FUSED_STEP` not `0`, and the
   library's row products agreeing with torch's on the self-check (`self_check`, about 10 ms) at
   its first load in each process.
@@ -45,6 +49,7 @@ from hyprstream_tui.engine.tuned.build import BuildError
 
 from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tests and callers use
     BF16,
+    DEFAULT_KINDS,
     ENV_SWITCH,
     EVERY,
     FLAGS,
@@ -52,6 +57,7 @@ from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tes
     GROUP,
     INT4,
     INT8,
+    KINDS_BY_SWITCH,
     MAX_HEAD_DIM,
     QUANTIZED,
     SOURCE,
@@ -310,10 +316,9 @@ def library() -> Any:
 
 
 def default_kinds() -> frozenset[int]:
-    """The models the engine runs fused: int8 and int4 ones; fp32 and bf16 ones too with
-    `HYPRSTREAM_FUSED_STEP=all` (their sums run in another order than torch's, so greedy tokens
-    can leave transformers' `generate` at a near tie, where torch's own step keeps them equal)."""
-    return EVERY if os.environ.get(ENV_SWITCH, "1") == "all" else QUANTIZED
+    """The models the engine runs fused (`HYPRSTREAM_FUSED_STEP`): int8, int4 and fp32 ones;
+    `quantized`: int8 and int4 only; `all`: bf16 ones too (see the module's docstring)."""
+    return KINDS_BY_SWITCH.get(os.environ.get(ENV_SWITCH, "1"), DEFAULT_KINDS)
 
 
 def set_enabled(on: bool) -> None:
