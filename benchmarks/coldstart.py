@@ -9,11 +9,13 @@ home as `smollm2` (`hyprstream model import`, fp32), or taken from `--home` if i
 Cases, each one whole process timed from start to exit, with Python's bytecode caches as a user has
 them (PYTHONDONTWRITEBYTECODE is dropped and every command runs once before the rounds):
   ours fp32 / bf16 / int8   `hyprstream --home H infer smollm2 --prompt "What is the capital of
-                            France?" --temperature 0 --max-tokens 16` (with `--dtype bfloat16`, or
-                            `--quantize int8`), cold: HYPRSTREAM_KEEP_ALIVE=0, no engine running
+                            France?" --temperature 0 --max-tokens 16` with `--dtype float32`,
+                            `--dtype bfloat16` or `--quantize int8` (auto is bf16 where the CPU has
+                            native bf16), cold: HYPRSTREAM_KEEP_ALIVE=0, no engine running
   ours ... warm             the same command a second time with the keep-alive engine on, once the
                             engine holds the model (its first call, which starts the engine, is
-                            shown too: an int8 one answers without torch and does not wait for it);
+                            shown too: an int8 or fp32 one answers without torch and does not
+                            wait for it);
                             skipped, with a line that says so, while `hyprstream infer` knows no
                             `--no-keep-alive`
   llama.cpp F16 / BF16 / Q8_0  `Llama(model_path, n_threads).create_chat_completion(...)`, max_tokens
@@ -75,7 +77,7 @@ from benchmarks.llama_ref import BUILD_HINT, LLAMA_PYTHON, llama_files  # noqa: 
 QUESTION = "What is the capital of France?"
 MAX_TOKENS = 16
 MODEL = "smollm2"
-OURS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"]}
+OURS = {"fp32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"]}
 LLAMA = ["F16", "BF16", "Q8_0"]  # llama.cpp's files (benchmarks/llama_ref.py: Q8_0 is made from F16)
 PAIRS = {"fp32": "F16", "bf16": "BF16", "int8": "Q8_0"}
 GROUPS = ("cold", "warm", "llama", "floors", "serve", "tui")
@@ -173,12 +175,13 @@ class Cases:
         return {f"ours {dtype} keep-alive 1st call": first, f"ours {dtype} warm": second}
 
     def wait_loaded(self, timeout: float = 120.0) -> None:
-        """Until the home's engine process holds a model (`hyprstream engine status --json`)."""
+        """Until the home's engine process holds a model and is ready (`hyprstream engine status --json`)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             _, out = run(hyprstream() + ["--home", str(self.home), "engine", "status", "--json"], check=False)
             try:
-                if json.loads(out).get("models"):
+                info = json.loads(out)
+                if info.get("models") and info.get("ready", True):  # loaded, warm-up tokens run
                     return
             except ValueError:
                 pass

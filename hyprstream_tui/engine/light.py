@@ -2,17 +2,19 @@
 step images (`tuned.step_image`), run by the fused step's C library through numpy.
 
 `import torch` alone takes longer than issue 21's whole cold target (2x llama.cpp's cold answer).
-A quantized model the engine has loaded once through the home's cache has left an image of what
-its fused step reads; a later command that finds it answers here: the store resolves the name,
+A model the engine has loaded once (quantized through the home's cache, or fp32) has left an
+image of what its fused step reads (an fp32 model's image links its checkpoint's weights); a later
+command that finds it answers here: the store resolves the name,
 `engine.native.tokenizer` (tokenizers and jinja2) renders the prompt, the library runs the prompt
 and each token exactly as the engine's `FusedStep` does, and `SequenceState` picks, detokenises
 and stops as it does there. So the reply, its events, its provenance and seed are the engine's.
 
 `engine_for` returns a LightEngine only where all of that holds, None everywhere else (the caller
-loads torch's engine): `--quantize int8`/`int4` with fp32 activations on the CPU (no CUDA device
-present), a store model at a commit, no adapter, tokenizer files the native tokenizer reads, the
-library built and checked on this CPU by an earlier torch process (`step_abi.checked_library`),
-the image written, and `HYPRSTREAM_LIGHT` not 0.
+loads torch's engine): `--quantize int8`/`int4` with fp32 activations, or an fp32 model (`--dtype
+float32`, or auto where the CPU lacks native bf16), on the CPU (no CUDA device present), the fused
+step running that kind by default (`HYPRSTREAM_FUSED_STEP`), a store model at a commit, no adapter,
+tokenizer files the native tokenizer reads, the library built and checked on this CPU by an earlier
+torch process (`step_abi.checked_library`), the image written, and `HYPRSTREAM_LIGHT` not 0.
 
 Imports neither torch nor transformers; numpy when it answers.
 """
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, cast
 
-from hyprstream_tui.engine.cpu import usable_cores
+from hyprstream_tui.engine.cpu import cpu_has_bf16, usable_cores
 from hyprstream_tui.engine.engine import Engine
 from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource
 
@@ -104,13 +106,14 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
         source = resolve_source(parsed, store)
         if source.commit is None or source.cache is None:
             return None
-        assert options.quantize is not None  # _options_fit
         key = quant_cache.key(source.path, source.commit, step_image.scheme(options.quantize),
                               native.checkpoint_files(source.path))
         image = step_image.ImageModel.open(lib, step_image.path_for(source.cache, key),
-                                           threads if threads is not None else usable_cores())
+                                           threads if threads is not None else usable_cores(), source.path)
         if image is None or image.facts.quantize != options.quantize or image.facts.dtype != "float32":
             return None
+        if not image.kinds <= step_abi.fused_kinds():
+            return None  # the engine runs this kind through torch's step
         tokenizer = NativeTokenizer.read(source.path)
     except (HyprError, native.Unsupported, OSError):
         return None  # the engine's path reports what is wrong, as it always has
@@ -119,8 +122,12 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
 
 
 def _options_fit(options: LoadOptions) -> bool:
-    return (options.quantize in ("int8", "int4") and options.device in ("auto", "cpu")
-            and options.dtype in ("auto", "float32") and options.tuned and options.native)
+    """Options under which the engine loads an fp32 or fp32-activation model on the CPU."""
+    if options.device not in ("auto", "cpu") or not options.tuned or not options.native:
+        return False
+    if options.quantize is not None:
+        return options.quantize in ("int8", "int4") and options.dtype in ("auto", "float32")
+    return options.dtype == "float32" or (options.dtype == "auto" and not cpu_has_bf16())  # loader.pick_dtype
 
 
 __all__ = ["ENV", "LightEngine", "engine_for"]

@@ -216,14 +216,30 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         load_s=time.perf_counter() - started,
         quant_cache=quant_cache,
     )
-    if cache_key is not None and source.cache is not None and options.tuned and options.quantize:
-        # What a later command without torch needs to give this model's replies (engine.light)
-        from hyprstream_tui.engine.tuned import step_image
-
-        step_image.save(model, source.cache, cache_key, step_image.Facts(
-            dtype=dtype, window=lm.window, eos_ids=tuple(sorted(lm.eos_ids)), quantize=options.quantize),
-            about={"model": source.name, "commit": source.commit or ""})
+    if options.tuned and device == "cpu" and (cache_key is not None or dtype == "float32"):
+        _save_image(lm, cache_key)
     return lm
+
+
+def _save_image(lm: LoadedModel, key: str | None) -> None:
+    """What a later command without torch needs to give this model's replies (`engine.light`):
+    its step image, under the quantized cache's `key` or, for an fp32 model, the same kind of key
+    for scheme float32. Nothing for a model outside the store or one the fused step does not run."""
+    from hyprstream_tui.engine import native
+    from hyprstream_tui.engine.tuned import quant_cache, step_image
+
+    source, quantize = lm.source, lm.options.quantize
+    if source.cache is None or source.commit is None or not getattr(lm.model, "native", False):
+        return
+    try:
+        files = native.checkpoint_files(source.path)
+        if key is None:
+            key = quant_cache.key(source.path, source.commit, step_image.scheme(quantize), files)
+    except (OSError, native.Unsupported):
+        return
+    step_image.save(lm.model, source.cache, key, step_image.Facts(
+        dtype=lm.dtype, window=lm.window, eos_ids=tuple(sorted(lm.eos_ids)), quantize=quantize),
+        about={"model": source.name, "commit": source.commit}, files=files)
 
 
 def _quantize(model: Model, source: ModelSource, dtype: str, quantize: str) -> tuple[str | None, str | None]:

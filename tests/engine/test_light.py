@@ -1,5 +1,5 @@
 """Replies without torch (engine/light.py, tuned/step_image.py; issue 21's cold start): after the
-engine has loaded a quantized model once, a command finds its step image and answers without
+engine has loaded a quantized or fp32 model once, a command finds its step image and answers without
 importing torch, with the engine's reply: the same text, tokens, finish and provenance, greedy or
 seeded. Everywhere it does not apply it steps aside (None), and the engine answers as before.
 """
@@ -36,8 +36,13 @@ def checked_library(home):
     return path
 
 
+def options_for(quantize):
+    """`--quantize int8`/`int4`, or (None) an fp32 model: the kinds the fused step runs by default."""
+    return LoadOptions(quantize=quantize) if quantize else LoadOptions(dtype="float32")
+
+
 def torch_engine(store, quantize):
-    return Engine(store=store, options=LoadOptions(quantize=quantize), threads=2, max_models=1)
+    return Engine(store=store, options=options_for(quantize), threads=2, max_models=1)
 
 
 def reply(engine, params, *, chat=False):
@@ -58,7 +63,7 @@ def same_reply(a: GenerationDone, b: GenerationDone, seeded: bool) -> None:
     assert a.provenance == (b.provenance if seeded else dataclasses.replace(b.provenance, seed=a.provenance.seed))
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("quantize", ["int8", "int4", None])
 def test_after_one_load_the_light_engine_gives_the_engines_replies(tiny_store, checked_library, quantize):
     engine = torch_engine(tiny_store, quantize)
     cases = [(SamplingParams(temperature=0, max_tokens=12), False),
@@ -66,7 +71,7 @@ def test_after_one_load_the_light_engine_gives_the_engines_replies(tiny_store, c
              (SamplingParams(temperature=1.2, top_k=20, repetition_penalty=1.3, max_tokens=12, seed=11), False)]
     theirs = [reply(engine, p, chat=c) for p, c in cases]
     engine.close()
-    light = engine_for("tiny", home=tiny_store.paths.home, options=LoadOptions(quantize=quantize), threads=2)
+    light = engine_for("tiny", home=tiny_store.paths.home, options=options_for(quantize), threads=2)
     assert isinstance(light, LightEngine)
     for (params, chat), (want, want_stream) in zip(cases, theirs):
         got, stream = reply(light, params, chat=chat)
@@ -81,7 +86,7 @@ def test_it_steps_aside_where_it_does_not_apply(tiny_store, checked_library, mon
     assert engine_for("tiny", home=home, options=options, threads=2) is None  # no image yet
     torch_engine(tiny_store, "int8").load("tiny")  # writes it
     assert engine_for("tiny", home=home, options=options, threads=2) is not None
-    for other in (LoadOptions(), LoadOptions(dtype="bfloat16"), LoadOptions(quantize="int4"),
+    for other in (LoadOptions(dtype="float32"), LoadOptions(dtype="bfloat16"), LoadOptions(quantize="int4"),
                   LoadOptions(quantize="int8", dtype="bfloat16"), LoadOptions(quantize="int8", tuned=False)):
         assert engine_for("tiny", home=home, options=other, threads=2) is None, other
     assert engine_for("tiny:some-adapter", home=home, options=options, threads=2) is None
@@ -91,6 +96,33 @@ def test_it_steps_aside_where_it_does_not_apply(tiny_store, checked_library, mon
     monkeypatch.delenv("HYPRSTREAM_LIGHT")
     monkeypatch.setenv(step.ENV_SWITCH, "0")  # the fused step switched off: the engine's path
     assert engine_for("tiny", home=home, options=options, threads=2) is None
+
+
+def test_an_fp32_image_links_the_checkpoint_and_follows_the_switch(tiny_store, checked_library, monkeypatch):
+    """An fp32 model's image copies no weight: it names the checkpoint's bytes, checked equal when
+    written; a checkpoint of another size is not the one it links. With the switch at `quantized`
+    the engine runs fp32 through torch's step, and so no command answers from the image."""
+    home, options = tiny_store.paths.home, LoadOptions(dtype="float32")
+    torch_engine(tiny_store, None).load("tiny")
+    [path] = (tiny_store.paths.cache / "quantized").glob(f"*.step{step_image.FORMAT}.safetensors")
+    from hyprstream_tui.engine.tuned import quant_cache
+
+    about = quant_cache.describe(path)
+    links = json.loads(about["links"])
+    folder = tiny_store.paths.models / "tiny"
+    checkpoint = folder / "model.safetensors"
+    assert about["scheme"] == "float32 step image"
+    assert {f"L0.{field}.w" for field in step_abi.LINEARS} | {"embed"} <= set(links)
+    assert path.stat().st_size < checkpoint.stat().st_size / 20
+    assert engine_for("tiny", home=home, options=options, threads=2) is not None
+    monkeypatch.setenv(step.ENV_SWITCH, "quantized")
+    assert engine_for("tiny", home=home, options=options, threads=2) is None
+    monkeypatch.delenv(step.ENV_SWITCH)
+    lib = step_abi.checked_library()
+    assert step_image.ImageModel.open(lib, path, 2, folder) is not None
+    with open(checkpoint, "ab") as fh:
+        fh.write(b"\0" * 64)
+    assert step_image.ImageModel.open(lib, path, 2, folder) is None
 
 
 def test_a_library_not_checked_on_this_cpu_or_a_damaged_image_is_not_used(tiny_store, checked_library):
@@ -125,9 +157,10 @@ def infer(home, *args, env=None) -> Ran:
                               capture_output=True, text=True, env=full, cwd=REPO_ROOT, timeout=120))
 
 
-def test_a_cold_infer_answers_without_torch_as_the_engine_does(tiny_store, checked_library):
+@pytest.mark.parametrize("kind", [("--quantize", "int8"), ("--dtype", "float32")])
+def test_a_cold_infer_answers_without_torch_as_the_engine_does(tiny_store, checked_library, kind):
     home = tiny_store.paths.home
-    args = ("tiny", "--quantize", "int8", "--prompt", PROMPT, "--max-tokens", "10", "--seed", "3", "--json")
+    args = ("tiny", *kind, "--prompt", PROMPT, "--max-tokens", "10", "--seed", "3", "--json")
     full = infer(home, *args, env={"HYPRSTREAM_LIGHT": "0"})  # the engine here: loads, writes the image
     assert full.returncode == 0, full.stderr
     assert full.torch
@@ -138,7 +171,7 @@ def test_a_cold_infer_answers_without_torch_as_the_engine_does(tiny_store, check
     assert a["text"] and a["text"] == b["text"]
     assert a["provenance"] == b["provenance"] and a["finish_reason"] == b["finish_reason"]
     assert a["timings"]["load_s"] > 1e-3  # the image mapped and the tokenizer read, before the request
-    streamed = infer(home, "tiny", "--quantize", "int8", "--prompt", PROMPT, "--max-tokens", "10", "--seed", "3")
+    streamed = infer(home, "tiny", *kind, "--prompt", PROMPT, "--max-tokens", "10", "--seed", "3")
     assert streamed.returncode == 0 and not streamed.torch
     assert streamed.stdout == a["text"] + "\n"
 

@@ -36,7 +36,6 @@ Imports torch at module level: only `engine.generate` imports this module.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import weakref
 from pathlib import Path
@@ -49,7 +48,6 @@ from hyprstream_tui.engine.tuned.build import BuildError
 
 from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tests and callers use
     BF16,
-    DEFAULT_KINDS,
     ENV_SWITCH,
     EVERY,
     FLAGS,
@@ -57,7 +55,6 @@ from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tes
     GROUP,
     INT4,
     INT8,
-    KINDS_BY_SWITCH,
     MAX_HEAD_DIM,
     QUANTIZED,
     SOURCE,
@@ -66,6 +63,7 @@ from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tes
     Lin,
     Spec,
     for_sequence,
+    fused_kinds,
     mark_checked,
     open_library,
     scratch_floats,
@@ -221,14 +219,14 @@ class FusedStep:
     @classmethod
     def build(cls, model: Any, cache: Any, kinds: frozenset[int] | None = None) -> "FusedStep | None":
         """The fused step for `model` continuing `cache`, or None where torch's step must run.
-        `kinds`: the weight kinds it may run; None: `default_kinds()`."""
+        `kinds`: the weight kinds it may run; None: `fused_kinds()`."""
         if not getattr(model, "native", False) or getattr(cache, "keys", None) is None:
             return None
         lib = library()
         if lib is None:
             return None
         try:
-            if not described(model).kinds <= (default_kinds() if kinds is None else kinds):
+            if not described(model).kinds <= (fused_kinds() if kinds is None else kinds):
                 return None
         except Unfit:
             return None
@@ -313,12 +311,6 @@ def library() -> Any:
             if "lib" not in _state:
                 _state["lib"], _state["why"] = _load()
     return _state["lib"]
-
-
-def default_kinds() -> frozenset[int]:
-    """The models the engine runs fused (`HYPRSTREAM_FUSED_STEP`): int8, int4 and fp32 ones;
-    `quantized`: int8 and int4 only; `all`: bf16 ones too (see the module's docstring)."""
-    return KINDS_BY_SWITCH.get(os.environ.get(ENV_SWITCH, "1"), DEFAULT_KINDS)
 
 
 def set_enabled(on: bool) -> None:

@@ -156,5 +156,11 @@ def checked_library() -> Any:
         return None
 
 
-__all__ = ["BF16", "EVERY", "FLAGS", "INT4", "INT8", "FP32", "Layer", "Lin", "QUANTIZED", "SOURCE",
-           "Spec", "checked_library", "mark_checked", "open_library", "refusal"]
+def fused_kinds() -> frozenset[int]:
+    """The weight kinds the engine runs fused (`HYPRSTREAM_FUSED_STEP`): int8, int4 and fp32 ones;
+    `quantized`: int8 and int4 only; `all`: bf16 ones too (see `step`'s docstring)."""
+    return KINDS_BY_SWITCH.get(os.environ.get(ENV_SWITCH, "1"), DEFAULT_KINDS)
+
+
+__all__ = ["BF16", "DEFAULT_KINDS", "EVERY", "FLAGS", "INT4", "INT8", "FP32", "Layer", "Lin", "QUANTIZED",
+           "SOURCE", "Spec", "checked_library", "fused_kinds", "mark_checked", "open_library", "refusal"]

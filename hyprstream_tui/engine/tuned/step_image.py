@@ -1,15 +1,20 @@
 """A fused model's image: everything `step.c` reads for one quantized model, in one file that a
 process without torch can map and run (`engine.light`, issue 21's cold start).
 
-- **Written** by the engine (torch) when it loads a quantized model of the engine's own classes
-  through the home's quantized cache (`save`, from `loader.load_model`): the bytes the fused step's
-  structures point at (`step.described`), each row range as the step reads it, and in the
-  metadata the model's shape, each product's kind, and the facts a reply needs (dtype, context
-  window, end-of-reply ids). It sits beside the cache entry it came from, under the same
-  content-addressed name (`<key>.step<FORMAT>.safetensors`): the same commit, files and scheme,
-  or another name. The cache's cap and `hyprstream cache prune` evict it like an entry.
-- **Read** without torch (`ImageModel.open`): numpy views of one read-only memory map, pointed at
-  by the library's structures; `ImageModel.sequence` gives a sequence its own KV cache.
+- **Written** by the engine (torch) when it loads a store model of the engine's own classes that
+  the fused step runs by default, quantized through the home's quantized cache or fp32 (`save`,
+  from `loader.load_model`): the bytes the fused step's structures point at (`step.described`),
+  each row range as the step reads it, and in the metadata the model's shape, each product's kind,
+  and the facts a reply needs (dtype, context window, end-of-reply ids). A tensor whose bytes are
+  the model's own checkpoint tensor (an fp32 model's weights; a quantized model's fp32 norms and
+  embedding) is not copied: the image links it (the file, the offsets, the file's size), so an
+  fp32 model's image is a few kilobytes. The image's name is content-addressed like the cache's
+  entries (`<key>.step<FORMAT>.safetensors`, the key of the commit, the checkpoint files' sizes
+  and times, and the scheme: `int8`, `int4-g32` or `float32`), beside the entry of a quantized
+  model. The cache's cap and `hyprstream cache prune` evict it like an entry.
+- **Read** without torch (`ImageModel.open`): numpy views of read-only memory maps of the image and
+  of the checkpoint files it links, pointed at by the library's structures;
+  `ImageModel.sequence` gives a sequence its own KV cache.
 
 A reply through the image is the engine's reply, bit for bit: the same library runs the same
 bytes, prompts through `hs_prefill` and tokens through `hs_step` as the engine's `FusedStep` does.
@@ -27,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from hyprstream_tui.engine.tuned import quant_cache
 from hyprstream_tui.engine.tuned.step_abi import (
+    DEFAULT_KINDS,
     FP32,
     GROUP,
     INT4,
     INT8,
     LINEARS,
-    QUANTIZED,
     Layer,
     Lin,
     Spec,
@@ -56,8 +61,11 @@ def path_for(cache: Path, key: str) -> Path:
     return quant_cache.folder(cache) / f"{name_for(key)}{quant_cache.SUFFIX}"
 
 
-def scheme(quantize: str) -> str:
-    """The quantized cache's scheme name for `quantize` in the group size the fused step reads."""
+def scheme(quantize: str | None) -> str:
+    """The cache's scheme name for `quantize` (None: an fp32 model), in the group size the fused
+    step reads."""
+    if quantize is None:
+        return "float32"
     return quantize if quantize == "int8" else f"int4-g{GROUP}"
 
 
@@ -78,13 +86,14 @@ class Facts:
     dtype: str
     window: int
     eos_ids: tuple[int, ...]
-    quantize: str
+    quantize: str | None
 
 
-def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str]) -> Path | None:
-    """Write the image of `model` (loaded quantized, `key` its cache entry; `about`: its model and
-    commit, for `hyprstream cache list`) unless it is there; None where the fused step does not run
-    it whole or the cache cannot be written."""
+def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
+         files: list[Path]) -> Path | None:
+    """Write the image of `model` (`key` its cache key; `about`: its model and commit, for
+    `hyprstream cache list`; `files`: its checkpoint, which the image may link) unless it is there;
+    None where the fused step does not run it whole by default or the cache cannot be written."""
     import torch
 
     from hyprstream_tui.engine.tuned import step
@@ -96,17 +105,21 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str])
         shape = step.described(model)
     except step.Unfit:
         return None
-    if not shape.kinds <= QUANTIZED or not getattr(model, "native", False):
+    if not shape.kinds <= DEFAULT_KINDS or shape.spec.bf16 or not getattr(model, "native", False):
         return None
     if step.library() is None:  # no library that passed its check here: nothing could read it
         return None
     spec = shape.spec
     tensors: dict[str, torch.Tensor] = {}
     lins: dict[str, list[int]] = {}
+    checkpoint = _Checkpoint(model, files)
 
     def raw(name: str, address: int | None, size: int) -> None:
-        if address and size:  # a view of the bytes the step reads, written as they are
-            tensors[name] = torch.frombuffer((ctypes.c_uint8 * size).from_address(address), dtype=torch.uint8)
+        if not (address and size):
+            return
+        view = (ctypes.c_uint8 * size).from_address(address)
+        if not checkpoint.link(name, address, view):  # else a copy of the bytes the step reads
+            tensors[name] = torch.frombuffer(view, dtype=torch.uint8)
 
     def product(name: str, lin: Lin) -> None:
         weights, scales = _lin_bytes(lin)
@@ -132,8 +145,80 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str])
         "eps_scale": json.dumps([spec.eps, spec.scale]),  # the c_floats' values, exactly
         "products": json.dumps(lins),
         "facts": json.dumps(facts.__dict__),
+        "links": json.dumps(checkpoint.links),
+        "linked_files": json.dumps(checkpoint.sizes()),
     }
-    return quant_cache.write(cache, name_for(key), tensors, about=meta)
+    try:
+        return quant_cache.write(cache, name_for(key), tensors, about=meta)
+    finally:
+        checkpoint.close()
+
+
+def _same(mapped: mmap.mmap, start: int, view: Any) -> bool:
+    import numpy as np
+
+    size = len(view)
+    if start + size > len(mapped):
+        return False
+    theirs = np.frombuffer(mapped, dtype=np.uint8, count=size, offset=start)
+    try:
+        return bool(np.array_equal(theirs, np.frombuffer(view, dtype=np.uint8)))
+    finally:
+        del theirs  # the map closes later only without views of it
+
+
+class _Checkpoint:
+    """The model's checkpoint files, for linking: a tensor of the image whose bytes are a tensor
+    of the checkpoint that `model` holds at the same address (loaded as a view of the file) and
+    that equals the file's bytes now."""
+
+    def __init__(self, model: Any, files: list[Path]) -> None:
+        self.links: dict[str, list[Any]] = {}  # image name -> [file name, start, end] (file offsets)
+        self._owners: dict[int, list[str]] = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            self._owners.setdefault(tensor.data_ptr(), []).append(name)
+        self._where: dict[str, tuple[Path, int, int]] = {}  # checkpoint name -> file, start, end
+        for file in files:
+            try:
+                with open(file, "rb") as fh:
+                    size = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(size))
+                for name, info in header.items():
+                    if name != "__metadata__" and info["dtype"] == "F32":
+                        start, end = (int(v) for v in info["data_offsets"])
+                        self._where[name] = (file, 8 + size + start, 8 + size + end)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                continue  # that file's tensors are copied
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def link(self, image_name: str, address: int, view: Any) -> bool:
+        for owner in self._owners.get(address, []):
+            names = (owner, "lm_head.weight") if owner == "model.embed_tokens.weight" else (owner,)
+            for name in names:  # a tied table may be stored under the head's name
+                where = self._where.get(name)
+                if where is None or where[2] - where[1] != len(view):
+                    continue
+                file, start, end = where
+                try:
+                    if file not in self._maps:
+                        with open(file, "rb") as fh:
+                            self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    if not _same(self._maps[file], start, view):  # changed since it was loaded
+                        continue
+                except (OSError, ValueError):
+                    continue
+                self.links[image_name] = [file.name, start, end]
+                return True
+        return False
+
+    def sizes(self) -> dict[str, int]:
+        """The size of each linked file now: a file of another size is not the one linked."""
+        return {file.name: len(mapped) for file, mapped in self._maps.items()
+                if any(link[0] == file.name for link in self.links.values())}
+
+    def close(self) -> None:
+        for mapped in self._maps.values():
+            mapped.close()
 
 
 def intact(path: Path) -> bool:
@@ -151,7 +236,7 @@ def intact(path: Path) -> bool:
 class ImageModel:
     """A mapped image: the library's structures over its bytes. `sequence(capacity)` runs it."""
 
-    def __init__(self, lib: Any, path: Path, threads: int) -> None:
+    def __init__(self, lib: Any, path: Path, threads: int, folder: Path) -> None:
         import numpy as np
 
         with open(path, "rb") as fh:
@@ -165,6 +250,23 @@ class ImageModel:
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         base, start = self._bytes.ctypes.data, 8 + size
         self._at = {name: base + start + int(info["data_offsets"][0]) for name, info in header.items()}
+        self._linked: list[Any] = []  # the checkpoint files' maps (numpy views), kept open
+        sizes = json.loads(meta.get("linked_files", "{}"))
+        bases: dict[str, int] = {}
+        for name, (file, first, last) in json.loads(meta.get("links", "{}")).items():
+            if file not in bases:
+                if "/" in file or file in ("", ".", ".."):
+                    raise ValueError(f"a link outside the model's folder: {file!r}")
+                with open(folder / file, "rb") as fh:
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                if len(mapped) != int(sizes[file]):  # not the file the image was made from
+                    raise ValueError(f"{file} is not the linked file")
+                view = np.frombuffer(mapped, dtype=np.uint8)
+                self._linked.append(view)
+                bases[file] = view.ctypes.data
+            if not 0 <= int(first) <= int(last) <= int(sizes[file]):
+                raise ValueError(f"a link past the end of {file}")
+            self._at[name] = bases[file] + int(first)
         shape = json.loads(meta["shape"])
         eps, scale = json.loads(meta["eps_scale"])
         facts = json.loads(meta["facts"])
@@ -182,19 +284,20 @@ class ImageModel:
                          embed=self._at["embed"], norm=self._at["norm"], inv_freq=self._at["inv_freq"],
                          head=self._lin("head", products), layer=None, scratch=None)
         self.widest = max(self.spec.dim, self.spec.heads * self.spec.head_dim, self.spec.ffn)
-        kinds = {kind for kind, _, _ in products.values()}
-        if not kinds <= QUANTIZED or self.spec.bf16:
-            raise ValueError(f"weight kinds {sorted(kinds)}")
+        self.kinds = frozenset(kind for kind, _, _ in products.values())
+        if not self.kinds <= DEFAULT_KINDS or self.spec.bf16:
+            raise ValueError(f"weight kinds {sorted(self.kinds)}")
 
     def _lin(self, name: str, products: dict[str, list[int]]) -> Lin:
         kind, out, inputs = products[name]
         return Lin(kind, out, inputs, self._at[f"{name}.w"], self._at.get(f"{name}.s"), self._at.get(f"{name}.b"))
 
     @classmethod
-    def open(cls, lib: Any, path: Path, threads: int) -> "ImageModel | None":
-        """The image at `path`; None where it is missing or unreadable (the engine writes it anew)."""
+    def open(cls, lib: Any, path: Path, threads: int, folder: Path) -> "ImageModel | None":
+        """The image at `path` of the model in `folder`; None where it is missing or unreadable (the
+        engine writes it anew) or a checkpoint file it links is not the one it was made from."""
         try:
-            model = cls(lib, path, threads)
+            model = cls(lib, path, threads, folder)
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
             return None
         try:
