@@ -45,12 +45,12 @@ def torch_engine(store, quantize):
     return Engine(store=store, options=options_for(quantize), threads=2, max_models=1)
 
 
-def reply(engine, params, *, chat=False):
+def reply(engine, params, *, chat=False, model="tiny"):
     events = []
     if chat:
-        job = engine.chat("tiny", [{"role": "user", "content": PROMPT}], params, on_event=events.append)
+        job = engine.chat(model, [{"role": "user", "content": PROMPT}], params, on_event=events.append)
     else:
-        job = engine.generate("tiny", PROMPT, params, on_event=events.append)
+        job = engine.generate(model, PROMPT, params, on_event=events.append)
     done = job.result()
     assert isinstance(done, GenerationDone)
     return done, "".join(e.text for e in events if isinstance(e, TokenDelta))
@@ -123,6 +123,42 @@ def test_an_fp32_image_links_the_checkpoint_and_follows_the_switch(tiny_store, c
     with open(checkpoint, "ab") as fh:
         fh.write(b"\0" * 64)
     assert step_image.ImageModel.open(lib, path, 2, folder) is None
+
+
+def test_an_fp32_model_from_a_bf16_checkpoint_reads_its_bf16_rows_to_the_engines_replies(
+        tiny_store, tiny_model_src, checked_library, tmp_path):
+    """Loaded in fp32 from a bf16 checkpoint, the model's weights are the bf16 values widened: the
+    image links the bf16 tensors (half the bytes, nothing copied) and the step reads them as bf16
+    rows, whose products equal its fp32 rows' bit for bit, so the replies are the engine's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "tiny16"
+    shutil.copytree(tiny_model_src, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()},
+              folder / "model.safetensors")
+    tiny_store.import_model(folder, name="tiny16")
+    engine = torch_engine(tiny_store, None)
+    cases = [(SamplingParams(temperature=0, max_tokens=16), False),
+             (SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=5), True)]
+    theirs = [reply(engine, p, chat=c, model="tiny16") for p, c in cases]
+    engine.close()
+    [path] = (tiny_store.paths.cache / "quantized").glob(f"*.step{step_image.FORMAT}.safetensors")
+    from hyprstream_tui.engine.tuned import quant_cache
+
+    about = quant_cache.describe(path)
+    products = json.loads(about["products"])
+    assert {kind for kind, _, _ in products.values()} == {step_abi.BF16}
+    assert json.loads(about["runs"]) == [step_abi.FP32] and json.loads(about["shape"])["embed_f32"] == 0
+    assert path.stat().st_size < (folder / "model.safetensors").stat().st_size / 10
+    light = engine_for("tiny16", home=tiny_store.paths.home, options=LoadOptions(dtype="float32"), threads=2)
+    assert isinstance(light, LightEngine)
+    for (params, chat), (want, want_stream) in zip(cases, theirs):
+        got, stream = reply(light, params, chat=chat, model="tiny16")
+        same_reply(got, want, params.seed is not None)
+        assert stream == got.text == want_stream
 
 
 def test_a_library_not_checked_on_this_cpu_or_a_damaged_image_is_not_used(tiny_store, checked_library):

@@ -7,9 +7,9 @@ it changes what a model computes beyond the rounding its docstrings state.
   torch's on load, off wherever the check or the compiler fails;
 - `lean`: a decode step for Llama-shaped models without transformers' per-step glue;
 - `step` + `step.c`: a whole decode step (and a prompt's tokens, each as its step) in one C call
-  for the engine's own classes (int8/int4 models; fp32/bf16 with HYPRSTREAM_FUSED_STEP=all);
-  `step_abi`: its structures and library without torch; `step_image`: a quantized model's image
-  of what it reads, which `engine.light` runs without torch; `build`: compiling the C files;
+  for the engine's own classes (int8/int4 and fp32 models; bf16 with HYPRSTREAM_FUSED_STEP=all);
+  `step_abi`: its structures and library without torch; `step_image`: a quantized or fp32 model's
+  image of what it reads, which `engine.light` runs without torch; `build`: compiling the C files;
 - `quantize`: `--quantize int8`'s weight-only int8 layers; `quantize_int4`: `--quantize int4`'s
   group-wise int4 layers (torch's int4 CPU kernel); `quant_cache`: both, cached per model commit;
 - `batch_cache`: the server's shared KV cache for continuous batching.

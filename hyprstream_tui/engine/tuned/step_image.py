@@ -8,7 +8,10 @@ process without torch can map and run (`engine.light`, issue 21's cold start).
   and the facts a reply needs (dtype, context window, end-of-reply ids). A tensor whose bytes are
   the model's own checkpoint tensor (an fp32 model's weights; a quantized model's fp32 norms and
   embedding) is not copied: the image links it (the file, the offsets, the file's size), so an
-  fp32 model's image is a few kilobytes. The image's name is content-addressed like the cache's
+  fp32 model's image is a few kilobytes. So is one loaded in fp32 from a bf16 checkpoint: each fp32
+  tensor widened from a bf16 one links that, and the step reads it as bf16 rows (kind 4 with fp32
+  activations), whose products are the fp32 rows' exactly (`step.c`: the same FMAs on the same
+  values), at half the bytes. The image's name is content-addressed like the cache's
   entries (`<key>.step<FORMAT>.safetensors`, the key of the commit, the checkpoint files' sizes
   and times, and the scheme: `int8`, `int4-g32` or `float32`), beside the entry of a quantized
   model. The cache's cap and `hyprstream cache prune` evict it like an entry.
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from hyprstream_tui.engine.tuned import quant_cache
 from hyprstream_tui.engine.tuned.step_abi import (
+    BF16,
     DEFAULT_KINDS,
     FP32,
     GROUP,
@@ -114,19 +118,26 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
     lins: dict[str, list[int]] = {}
     checkpoint = _Checkpoint(model, files)
 
-    def raw(name: str, address: int | None, size: int) -> None:
+    def raw(name: str, address: int | None, size: int, fp32: bool = False) -> bool:
+        """Link or copy the bytes the step reads; True where an fp32 tensor was linked to the
+        checkpoint's bf16 one it was widened from (the step then reads those, to the same values)."""
         if not (address and size):
-            return
+            return False
         view = (ctypes.c_uint8 * size).from_address(address)
-        if not checkpoint.link(name, address, view):  # else a copy of the bytes the step reads
-            tensors[name] = torch.frombuffer(view, dtype=torch.uint8)
+        if checkpoint.link(name, address, view):
+            return False
+        if fp32 and checkpoint.link_narrow(name, address, view):
+            return True
+        tensors[name] = torch.frombuffer(view, dtype=torch.uint8)  # a copy
+        return False
 
     def product(name: str, lin: Lin) -> None:
         weights, scales = _lin_bytes(lin)
-        raw(f"{name}.w", lin.w, weights)
+        narrowed = raw(f"{name}.w", lin.w, weights, fp32=lin.kind == FP32)
         raw(f"{name}.s", lin.s, scales)
         raw(f"{name}.b", lin.bias, lin.out * 4)
-        lins[name] = [lin.kind, lin.out, lin.inputs]
+        # kind 4 with fp32 activations: step.c's bf16 rows, whose products are its fp32 rows' exactly
+        lins[name] = [BF16 if narrowed else lin.kind, lin.out, lin.inputs]
 
     for i, layer in enumerate(shape.layers):
         for field in LINEARS:
@@ -134,15 +145,18 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
         raw(f"L{i}.ln1", layer.ln1, spec.dim * 4)
         raw(f"L{i}.ln2", layer.ln2, spec.dim * 4)
     product("head", spec.head)
-    raw("embed", spec.embed, spec.vocab * spec.dim * (4 if spec.embed_f32 else 2))
+    dims = {k: int(getattr(spec, k)) for k in SHAPE}
+    if raw("embed", spec.embed, spec.vocab * spec.dim * (4 if spec.embed_f32 else 2), fp32=bool(spec.embed_f32)):
+        dims["embed_f32"] = 0  # the rows are widened as they are read: the same values
     raw("norm", spec.norm, spec.dim * 4)
     raw("inv_freq", spec.inv_freq, spec.head_dim // 2 * 4)
     meta = {
         **about,
         "scheme": f"{scheme(facts.quantize)} step image",
         "image": str(FORMAT),
-        "shape": json.dumps({k: int(getattr(spec, k)) for k in SHAPE}),
+        "shape": json.dumps(dims),
         "eps_scale": json.dumps([spec.eps, spec.scale]),  # the c_floats' values, exactly
+        "runs": json.dumps(sorted(shape.kinds)),  # the kinds the engine's step runs
         "products": json.dumps(lins),
         "facts": json.dumps(facts.__dict__),
         "links": json.dumps(checkpoint.links),
@@ -167,6 +181,23 @@ def _same(mapped: mmap.mmap, start: int, view: Any) -> bool:
         del theirs  # the map closes later only without views of it
 
 
+def _widens_to(mapped: mmap.mmap, start: int, view: Any) -> bool:
+    """Whether the bf16 values at `start` widen to the fp32 values of `view`, bit for bit."""
+    import numpy as np
+
+    count = len(view) // 4
+    if start + 2 * count > len(mapped):
+        return False
+    theirs = np.frombuffer(mapped, dtype=np.uint16, count=count, offset=start)
+    try:
+        ours = np.frombuffer(view, dtype=np.uint32)
+        step = 1 << 22  # a chunk at a time: no whole widened copy
+        return all(np.array_equal(theirs[i : i + step].astype(np.uint32) << 16, ours[i : i + step])
+                   for i in range(0, count, step))
+    finally:
+        del theirs
+
+
 class _Checkpoint:
     """The model's checkpoint files, for linking: a tensor of the image whose bytes are a tensor
     of the checkpoint that `model` holds at the same address (loaded as a view of the file) and
@@ -177,16 +208,16 @@ class _Checkpoint:
         self._owners: dict[int, list[str]] = {}
         for name, tensor in model.state_dict(keep_vars=True).items():
             self._owners.setdefault(tensor.data_ptr(), []).append(name)
-        self._where: dict[str, tuple[Path, int, int]] = {}  # checkpoint name -> file, start, end
+        self._where: dict[str, tuple[Path, int, int, str]] = {}  # checkpoint name -> file, start, end, dtype
         for file in files:
             try:
                 with open(file, "rb") as fh:
                     size = int.from_bytes(fh.read(8), "little")
                     header = json.loads(fh.read(size))
                 for name, info in header.items():
-                    if name != "__metadata__" and info["dtype"] == "F32":
+                    if name != "__metadata__" and info["dtype"] in ("F32", "BF16"):
                         start, end = (int(v) for v in info["data_offsets"])
-                        self._where[name] = (file, 8 + size + start, 8 + size + end)
+                        self._where[name] = (file, 8 + size + start, 8 + size + end, info["dtype"])
             except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 continue  # that file's tensors are copied
         self._maps: dict[Path, mmap.mmap] = {}
@@ -196,20 +227,41 @@ class _Checkpoint:
             names = (owner, "lm_head.weight") if owner == "model.embed_tokens.weight" else (owner,)
             for name in names:  # a tied table may be stored under the head's name
                 where = self._where.get(name)
-                if where is None or where[2] - where[1] != len(view):
+                if where is None or where[3] != "F32" or where[2] - where[1] != len(view):
                     continue
-                file, start, end = where
+                file, start, end, _ = where
                 try:
-                    if file not in self._maps:
-                        with open(file, "rb") as fh:
-                            self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                    if not _same(self._maps[file], start, view):  # changed since it was loaded
+                    if not _same(self._map(file), start, view):  # changed since it was loaded
                         continue
                 except (OSError, ValueError):
                     continue
                 self.links[image_name] = [file.name, start, end]
                 return True
         return False
+
+    def link_narrow(self, image_name: str, address: int, view: Any) -> bool:
+        """Link an fp32 tensor to the bf16 checkpoint tensor it equals once widened."""
+        for owner in self._owners.get(address, []):
+            names = (owner, "lm_head.weight") if owner == "model.embed_tokens.weight" else (owner,)
+            for name in names:
+                where = self._where.get(name)
+                if where is None or where[3] != "BF16" or 2 * (where[2] - where[1]) != len(view):
+                    continue
+                file, start, end, _ = where
+                try:
+                    if not _widens_to(self._map(file), start, view):
+                        continue
+                except (OSError, ValueError):
+                    continue
+                self.links[image_name] = [file.name, start, end]
+                return True
+        return False
+
+    def _map(self, file: Path) -> mmap.mmap:
+        if file not in self._maps:
+            with open(file, "rb") as fh:
+                self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[file]
 
     def sizes(self) -> dict[str, int]:
         """The size of each linked file now: a file of another size is not the one linked."""
@@ -284,9 +336,11 @@ class ImageModel:
                          embed=self._at["embed"], norm=self._at["norm"], inv_freq=self._at["inv_freq"],
                          head=self._lin("head", products), layer=None, scratch=None)
         self.widest = max(self.spec.dim, self.spec.heads * self.spec.head_dim, self.spec.ffn)
-        self.kinds = frozenset(kind for kind, _, _ in products.values())
-        if not self.kinds <= DEFAULT_KINDS or self.spec.bf16:
-            raise ValueError(f"weight kinds {sorted(self.kinds)}")
+        kinds = frozenset(kind for kind, _, _ in products.values())
+        # the kinds the engine's step runs (an fp32 model's rows may be read from bf16 ones)
+        self.kinds = frozenset(int(k) for k in json.loads(meta.get("runs", "null")) or kinds)
+        if not self.kinds <= DEFAULT_KINDS or not kinds <= self.kinds | {BF16} or self.spec.bf16:
+            raise ValueError(f"weight kinds {sorted(kinds)}")
 
     def _lin(self, name: str, products: dict[str, list[int]]) -> Lin:
         kind, out, inputs = products[name]
