@@ -336,3 +336,55 @@ def test_a_prompt_or_its_rest_after_a_prefix_runs_fused(tiny_models, monkeypatch
         fused = run(True, prompt, prefix)
         assert calls == []  # no torch prefill: the fused prompt ran the rest
         assert fused == run(False, prompt, prefix) and calls == [1]
+
+
+@needs_step
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_an_fp32_model_from_a_bf16_checkpoint_reads_its_bf16_rows_to_the_same_bits(tiny_models, arch, tmp_path):
+    """Loaded in fp32 from a bf16 checkpoint, each layer keeps the checkpoint's bf16 rows beside its
+    widened weights, and the step reads those (half the bytes): its prompt, steps and cache are
+    those of the step over the fp32 weights bit for bit, and its greedy tokens `generate`'s on the
+    model as transformers loads it in fp32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / arch
+    shutil.copytree(tiny_models[arch], folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v.bfloat16() for k, v in weights.items()}, folder / "model.safetensors")
+    narrow = load({arch: folder}, arch, dtype="float32")
+    wide = load({arch: folder}, arch, dtype="float32")
+    for module in wide.model.modules():
+        if hasattr(module, "hs_bf16_weight"):
+            del module.hs_bf16_weight
+    shape = step.described(narrow.model)
+    assert shape.kinds == {step.FP32} and shape.spec.bf16 == 0 and shape.spec.embed_f32 == 0
+    assert {lin.kind for layer in shape.layers for lin in (layer.q, layer.down)} | {shape.spec.head.kind} == {step.BF16}
+    assert step.described(wide.model).spec.embed_f32 == 1
+    ids = torch.tensor([narrow.tokenizer.encode(PROMPT)])
+    runs = []
+    for lm in (narrow, wide):
+        cache = new_cache(lm.model)
+        fused = step.FusedStep.build(lm.model, cache)
+        assert fused is not None
+        with torch.inference_mode():
+            logits = [fused.prefill(ids[0], 0)]
+            token = int(logits[0].argmax())
+            for pos in range(ids.shape[1], ids.shape[1] + 6):
+                logits.append(fused.step(token, pos))
+                token = int(logits[-1].argmax())
+        runs.append((logits, cache))
+    (a, cache_a), (b, cache_b) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    n = ids.shape[1] + 6
+    assert all(torch.equal(x[:, :, :n], y[:, :, :n]) for x, y in zip(cache_a.keys + cache_a.values,
+                                                                  cache_b.keys + cache_b.values))
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    got = list(generate_tokens(narrow.model, SequenceState(ids[0].tolist(), SamplingParams(temperature=0, max_tokens=24),
+                                                           eos_ids=frozenset(), generator=None)))
+    assert got == want

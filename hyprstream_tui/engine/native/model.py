@@ -347,12 +347,19 @@ def load_weights(model: NativeForCausalLM, tensors: dict[str, torch.Tensor], dty
     """Move `tensors` (the checkpoint, by transformers' names) into `model`, cast to `dtype`
     (None: kept as they are)."""
     state = {k: v.to(dtype) if v.is_floating_point() and dtype is not None else v for k, v in tensors.items()}
+    # bf16 weights widened to fp32: the fused step reads the checkpoint's bf16 rows instead, whose
+    # products its fp32 rows' equal bit for bit, at half the bytes (`Linear.hs_bf16_weight`)
+    narrow = {k: v for k, v in tensors.items()
+              if dtype == torch.float32 and v.dtype == torch.bfloat16 and k.endswith(".weight")}
     if model.config.tie_word_embeddings:
         head = state.pop("lm_head.weight", None)
         # A tied checkpoint may hold the table under either name (safetensors' `save_model` keeps
         # one of the names of a shared tensor)
         if head is not None and "model.embed_tokens.weight" not in state:
             state["model.embed_tokens.weight"] = head
+            if "lm_head.weight" in narrow:
+                narrow["model.embed_tokens.weight"] = narrow["lm_head.weight"]
+        narrow.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")
                and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
@@ -360,6 +367,15 @@ def load_weights(model: NativeForCausalLM, tensors: dict[str, torch.Tensor], dty
         raise Unsupported(f"weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if model.config.tie_word_embeddings:
         model.tie_weights()
+    for name, weight in narrow.items():
+        try:
+            module = model.get_submodule(name.removesuffix(".weight"))
+        except AttributeError:
+            continue
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and weight.is_contiguous():
+            module.hs_bf16_weight = weight  # a plain attribute: not in the state dict, never trained
+    if model.config.tie_word_embeddings and hasattr(model.model.embed_tokens, "hs_bf16_weight"):
+        model.lm_head.hs_bf16_weight = model.model.embed_tokens.hs_bf16_weight
     rotary = model.model.rotary_emb
     exponents = torch.arange(0, model.config.head_dim, 2, dtype=torch.int64).to(dtype=torch.float)
     rotary.inv_freq = 1.0 / (model.config.rope_theta ** (exponents / model.config.head_dim))

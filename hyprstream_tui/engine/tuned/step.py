@@ -80,9 +80,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def describe(module: Any, keep: list[torch.Tensor], rows: tuple[int, int] | None = None) -> Lin:
+def describe(module: Any, keep: list[torch.Tensor], rows: tuple[int, int] | None = None,
+             runs: list[int] | None = None) -> Lin:
     """The `Lin` of a linear layer (int8, int4, fp32 or bf16), or of its output rows `rows`
-    (start, count); tensors it points into go to `keep`."""
+    (start, count); tensors it points into go to `keep`, the layer's kind to `runs`. An fp32 layer
+    widened from a bf16 checkpoint (`hs_bf16_weight`, the loader's) is read as those bf16 rows:
+    `step.c` computes the same products from them, bit for bit, reading half the bytes."""
     from hyprstream_tui.engine.tuned.quantize import Int8WeightOnlyLinear
     from hyprstream_tui.engine.tuned.quantize_int4 import Int4WeightOnlyLinear
 
@@ -104,6 +107,11 @@ def describe(module: Any, keep: list[torch.Tensor], rows: tuple[int, int] | None
         kind = FP32 if w.dtype == torch.float32 else BF16
     else:
         raise Unfit(f"a {type(module).__name__} layer")
+    if runs is not None:
+        runs.append(kind)
+    narrow = getattr(module, "hs_bf16_weight", None) if kind == FP32 else None
+    if narrow is not None and narrow.shape == w.shape and narrow.dtype == torch.bfloat16:
+        w, kind = narrow, BF16
     if bias is not None:
         if bias.dtype not in (torch.float32, torch.bfloat16):
             raise Unfit("a bias that is not fp32 or bf16")
@@ -119,19 +127,20 @@ def describe(module: Any, keep: list[torch.Tensor], rows: tuple[int, int] | None
     return Lin(kind, count, inputs, _ptr(w), _ptr(s), _ptr(bias))
 
 
-def parts(module: Any, names: tuple[str, ...], sizes: list[int], keep: list[torch.Tensor]) -> list[Lin]:
+def parts(module: Any, names: tuple[str, ...], sizes: list[int], keep: list[torch.Tensor],
+          runs: list[int]) -> list[Lin]:
     """The `Lin`s of projections `names` of `module`: their rows of quantize's `FusedInt8`, or the
     layers themselves."""
     found: list[Any] = [getattr(module, name, None) for name in names]
     fused = getattr(found[0], "fused", None)
     if fused is None:
-        lins = [describe(layer, keep) for layer in found]
+        lins = [describe(layer, keep, runs=runs) for layer in found]
     elif any(getattr(p, "fused", None) is not fused or p.index != i for i, p in enumerate(found)) \
             or list(fused.sizes) != sizes:
         raise Unfit(f"{'/'.join(names)} are not one fused product")
     else:
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        lins = [describe(fused.linear, keep, (a, n)) for a, n in zip(starts, sizes)]
+        lins = [describe(fused.linear, keep, (a, n), runs) for a, n in zip(starts, sizes)]
     if [lin.out for lin in lins] != sizes or len({lin.inputs for lin in lins}) != 1:
         raise Unfit(f"{'/'.join(names)} do not have the model's sizes")
     return lins
@@ -146,6 +155,7 @@ class Described:
         inner = model.model
         self.keep: list[torch.Tensor] = []
         keep = self.keep
+        runs: list[int] = []  # each layer's kind as the model holds it
         heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         if hd % 2 or hd > MAX_HEAD_DIM or heads % kv_heads:
             raise Unfit(f"head_dim {hd}, {heads} heads over {kv_heads}")
@@ -158,29 +168,29 @@ class Described:
             keep.extend(norms)
             L = layers[i]
             L.q, L.k, L.v = parts(attn, ("q_proj", "k_proj", "v_proj"), [heads * hd, kv_heads * hd, kv_heads * hd],
-                                  keep)
-            L.o = describe(attn.o_proj, keep)
-            L.gate, L.up = parts(mlp, ("gate_proj", "up_proj"), [ffn, ffn], keep)
-            L.down = describe(mlp.down_proj, keep)
+                                  keep, runs)
+            L.o = describe(attn.o_proj, keep, runs=runs)
+            L.gate, L.up = parts(mlp, ("gate_proj", "up_proj"), [ffn, ffn], keep, runs)
+            L.down = describe(mlp.down_proj, keep, runs=runs)
             L.ln1, L.ln2 = _ptr(norms[0]), _ptr(norms[1])
         embed = inner.embed_tokens
         table = embed.weight
         if getattr(embed, "scale", None) is not None or table.dtype not in (torch.bfloat16, torch.float32):
             raise Unfit("a scaled or non-bf16/fp32 embedding")
+        widened = table.dtype == torch.float32 and getattr(embed, "hs_bf16_weight", None) is not None
+        rows_of_table = embed.hs_bf16_weight if widened else table  # the same values, exactly
         norm = inner.norm.weight.detach().float().contiguous()
         inv_freq = inner.rotary_emb.inv_freq.float().contiguous()
-        keep.extend((table, norm, inv_freq))
+        keep.extend((table, rows_of_table, norm, inv_freq))
+        head = describe(model.lm_head, keep, runs=runs)
         self.layers = layers
         self.spec = Spec(
             layers=len(inner.stack), dim=d, heads=heads, kv_heads=kv_heads, head_dim=hd, ffn=ffn,
             vocab=config.vocab_size, capacity=0, threads=1, eps=config.rms_norm_eps,
-            scale=hd ** -0.5, embed=_ptr(table), embed_f32=int(table.dtype == torch.float32),
-            norm=_ptr(norm), inv_freq=_ptr(inv_freq), head=describe(model.lm_head, keep),
-            layer=None, scratch=None)
+            scale=hd ** -0.5, embed=_ptr(rows_of_table), embed_f32=int(rows_of_table.dtype == torch.float32),
+            norm=_ptr(norm), inv_freq=_ptr(inv_freq), head=head, layer=None, scratch=None)
         self.widest = max(d, heads * hd, ffn)
-        self.kinds = frozenset(lin.kind for layer in layers for lin in
-                               (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
-                               ) | {self.spec.head.kind}
+        self.kinds = frozenset(runs)  # the kinds of the model's layers (which the switch picks among)
         if BF16 in self.kinds and (self.kinds != {BF16} or table.dtype != torch.bfloat16):
             raise Unfit("bf16 layers beside layers of other kinds")
         # A bf16 model runs as torch runs it: bf16 values, bf16 KV cache (step.c's `bf16`)

@@ -208,6 +208,10 @@ class _Checkpoint:
         self._owners: dict[int, list[str]] = {}
         for name, tensor in model.state_dict(keep_vars=True).items():
             self._owners.setdefault(tensor.data_ptr(), []).append(name)
+        for name, module in model.named_modules():  # the bf16 rows an fp32 layer was widened from
+            narrow = getattr(module, "hs_bf16_weight", None)
+            if narrow is not None:
+                self._owners.setdefault(narrow.data_ptr(), []).append(f"{name}.weight")
         self._where: dict[str, tuple[Path, int, int, str]] = {}  # checkpoint name -> file, start, end, dtype
         for file in files:
             try:
@@ -227,7 +231,7 @@ class _Checkpoint:
             names = (owner, "lm_head.weight") if owner == "model.embed_tokens.weight" else (owner,)
             for name in names:  # a tied table may be stored under the head's name
                 where = self._where.get(name)
-                if where is None or where[3] != "F32" or where[2] - where[1] != len(view):
+                if where is None or where[2] - where[1] != len(view):
                     continue
                 file, start, end, _ = where
                 try:
