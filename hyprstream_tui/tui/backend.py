@@ -193,10 +193,32 @@ class Backend:
         """Answer `messages` once per spec (compare mode: two), streaming events; returns GenerationDone each."""
         from hyprstream_tui.tui.engine_link import run_chats
 
-        engine = self.engine
-        with self._job(cancel, "a chat reply"):  # the work runs in the engine's process (or server)
-            return run_chats(engine, specs, messages, params, request_ids=request_ids, on_event=on_event,
-                             cancel=cancel)
+        light = self._light_engine(specs)
+        engine = light if light is not None else self.engine
+        try:
+            with self._job(cancel, "a chat reply"):  # the work runs in the engine's process (or server)
+                return run_chats(engine, specs, messages, params, request_ids=request_ids, on_event=on_event,
+                                 cancel=cancel)
+        finally:
+            if light is not None:
+                light.close()
+
+    def _light_engine(self, specs: Sequence[str]) -> ChatEngine | None:
+        """While the engine's process is still starting (its forkserver imports torch: some 4 s
+        after the app opens), a reply it would give through the fused step comes from the model's
+        step image in this process instead, without torch (`engine.light`: the same reply, events
+        and provenance). None otherwise: one model, no --remote, an image the engine wrote."""
+        if self.remote or len(specs) != 1 or self._engine is not None:
+            return None
+        from hyprstream_tui.engine.light import engine_for
+        from hyprstream_tui.engine.loader import LoadOptions
+
+        light = engine_for(specs[0], home=self.paths.home, options=LoadOptions(), threads=None)  # the child's options
+        if light is None or self._engine is not None:  # it came up meanwhile: the warm engine answers
+            if light is not None:
+                light.close()
+            return None
+        return light
 
     def chat_targets(self, model: str | None) -> ChatTargets:
         """What can answer, `model` chosen when it is one of them (else the first model).
