@@ -7,8 +7,10 @@ MODELs (not loaded yet). `warm`: once the app's warm-up has run (the forkserver 
 and the engine process is forked from it); `at-once`: as soon as the app is up. Then the chat opens
 on the demo model, and, as a user does, the model picker is set to the first MODEL and QUESTION is
 sent (greedy, MAX_TOKENS); then the same with the next MODEL. Each switch is timed from the
-picker's change to the reply's first text drawn in its chat message (`ChatMessage.updates`: the
-first flush of streamed text), and to the reply's end. Prints one JSON line: {"ready": app start to
+picker's change to the reply's first text handed to the chat screen (the first text event the
+screen's callback gets; it is drawn on the next flush), and to the reply's end. (Timing the drawn
+text instead, by polling the chat message, missed a reply that ended before `Pilot.press`
+returned: a reply from the step image while the engine's process starts takes well under a second.) Prints one JSON line: {"ready": app start to
 warm-up done (null with at-once), "switches": [[first s, end s, reply], ...], "pids": [[pid,
 create_time], ...] of the app's child processes, for the caller to see them end}.
 """
@@ -39,19 +41,33 @@ async def switch(app, pilot, chat, model: str, question: str) -> list:
     """Pick `model`, send `question` once the chat has taken the pick: [to first text, to end, reply]."""
     from textual.widgets import Select
 
+    marks: dict[str, object] = {}
+    backend_chat = app.backend.chat
+
+    def timed_chat(specs, messages, params, *, request_ids, on_event, cancel):  # type: ignore[no-untyped-def]
+        def on(event: object) -> None:
+            if "first" not in marks and getattr(event, "text", ""):
+                marks["first"] = time.perf_counter()
+            on_event(event)
+
+        results = backend_chat(specs, messages, params, request_ids=request_ids, on_event=on, cancel=cancel)
+        marks["text"] = results[0].text
+        return results
+
+    app.backend.chat = timed_chat  # type: ignore[method-assign]
     started = time.perf_counter()
     chat.query_one("#chat-model", Select).value = model
     await until(app, lambda: chat.model == model, f"the chat to take {model}")
     box = chat.query_one("#chat-input")
     box.value = question
     box.focus()
+    before = chat.generations
     await pilot.press("enter")
-    await until(app, lambda: chat.request is not None, "the request")
-    reply = chat.log_view.pending[chat.request.request_ids[0]]
-    await until(app, lambda: reply.updates > 0 or not reply.streaming, "the first text")
-    first = time.perf_counter() - started
-    await until(app, lambda: not reply.streaming and chat.request is None, "the reply's end")
-    return [first, time.perf_counter() - started, reply.text]
+    await until(app, lambda: chat.generations > before and "text" in marks and chat.request is None,
+                "the reply's end")
+    ended = time.perf_counter()
+    app.backend.chat = backend_chat  # type: ignore[method-assign]
+    return [float(marks.get("first", ended)) - started, ended - started, marks["text"]]
 
 
 async def drive(home: str, question: str, max_tokens: int, warm: bool, models: list[str]) -> dict:
