@@ -126,7 +126,7 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
         view = (ctypes.c_uint8 * size).from_address(address)
         if checkpoint.link(name, address, view):
             return False
-        if fp32 and checkpoint.link_narrow(name, address, view):
+        if fp32 and checkpoint.link(name, address, view, widened=True):
             return True
         tensors[name] = torch.frombuffer(view, dtype=torch.uint8)  # a copy
         return False
@@ -226,34 +226,20 @@ class _Checkpoint:
                 continue  # that file's tensors are copied
         self._maps: dict[Path, mmap.mmap] = {}
 
-    def link(self, image_name: str, address: int, view: Any) -> bool:
+    def link(self, image_name: str, address: int, view: Any, *, widened: bool = False) -> bool:
+        """Link `view` (the bytes the step reads, at `address`) to the checkpoint tensor they are,
+        or with `widened`, to the bf16 one an fp32 tensor was widened from; False: none is."""
         for owner in self._owners.get(address, []):
             names = (owner, "lm_head.weight") if owner == "model.embed_tokens.weight" else (owner,)
             for name in names:  # a tied table may be stored under the head's name
                 where = self._where.get(name)
-                if where is None or where[2] - where[1] != len(view):
+                if where is None or (widened and where[3] != "BF16"):
                     continue
                 file, start, end, _ = where
-                try:
-                    if not _same(self._map(file), start, view):  # changed since it was loaded
-                        continue
-                except (OSError, ValueError):
+                if (end - start) * (2 if widened else 1) != len(view):
                     continue
-                self.links[image_name] = [file.name, start, end]
-                return True
-        return False
-
-    def link_narrow(self, image_name: str, address: int, view: Any) -> bool:
-        """Link an fp32 tensor to the bf16 checkpoint tensor it equals once widened."""
-        for owner in self._owners.get(address, []):
-            names = (owner, "lm_head.weight") if owner == "model.embed_tokens.weight" else (owner,)
-            for name in names:
-                where = self._where.get(name)
-                if where is None or where[3] != "BF16" or 2 * (where[2] - where[1]) != len(view):
-                    continue
-                file, start, end, _ = where
-                try:
-                    if not _widens_to(self._map(file), start, view):
+                try:  # the bytes now: a file changed since it was loaded is not linked
+                    if not (_widens_to if widened else _same)(self._map(file), start, view):
                         continue
                 except (OSError, ValueError):
                     continue
