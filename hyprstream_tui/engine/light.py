@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, cast
 
-from hyprstream_tui.engine.cpu import cpu_has_bf16, usable_cores
+from hyprstream_tui.engine.cpu import usable_cores
 from hyprstream_tui.engine.engine import Engine
-from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource
+from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource, pick_dtype
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.native.tokenizer import NativeTokenizer
@@ -125,9 +125,9 @@ def _options_fit(options: LoadOptions) -> bool:
     """Options under which the engine loads an fp32 or fp32-activation model on the CPU."""
     if options.device not in ("auto", "cpu") or not options.tuned or not options.native:
         return False
-    if options.quantize is not None:
-        return options.quantize in ("int8", "int4") and options.dtype in ("auto", "float32")
-    return options.dtype == "float32" or (options.dtype == "auto" and not cpu_has_bf16())  # loader.pick_dtype
+    if options.quantize not in (None, "int8", "int4"):
+        return False
+    return pick_dtype(options.dtype, "cpu", options.quantize) == "float32"
 
 
 __all__ = ["ENV", "LightEngine", "engine_for"]

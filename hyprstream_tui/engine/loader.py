@@ -122,13 +122,14 @@ def pick_device(device: str) -> str:
 
 
 def pick_dtype(dtype: str, device: str, quantize: str | None) -> str:
-    import torch
-
+    """The dtype a load runs in (torch imported only to ask a CUDA device)."""
     if quantize:  # fp32 activations unless bf16/fp16 are asked for
         return dtype if dtype in ("bfloat16", "float16") else "float32"
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
+        import torch
+
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_bf16() else "float32"
 

@@ -18,7 +18,6 @@ pytestmark = [pytest.mark.asyncio,
 
 
 async def test_a_reply_before_the_engine_process_is_up_comes_from_the_step_image(demo_home, monkeypatch):
-    from hyprstream_tui.engine import light
     from hyprstream_tui.engine.engine import Engine
     from hyprstream_tui.engine.events import GenerationDone
     from hyprstream_tui.engine.loader import LoadOptions
@@ -32,8 +31,10 @@ async def test_a_reply_before_the_engine_process_is_up_comes_from_the_step_image
     from tests.tui.helpers import wait_for
 
     # The app's engine loads with the default options: fp32 on a CPU without native bf16 (this
-    # machine class), which the light engine checks through cpu_has_bf16; held to that here.
-    monkeypatch.setattr(light, "cpu_has_bf16", lambda: False)
+    # machine class), the loader's rule (`pick_dtype`), which the light engine asks; held to that here.
+    from hyprstream_tui.engine import loader
+
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: False)
     # The library built in this home and marked as checked on this CPU, as the engine leaves it on
     # its first load in a home (in this process it was loaded in an earlier test's home)
     from hyprstream_tui.engine.tuned import step_abi
