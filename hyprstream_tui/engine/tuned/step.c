@@ -65,6 +65,11 @@ typedef struct {
     hs_lin head;
     const hs_layer *layer;
     float *scratch; /* see hs_step */
+    /* exact (a bf16 model, every weight kind 5): computed as torch computes it, bit for bit, on a
+     * CPU where torch's bf16 products are oneDNN's AVX512-BF16 ones; see `step_exact` below */
+    int64_t exact, sum_lanes, rope_positions;
+    const uint16_t *silu;              /* [65536]: torch's silu of each bf16 value, as bf16 */
+    const float *rope_cos, *rope_sin;  /* [rope_positions, head_dim / 2]: torch's bf16 cos, sin */
 } hs_model;
 
 static inline float hsum8(__m256 v) {
@@ -354,6 +359,281 @@ static void rope_tables(const hs_model *m, int64_t pos, float *cos_, float *sin_
     }
 }
 
+/* ---- A bf16 model as torch computes it, bit for bit (`exact`) ----
+ * torch's step for a bf16 model, on a CPU whose oneDNN runs bf16 products with AVX512-BF16, rounds
+ * where `bf16` above rounds, but sums in its own orders; here each sum runs in that order, with
+ * the instructions torch's kernels use, so every value (and the KV cache) equals torch's:
+ * - a linear layer (oneDNN's matmul, one row of inputs): each output sums its products two inputs
+ *   at a time with VDPBF16PS (the odd one first, then the even), over blocks of 512 inputs, each
+ *   block from zero and added to the running sum; then + bias in fp32, rounded. Weights are kind 5:
+ *   rows in blocks of 64 (the last may hold 16, 32 or 48), each block [in / 2][rows][2], the layout
+ *   that instruction reads (`step.py` packs them once per model);
+ * - rmsnorm: the sum of squares in the order of torch's vectorised sum kernel (`sum_lanes` wide
+ *   vectors, four at a time, in cascades of 16), divided by the size; 1 / sqrt, as torch;
+ * - silu and the rotary cos/sin: torch's own values, tabled by `step.py` (`silu`, `rope_*`);
+ * - attention: torch's own (see `hs_exact_begin` below).
+ * A self-check (`step.py`) compares whole steps with torch's before this runs anywhere. */
+
+#define XROWS 64 /* rows of a kind-5 block */
+
+static inline uint16_t bits16(float f) { /* f already a bf16 value */
+    return to_bf16(f);
+}
+
+/* x (bf16 values) as pairs: element 2p in the low half, 2p + 1 in the high half. */
+static void pairs_of(const float *x, uint32_t *xp, int64_t n) {
+    for (int64_t p = 0; p < n / 2; p++)
+        xp[p] = (uint32_t)bits16(x[2 * p]) | ((uint32_t)bits16(x[2 * p + 1]) << 16);
+}
+
+/* c[0..rows) = the sums of block `wb` ([in/2][rows][2]) with x pairs `xp`, oneDNN's order. */
+__attribute__((target("avx512f,avx512bf16"))) static void xblock(const uint16_t *wb, int64_t rows,
+                                                                 int64_t in, const uint32_t *xp,
+                                                                 float *c) {
+    const int64_t pairs = in / 2, G = rows / 16;
+    __m512 C0 = _mm512_setzero_ps(), C1 = C0, C2 = C0, C3 = C0;
+    for (int64_t kb = 0; kb < pairs; kb += 256) {
+        const int64_t end = kb + 256 < pairs ? kb + 256 : pairs;
+        __m512 A0 = _mm512_setzero_ps(), A1 = A0, A2 = A0, A3 = A0;
+        if (G == 4) {
+            for (int64_t p = kb; p < end; p++) {
+                const __m512bh x = (__m512bh)_mm512_set1_epi32((int)xp[p]);
+                const uint16_t *w = wb + p * 128;
+                _mm_prefetch((const char *)(w + 2048), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + 2048 + 64), _MM_HINT_T0);
+                A0 = _mm512_dpbf16_ps(A0, (__m512bh)_mm512_loadu_si512(w), x);
+                A1 = _mm512_dpbf16_ps(A1, (__m512bh)_mm512_loadu_si512(w + 32), x);
+                A2 = _mm512_dpbf16_ps(A2, (__m512bh)_mm512_loadu_si512(w + 64), x);
+                A3 = _mm512_dpbf16_ps(A3, (__m512bh)_mm512_loadu_si512(w + 96), x);
+            }
+        } else {
+            for (int64_t p = kb; p < end; p++) {
+                const __m512bh x = (__m512bh)_mm512_set1_epi32((int)xp[p]);
+                const uint16_t *w = wb + p * rows * 2;
+                A0 = _mm512_dpbf16_ps(A0, (__m512bh)_mm512_loadu_si512(w), x);
+                if (G > 1) A1 = _mm512_dpbf16_ps(A1, (__m512bh)_mm512_loadu_si512(w + 32), x);
+                if (G > 2) A2 = _mm512_dpbf16_ps(A2, (__m512bh)_mm512_loadu_si512(w + 64), x);
+            }
+        }
+        if (kb == 0) {
+            C0 = A0, C1 = A1, C2 = A2, C3 = A3;
+        } else {
+            C0 = _mm512_add_ps(C0, A0), C1 = _mm512_add_ps(C1, A1);
+            C2 = _mm512_add_ps(C2, A2), C3 = _mm512_add_ps(C3, A3);
+        }
+    }
+    _mm512_storeu_ps(c, C0);
+    if (G > 1) _mm512_storeu_ps(c + 16, C1);
+    if (G > 2) _mm512_storeu_ps(c + 32, C2);
+    if (G > 3) _mm512_storeu_ps(c + 48, C3);
+}
+
+/* Output row block `b` of a kind-5 layer: rows [XROWS b, ...) into c (bias added), rounded. */
+static int64_t xrows(const hs_lin *lin, int64_t b, const uint32_t *xp, float *c) {
+    const int64_t first = b * XROWS, rows = lin->out - first < XROWS ? lin->out - first : XROWS;
+    xblock((const uint16_t *)lin->w + first * lin->in, rows, lin->in, xp, c);
+    for (int64_t i = 0; i < rows; i++) c[i] = rb(lin->bias ? c[i] + lin->bias[first + i] : c[i]);
+    return rows;
+}
+
+static inline int64_t xblocks(const hs_lin *lin) { return (lin->out + XROWS - 1) / XROWS; }
+
+/* y = the rows of `n` kind-5 products of one input, one after the other (q, k, v); y[o] += them
+ * (rounded) where `add`. Inside a parallel region, no barrier. */
+static void xgemv(const hs_lin *parts, int n, const uint32_t *xp, float *y, int add) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += xblocks(&parts[i]);
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < total; b++) {
+        int64_t r = b, base = 0;
+        const hs_lin *l = parts;
+        while (r >= xblocks(l)) {
+            r -= xblocks(l);
+            base += (l++)->out;
+        }
+        float c[XROWS];
+        const int64_t rows = xrows(l, r, xp, c), at = base + r * XROWS;
+        for (int64_t i = 0; i < rows; i++) y[at + i] = add ? rb(y[at + i] + c[i]) : c[i];
+    }
+}
+
+static int64_t ceil_log2(int64_t x) {
+    if (x <= 2) return 1;
+    int64_t b = 0;
+    for (uint64_t v = (uint64_t)(x - 1); v; v >>= 1) b++;
+    return b;
+}
+
+/* The sum of h[i]^2 (each square rounded) in the order of torch's vectorised sum kernel
+ * (`cascade_sum`): vectors of W, four at a time (`multi_row_sum` in cascades of 16), then their
+ * partial vectors, then the elements past the last whole vector, then the W lanes. */
+static float torch_sum_squares(const float *h, int64_t n, int W) {
+    float acc[4][4][16], sq[16];
+    memset(acc, 0, sizeof(acc));
+    const int64_t nv = n / W, rows = nv / 4;
+    const int64_t power = ceil_log2(rows) / 4 > 4 ? ceil_log2(rows) / 4 : 4, step = (int64_t)1 << power,
+                  mask = step - 1;
+#define ADD_ROW(I)                                                  \
+    for (int k = 0; k < 4; k++)                                    \
+        for (int l = 0; l < W; l++) {                              \
+            const float v = h[((I) * 4 + k) * W + l];              \
+            acc[0][k][l] += v * v;                                 \
+        }
+    int64_t i = 0;
+    while (i + step <= rows) {
+        for (int64_t j = 0; j < step; j++, i++) ADD_ROW(i)
+        for (int j = 1; j < 4; j++) {
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < W; l++) {
+                    acc[j][k][l] += acc[j - 1][k][l];
+                    acc[j - 1][k][l] = 0.0f;
+                }
+            if (i & (mask << (j * power))) break;
+        }
+    }
+    for (; i < rows; i++) ADD_ROW(i)
+#undef ADD_ROW
+    for (int j = 1; j < 4; j++)
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < W; l++) acc[0][k][l] += acc[j][k][l];
+    for (int64_t v = rows * 4; v < nv; v++)
+        for (int l = 0; l < W; l++) {
+            const float x = h[v * W + l];
+            acc[0][0][l] += x * x;
+        }
+    for (int k = 1; k < 4; k++)
+        for (int l = 0; l < W; l++) acc[0][0][l] += acc[0][k][l];
+    float total = 0.0f;
+    for (int64_t e = nv * W; e < n; e++) {
+        sq[0] = h[e] * h[e];
+        total += sq[0];
+    }
+    for (int l = 0; l < W; l++) total += acc[0][0][l];
+    return total;
+}
+
+static void rmsnorm_exact(const float *h, const float *w, float *out, int64_t n, float eps, int W) {
+    const float var = torch_sum_squares(h, n, W) / (float)n;
+    const float r = 1.0f / sqrtf(var + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = rb(w[i] * rb(h[i] * r));
+}
+
+/* An exact model's step runs in parts, with torch's own attention between them (torch's CPU flash
+ * attention sums in orders that depend on the context's length; `step.py` calls it on the cache):
+ * `hs_exact_begin` takes the token to layer 0's query, and `hs_exact_layer` takes layer l's
+ * attention output to layer l + 1's query, or after the last layer to the logits. The query (q,
+ * [heads, head_dim] bf16) and the attention output (att, the same) are the caller's buffers. The
+ * hidden state lives in the scratch between the calls. */
+
+/* Layer l's input norm, q/k/v, rotary; k, v into the cache at pos; q out as bf16. */
+static void exact_front(const hs_model *m, int64_t l, int64_t pos, uint16_t *q, hs_sync *sync, int *phase,
+                        int threads, int first) {
+    const int64_t d = m->dim, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd;
+    const hs_layer *L = &m->layer[l];
+    float *h = m->scratch, *x = h + d, *qkv = x + d, *att = qkv + nq + 2 * nkv, *act = att + nq;
+    uint32_t *xp = (uint32_t *)(act + m->ffn + m->heads * m->capacity);
+    if (first) {
+        rmsnorm_exact(h, L->ln1, x, d, m->eps, (int)m->sum_lanes);
+        pairs_of(x, xp, d);
+    }
+    sync_wait(sync, phase, threads);
+    xgemv(&L->q, 3, xp, qkv, 0);
+    sync_wait(sync, phase, threads);
+    if (first) {
+        float cs[512], sn[512];
+        const float *c = m->rope_cos + pos * (hd / 2), *s = m->rope_sin + pos * (hd / 2);
+        for (int64_t j = 0; j < hd / 2; j++) {
+            cs[j] = cs[j + hd / 2] = c[j];
+            sn[j] = sn[j + hd / 2] = s[j];
+        }
+        float *k = qkv + nq, *v = k + nkv;
+        for (int64_t i = 0; i < m->heads; i++) rotate(qkv + i * hd, cs, sn, hd, 1);
+        for (int64_t i = 0; i < m->kv_heads; i++) {
+            rotate(k + i * hd, cs, sn, hd, 1);
+            kv_put(L->kc, (i * m->capacity + pos) * hd, k + i * hd, hd, 1);
+            kv_put(L->vc, (i * m->capacity + pos) * hd, v + i * hd, hd, 1);
+        }
+        for (int64_t i = 0; i < nq; i++) q[i] = bits16(qkv[i]);
+    }
+}
+
+static int exact_unfit(const hs_model *m, int64_t pos) {
+    return pos < 0 || pos >= m->capacity || pos >= m->rope_positions || m->head_dim % 16 || m->head_dim > 512;
+}
+
+/* The token's embedding row through layer 0's query (q). Returns 0, or 1 when an argument is out of
+ * range (nothing written). */
+int hs_exact_begin(const hs_model *m, int64_t token, int64_t pos, uint16_t *q) {
+    if (!m->exact || token < 0 || token >= m->vocab || exact_unfit(m, pos)) return 1;
+    const uint16_t *e = (const uint16_t *)m->embed + token * m->dim;
+    for (int64_t i = 0; i < m->dim; i++) m->scratch[i] = bf16f(e[i]);
+    hs_sync sync;
+    atomic_init(&sync.arrived, 0);
+    atomic_init(&sync.phase, 0);
+#pragma omp parallel num_threads((int)m->threads)
+    {
+        int phase = 0;
+        exact_front(m, 0, pos, q, &sync, &phase, omp_get_num_threads(), omp_get_thread_num() == 0);
+    }
+    return 0;
+}
+
+/* Layer l's attention output (att, bf16) through its o projection, residual, MLP and residual, then
+ * layer l + 1's query (q), or after the last layer the logits. Returns 0, or 1 when out of range. */
+int hs_exact_layer(const hs_model *m, int64_t l, int64_t pos, const uint16_t *att, uint16_t *q,
+                   float *logits) {
+    if (!m->exact || l < 0 || l >= m->layers || exact_unfit(m, pos)) return 1;
+    const int64_t d = m->dim, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd, f = m->ffn;
+    const hs_layer *L = &m->layer[l];
+    float *h = m->scratch, *x = h + d, *qkv = x + d, *a = qkv + nq + 2 * nkv, *act = a + nq;
+    uint32_t *xp = (uint32_t *)(act + f + m->heads * m->capacity);
+    const int W = (int)m->sum_lanes;
+    hs_sync sync;
+    atomic_init(&sync.arrived, 0);
+    atomic_init(&sync.phase, 0);
+#pragma omp parallel num_threads((int)m->threads)
+    {
+        const int threads = omp_get_num_threads(), first = omp_get_thread_num() == 0;
+        int phase = 0;
+#define SYNC() sync_wait(&sync, &phase, threads)
+        if (first)
+            for (int64_t i = 0; i < nq / 2; i++) xp[i] = (uint32_t)att[2 * i] | ((uint32_t)att[2 * i + 1] << 16);
+        SYNC();
+        xgemv(&L->o, 1, xp, h, 1);
+        SYNC();
+        if (first) {
+            rmsnorm_exact(h, L->ln2, x, d, m->eps, W);
+            pairs_of(x, xp, d);
+        }
+        SYNC();
+        /* gate and up rows of one block together: act = silu(gate) * up, each rounded */
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < xblocks(&L->gate); b++) {
+            float g[XROWS], u[XROWS];
+            const int64_t rows = xrows(&L->gate, b, xp, g);
+            xrows(&L->up, b, xp, u);
+            for (int64_t i = 0; i < rows; i++) act[b * XROWS + i] = rb(bf16f(m->silu[bits16(g[i])]) * u[i]);
+        }
+        SYNC();
+        if (first) pairs_of(act, xp, f);
+        SYNC();
+        xgemv(&L->down, 1, xp, h, 1);
+        SYNC();
+        if (l + 1 < m->layers) {
+            exact_front(m, l + 1, pos, q, &sync, &phase, threads, first);
+        } else {
+            if (first) {
+                rmsnorm_exact(h, m->norm, x, d, m->eps, W);
+                pairs_of(x, xp, d);
+            }
+            SYNC();
+            xgemv(&m->head, 1, xp, logits, 0);
+        }
+#undef SYNC
+    }
+    return 0;
+}
+
 /* The logits [vocab] of `token` at position `pos` (< capacity); the cache gains that position.
  * Returns 0, or 1 when an argument is out of range (nothing written).
  * Scratch: h [dim], x [dim], qkv [(heads + 2 kv_heads) head_dim], att [heads head_dim],
@@ -361,6 +641,7 @@ static void rope_tables(const hs_model *m, int64_t pos, float *cos_, float *sin_
 int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
     if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->capacity || m->head_dim > 512)
         return 1;
+    if (m->exact) return 1; /* an exact model steps through hs_exact_begin / hs_exact_layer */
     const int64_t d = m->dim, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd;
     const int64_t f = m->ffn, widest = f > nq ? (f > d ? f : d) : (nq > d ? nq : d);
     float *h = m->scratch, *x = h + d, *qkv = x + d, *att = qkv + nq + 2 * nkv;

@@ -36,6 +36,7 @@ Imports torch at module level: only `engine.generate` imports this module.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -48,6 +49,7 @@ from hyprstream_tui.engine.tuned.build import BuildError
 
 from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tests and callers use
     BF16,
+    BF16_PACKED,
     ENV_SWITCH,
     EVERY,
     FLAGS,
@@ -146,11 +148,99 @@ def parts(module: Any, names: tuple[str, ...], sizes: list[int], keep: list[torc
     return lins
 
 
+SUM_LANES = 8  # fp32 lanes of torch's sum kernel (its AVX2 build runs on AVX512 CPUs too)
+XROWS = 64  # rows of a packed block (step.c's XROWS)
+
+
+def pack_rows(w: torch.Tensor) -> torch.Tensor:
+    """bf16 rows [out, in] (out a multiple of 16) as `step.c`'s kind 5: blocks of 64 rows (the
+    last may hold fewer), each [in / 2][rows][2], the pairs VDPBF16PS reads for 16 rows at once."""
+    out, inputs = w.shape
+    full = out // XROWS * XROWS
+    blocks = [w[a : a + XROWS] for a in range(0, full, XROWS)] + ([w[full:]] if full < out else [])
+    return torch.cat([b.reshape(b.shape[0], inputs // 2, 2).transpose(0, 1).reshape(-1) for b in blocks])
+
+
+def _packed(module: Any, keep: list[torch.Tensor]) -> Lin:
+    w = pack_rows(module.weight.detach())
+    bias = module.bias
+    bias = None if bias is None else bias.detach().float().contiguous()
+    keep.extend(t for t in (w, bias) if t is not None)
+    return Lin(BF16_PACKED, module.out_features, module.in_features, _ptr(w), None, _ptr(bias))
+
+
+def exact_refusal() -> str:
+    """Why a bf16 model cannot run fused bit for bit as torch runs it here ('' when it can): it
+    needs a CPU with AVX512-BF16, torch's bf16 products through oneDNN and its AVX512 kernels, and
+    whole steps equal to torch's on a small model (`exact_check`, once per process)."""
+    if "exact" not in _state:
+        with _lock:
+            if "exact" not in _state:
+                _state["exact"] = _exact_why()
+    why: str = _state["exact"]
+    return why
+
+
+def _exact_why() -> str:
+    from hyprstream_tui.engine.tuned.step_abi import cpu_flags
+
+    if not {"avx512f", "avx512_bf16"} <= cpu_flags():
+        return "the CPU lacks AVX512-BF16"
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return "torch's bf16 products are not oneDNN's"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"torch runs its {capability} kernels"
+    lib = library()
+    if lib is None:
+        return "the library does not run here"
+    return exact_check(lib)
+
+
+def exact_check(lib: Any) -> str:
+    """'' when exact steps of a small random bf16 model (grouped heads, q/k/v bias, an ffn past
+    512) equal torch's bit for bit: logits and KV cache, after a prompt through torch; else what
+    differed."""
+    from hyprstream_tui.engine.native.model import NativeConfig, build, load_weights
+
+    config = NativeConfig(model_type="qwen2", vocab_size=320, hidden_size=128, intermediate_size=608,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                          rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128,
+                          tie_word_embeddings=True, qkv_bias=True, o_bias=False, mlp_bias=False)
+    model = build(config, None)
+    g = torch.Generator().manual_seed(0)
+    tensors = {name: (1.0 + 0.1 * torch.randn(t.shape, generator=g) if "norm" in name
+                      else torch.randn(t.shape, generator=g) * 0.08).bfloat16()
+               for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    load_weights(model, tensors, torch.bfloat16)
+    shape = Described(model, exact=True)
+    if not shape.exact:
+        return "the check's model did not pack"
+    ids = torch.randint(0, config.vocab_size, (1, 7), generator=g)
+    with torch.inference_mode():
+        theirs, ours = model.new_cache(), model.new_cache()
+        model(ids, cache=theirs)
+        model(ids, cache=ours)
+        fused = FusedStep(lib, model, ours, shape)
+        token = 5
+        for pos in range(7, 12):
+            want = model(torch.tensor([[token]]), cache=theirs).logits[0, -1].float()
+            got = fused.step(token, pos)
+            if not torch.equal(got, want):
+                return f"step at position {pos}: logits differ by up to {float((got - want).abs().max()):.3g}"
+            token = int(want.argmax())
+        for a, b in zip(theirs.keys + theirs.values, ours.keys + ours.values):
+            if not torch.equal(a[:, :, :12], b[:, :, :12]):
+                return "the KV cache differs"
+    return ""
+
+
 class Described:
     """A model's weights as `step.c` reads them: made once per model (`described`), shared by its
     sequences. `keep` holds every tensor the structures point into."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, exact: bool | None = None) -> None:
+        """exact: pack a bf16 model to run as torch does (None: where `exact_refusal` allows)."""
         config = model.config
         inner = model.model
         self.keep: list[torch.Tensor] = []
@@ -195,6 +285,53 @@ class Described:
             raise Unfit("bf16 layers beside layers of other kinds")
         # A bf16 model runs as torch runs it: bf16 values, bf16 KV cache (step.c's `bf16`)
         self.spec.bf16 = int(self.kinds == {BF16})
+        self.rotary, self.rope_positions = inner.rotary_emb, 0
+        self.exact = False  # computed as torch computes it, bit for bit (step.c's `exact`)
+        if self.spec.bf16 and (exact_refusal() == "" if exact is None else exact):
+            self._pack(model)
+
+    def _pack(self, model: Any) -> None:
+        """Make this bf16 model exact (`step.c`'s `step_exact`): its weights packed as oneDNN's
+        AVX512-BF16 products read them (a copy, the model's own rows stay torch's), torch's silu of
+        every bf16 value and its rotary cos/sin, tabled. Leaves it inexact where its shapes do not
+        fit (a head_dim not a multiple of 16, an ffn not of 32, rows not of 16)."""
+        config, inner, spec = model.config, model.model, self.spec
+        if config.head_dim % 16 or config.intermediate_size % 32:
+            return
+        modules = [model.lm_head] + [m for layer in inner.stack for m in (
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        if any(m.weight.dtype != torch.bfloat16 or m.out_features % 16 for m in modules):
+            return
+        keep = self.keep
+        with torch.inference_mode():
+            lins = [_packed(m, keep) for m in modules]
+            spec.head = lins[0]
+            for i in range(len(inner.stack)):
+                L = self.layers[i]
+                L.q, L.k, L.v, L.o, L.gate, L.up, L.down = lins[1 + 7 * i : 8 + 7 * i]
+            every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+            silu = torch.nn.functional.silu(every).view(torch.int16).contiguous()
+        keep.append(silu)
+        spec.silu = _ptr(silu)
+        spec.sum_lanes = SUM_LANES
+        spec.exact = 1
+        self.exact = True
+        self.rope_for(FIRST_CAPACITY)
+
+    def rope_for(self, positions: int) -> None:
+        """Table torch's rotary cos and sin (bf16 values) for positions 0..`positions` - 1 at least
+        (doubling; the tables a sequence's spec points at stay alive in `keep`)."""
+        if positions <= self.rope_positions:
+            return
+        n = max(positions, 2 * self.rope_positions)
+        half = self.spec.head_dim // 2
+        with torch.inference_mode():
+            cos, sin = self.rotary(torch.empty(0, dtype=torch.bfloat16), torch.arange(n).unsqueeze(0))
+        tables = [t[0, 0, :, :half].float().contiguous() for t in (cos, sin)]
+        self.keep.extend(tables)
+        self.spec.rope_cos, self.spec.rope_sin = _ptr(tables[0]), _ptr(tables[1])
+        self.spec.rope_positions = self.rope_positions = n
 
 
 _described: "weakref.WeakKeyDictionary[Any, Described | Unfit]" = weakref.WeakKeyDictionary()
@@ -217,13 +354,18 @@ def described(model: Any) -> Described:
 class FusedStep:
     """Decode steps of one sequence through `step.c`, continuing `cache` (a `NativeCache`)."""
 
-    def __init__(self, lib: Any, model: Any, cache: Any) -> None:
-        shape = described(model)
+    def __init__(self, lib: Any, model: Any, cache: Any, shape: "Described | None" = None) -> None:
+        shape = described(model) if shape is None else shape
         self._fn, self._prefill, self._floats = lib.hs_step, lib.hs_prefill, lib.hs_prefill_floats
         self.model, self.cache, self.shape = model, cache, shape
         self.spec, self.layers = for_sequence(shape.spec, shape.layers)  # its own cache pointers
         self.spec.threads = max(1, torch.get_num_threads())
         self.widest = shape.widest
+        if self.spec.exact:  # the query and attention output that torch's attention reads and writes
+            s = self.spec
+            self._begin, self._layer = lib.hs_exact_begin, lib.hs_exact_layer
+            self._q = torch.empty(1, s.heads, 1, s.head_dim, dtype=torch.bfloat16)
+            self._gqa = s.heads != s.kv_heads
         self._attach()
 
     @classmethod
@@ -235,14 +377,23 @@ class FusedStep:
         lib = library()
         if lib is None:
             return None
-        try:
-            if not described(model).kinds <= (fused_kinds() if kinds is None else kinds):
-                return None
-        except Unfit:
-            return None
         if any(hasattr(m, "lora_A") for m in model.modules()):
             return None  # LoRA layers: torch's step runs them
+        try:
+            shape = described(model)
+        except Unfit:
+            return None
+        allowed = fused_kinds() if kinds is None else kinds
+        if kinds is None and shape.exact and os.environ.get(ENV_SWITCH, "1") == "1":
+            allowed = allowed | {BF16}  # exact: torch's own bits, so it runs by default
+        if not shape.kinds <= allowed:
+            return None
         return cls(lib, model, cache)
+
+    @property
+    def exact(self) -> bool:
+        """Steps equal torch's bit for bit (an exact bf16 model); prompts then run through torch."""
+        return bool(self.spec.exact)
 
     def _attach(self) -> None:
         """Point the spec at the cache's tensors and a scratch buffer sized for its capacity (an
@@ -260,6 +411,10 @@ class FusedStep:
             self.layers[i].kc, self.layers[i].vc = keys[i].data_ptr(), values[i].data_ptr()
         s = self.spec
         s.capacity = capacity
+        if s.exact:
+            self.shape.rope_for(capacity)
+            base = self.shape.spec
+            s.rope_cos, s.rope_sin, s.rope_positions = base.rope_cos, base.rope_sin, base.rope_positions
         self.scratch = torch.empty(scratch_floats(s, self.widest), dtype=torch.float32)
         s.scratch = self.scratch.data_ptr()
 
@@ -286,6 +441,12 @@ class FusedStep:
         count = int(tokens.numel())
         if position != self.cache.length:
             raise ValueError(f"position {position} is not the cache's length {self.cache.length}")
+        if self.spec.exact:  # torch's own prompt, whose cache and logits the steps continue exactly
+            ids = tokens.reshape(1, -1).to(torch.int64)
+            out = self.model(input_ids=ids, position_ids=torch.arange(position, position + count).unsqueeze(0),
+                             cache=self.cache, logits_to_keep=1)
+            self._fit(position + count)
+            return out.logits[0, -1].float()
         self._fit(position + count)
         ids = tokens.reshape(-1).to(torch.int64).contiguous()
         work = torch.empty(int(self._floats(ctypes.byref(self.spec))), dtype=torch.float32)
@@ -302,13 +463,28 @@ class FusedStep:
             raise ValueError(f"position {position} is not the cache's length {self.cache.length}")
         self._fit(position + 1)
         logits = torch.empty(self.spec.vocab, dtype=torch.float32)
-        if self._fn(ctypes.byref(self.spec), token, position, logits.data_ptr()) != 0:
+        if self.spec.exact:
+            self._exact_step(token, position, logits)
+        elif self._fn(ctypes.byref(self.spec), token, position, logits.data_ptr()) != 0:
             raise ValueError(f"token {token} at position {position} is out of range")
         self.cache.length = position + 1
         return logits
 
+    def _exact_step(self, token: int, position: int, logits: torch.Tensor) -> None:
+        """An exact model's step: `step.c`'s parts, each layer's attention between them through
+        torch's own kernel, called as torch's step calls it (on the cache's views)."""
+        spec, q, cache = ctypes.byref(self.spec), self._q, self.cache
+        attention, scale = torch.nn.functional.scaled_dot_product_attention, self.spec.head_dim ** -0.5
+        end = position + 1
+        if self._begin(spec, token, position, q.data_ptr()) != 0:
+            raise ValueError(f"token {token} at position {position} is out of range")
+        for i in range(self.spec.layers):
+            out = attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end], scale=scale,
+                            enable_gqa=self._gqa).contiguous()
+            self._layer(spec, i, position, out.data_ptr(), q.data_ptr(), logits.data_ptr())
 
-_lock = threading.Lock()
+
+_lock = threading.RLock()  # exact_refusal loads the library while holding it
 _state: dict[str, Any] = {}
 
 

@@ -28,6 +28,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "
 STEM = "step"
 ENV_SWITCH = "HYPRSTREAM_FUSED_STEP"
 INT8, INT4, FP32, BF16 = 1, 2, 3, 4  # step.c's weight kinds
+BF16_PACKED = 5  # bf16 rows packed for an exact model (step.c's kind 5; never a model's own kind)
 QUANTIZED = frozenset({INT8, INT4})
 EVERY = frozenset({INT8, INT4, FP32, BF16})
 DEFAULT_KINDS = QUANTIZED | {FP32}  # what runs fused unless the switch says otherwise
@@ -58,7 +59,9 @@ class Spec(ctypes.Structure):
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf16", I64), ("embed", P),
                 ("embed_f32", I64),
                 ("norm", P), ("inv_freq", P), ("head", Lin), ("layer", ctypes.POINTER(Layer)),
-                ("scratch", P)]
+                ("scratch", P),
+                ("exact", I64), ("sum_lanes", I64), ("rope_positions", I64),
+                ("silu", P), ("rope_cos", P), ("rope_sin", P)]
 
 
 def for_sequence(spec: Spec, layers: Any) -> tuple[Spec, Any]:
@@ -87,6 +90,10 @@ def open_library(path: Path) -> Any:
     lib.hs_prefill.argtypes = [ctypes.POINTER(Spec), P, I64, I64, P, P]
     lib.hs_prefill_floats.restype = I64
     lib.hs_prefill_floats.argtypes = [ctypes.POINTER(Spec)]
+    lib.hs_exact_begin.restype = ctypes.c_int
+    lib.hs_exact_begin.argtypes = [ctypes.POINTER(Spec), I64, I64, P]
+    lib.hs_exact_layer.restype = ctypes.c_int
+    lib.hs_exact_layer.argtypes = [ctypes.POINTER(Spec), I64, I64, P, P, P]
     lib.hs_rows.restype = None
     lib.hs_rows.argtypes = [ctypes.POINTER(Lin), P, I64, P, P]
     return lib
