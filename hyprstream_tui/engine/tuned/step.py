@@ -198,17 +198,26 @@ def _exact_why() -> str:
 
 
 def exact_check(lib: Any) -> str:
-    """'' when exact steps of a small random bf16 model (grouped heads, q/k/v bias, an ffn past
-    512) equal torch's bit for bit: logits and KV cache, after a prompt through torch; else what
-    differed."""
+    """'' when the norms' sums of squares equal torch's (fp32, bit for bit, over sizes whose
+    cascades differ) and exact steps of a small random bf16 model (grouped heads, q/k/v bias, an
+    ffn past 512) equal torch's bit for bit: logits and KV cache, after a prompt through torch;
+    else what differed."""
     from hyprstream_tui.engine.native.model import NativeConfig, build, load_weights
+
+    g = torch.Generator().manual_seed(0)
+    for n in (64, 576, 896, 1000, 4096, 8192):
+        for _ in range(4):
+            h = (torch.randn(n, generator=g) * 4).bfloat16().float()
+            want = h.pow(2).mean(-1)
+            got = torch.tensor(lib.hs_sum_squares(h.data_ptr(), n, SUM_LANES), dtype=torch.float32) / n
+            if not torch.equal(got, want):
+                return f"a norm's mean square of {n} values differs ({float(got)!r} against {float(want)!r})"
 
     config = NativeConfig(model_type="qwen2", vocab_size=320, hidden_size=128, intermediate_size=608,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                           rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128,
                           tie_word_embeddings=True, qkv_bias=True, o_bias=False, mlp_bias=False)
     model = build(config, None)
-    g = torch.Generator().manual_seed(0)
     tensors = {name: (1.0 + 0.1 * torch.randn(t.shape, generator=g) if "norm" in name
                       else torch.randn(t.shape, generator=g) * 0.08).bfloat16()
                for name, t in model.state_dict().items() if name != "lm_head.weight"}

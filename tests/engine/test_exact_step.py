@@ -1,0 +1,119 @@
+"""The fused step's exact bf16 mode (engine/tuned/step.py `exact_refusal`, step.c `hs_exact_*`,
+issue 15): a bf16 model's decode step computed as torch computes it, bit for bit, on a CPU whose
+oneDNN runs bf16 products with AVX512-BF16, so bf16 keeps greedy parity with `generate` and runs
+fused by default. Elsewhere it is refused with a reason and torch's step runs (tested there by
+test_fused_step.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyprstream_tui.engine import native
+from hyprstream_tui.engine.generate import decode_one_token, generate_tokens, new_cache, prefill
+from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
+from hyprstream_tui.engine.native.model import NativeForCausalLM
+from hyprstream_tui.engine.params import SamplingParams
+from hyprstream_tui.engine.sequence import SequenceState
+from hyprstream_tui.engine.tuned import step
+
+needs_exact = pytest.mark.skipif(step.library() is None or step.exact_refusal() != "",
+                                 reason=f"bf16 cannot run exactly on this machine: "
+                                        f"{step.status() if step.library() is None else step.exact_refusal()}")
+PROMPT = "Once upon a time there was a small village by the sea."
+
+
+def load(tiny_models, arch):
+    lm = load_model(ModelSource(name=arch, path=tiny_models[arch]), LoadOptions(dtype="bfloat16"))
+    assert isinstance(lm.model, NativeForCausalLM)
+    return lm
+
+
+def same_cache(a, b, n):
+    assert a.length == b.length == n
+    for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values)):
+        assert torch.equal(x[:, :, :n].view(torch.int16), y[:, :, :n].view(torch.int16))
+
+
+@needs_exact
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_exact_steps_equal_torchs_bit_for_bit_as_the_cache_and_rotary_tables_grow(tiny_models, arch,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(native.model, "FIRST_CAPACITY", 8)  # the prompt fills it: steps grow it
+    monkeypatch.setattr(step, "FIRST_CAPACITY", 8)  # and the rotary tables with it
+    lm = load(tiny_models, arch)
+    ids = torch.tensor([lm.tokenizer.encode(PROMPT)])
+    n = ids.shape[1]
+    ours, theirs = new_cache(lm.model), new_cache(lm.model)
+    with torch.inference_mode():
+        prefill(lm.model, ids, torch.arange(n).unsqueeze(0), theirs)
+        run = step.FusedStep.build(lm.model, ours)
+        assert run is not None and run.exact
+        first = run.prefill(ids[0], 0)  # an exact model's prompt: torch's own
+        token, pos = int(first.argmax()), n
+        for _ in range(3 * n):
+            got = run.step(token, pos)
+            want = decode_one_token(lm.model, torch.tensor([[token]]), torch.tensor([[pos]]), theirs).float()
+            assert torch.equal(got, want), pos
+            token, pos = int(want.argmax()), pos + 1
+    assert ours.keys[0].shape[2] > n and run.shape.rope_positions >= pos
+    same_cache(ours, theirs, pos)
+
+
+@needs_exact
+def test_an_exact_prompt_is_torchs_own_and_a_reused_prefix_continues_it(tiny_models):
+    lm = load(tiny_models, "qwen2")
+    ids = torch.tensor(lm.tokenizer.encode(PROMPT + " " + PROMPT))
+    theirs = new_cache(lm.model)
+    with torch.inference_mode():
+        want = prefill(lm.model, ids[None], torch.arange(len(ids)).unsqueeze(0), theirs).float()
+        ours = new_cache(lm.model)
+        run = step.FusedStep.build(lm.model, ours)
+        head = run.prefill(ids[:7], 0)
+        assert torch.equal(head, prefill(lm.model, ids[None, :7], torch.arange(7).unsqueeze(0),
+                                         new_cache(lm.model)).float())
+        got = run.prefill(ids[7:], 7)  # the rest after a prefix: torch's prefill continues the cache
+    reference = new_cache(lm.model)
+    with torch.inference_mode():
+        prefill(lm.model, ids[None, :7], torch.arange(7).unsqueeze(0), reference)
+        rest = prefill(lm.model, ids[None, 7:], torch.arange(7, len(ids)).unsqueeze(0), reference).float()
+    assert torch.equal(got, rest)
+    same_cache(ours, reference, len(ids))
+    assert want.argmax() == got.argmax()
+
+
+@needs_exact
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_bf16_greedy_tokens_run_fused_by_default_and_equal_generates(tiny_models, arch):
+    """Through the engine's loop, on by default: the same tokens as transformers' `generate` on
+    the model exactly as transformers loads it in bf16."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load(tiny_models, arch)
+    assert step.FusedStep.build(lm.model, new_cache(lm.model)) is not None
+    plain = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.bfloat16).eval()
+    ids = lm.tokenizer.encode(PROMPT)
+    ours = list(generate_tokens(lm.model, SequenceState(ids, SamplingParams(temperature=0, max_tokens=40),
+                                                        eos_ids=frozenset(), generator=None)))
+    with torch.inference_mode():
+        out = plain.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == out[0, len(ids):].tolist()
+
+
+@needs_exact
+def test_the_exact_check_refuses_sums_in_another_order(monkeypatch):
+    """The check compares whole steps with torch's: a norm summed over 16 lanes instead of torch's
+    8 (a CPU or torch build whose kernels differ) fails it, and bf16 then keeps torch's step."""
+    lib = step.library()
+    assert step.exact_check(lib) == ""
+    monkeypatch.setattr(step, "SUM_LANES", 16)
+    assert "differ" in step.exact_check(lib)
+
+
+@needs_exact
+def test_a_lora_model_keeps_torchs_step_and_packs_nothing(tiny_models, tiny_adapters):
+    lm = load(tiny_models, "qwen2")
+    lm.model.load_adapter(str(tiny_adapters["qwen2"]), adapter_name="a")
+    assert step.FusedStep.build(lm.model, new_cache(lm.model)) is None
+    assert lm.model not in step._described
