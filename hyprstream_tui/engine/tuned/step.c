@@ -398,9 +398,7 @@ __attribute__((target("avx512f,avx512bf16"))) static void xblock(const uint16_t 
         if (G == 4) {
             for (int64_t p = kb; p < end; p++) {
                 const __m512bh x = (__m512bh)_mm512_set1_epi32((int)xp[p]);
-                const uint16_t *w = wb + p * 128;
-                _mm_prefetch((const char *)(w + 2048), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w + 2048 + 64), _MM_HINT_T0);
+                const uint16_t *w = wb + p * 128; /* one stream: the hardware's prefetch beats ours here */
                 A0 = _mm512_dpbf16_ps(A0, (__m512bh)_mm512_loadu_si512(w), x);
                 A1 = _mm512_dpbf16_ps(A1, (__m512bh)_mm512_loadu_si512(w + 32), x);
                 A2 = _mm512_dpbf16_ps(A2, (__m512bh)_mm512_loadu_si512(w + 64), x);
