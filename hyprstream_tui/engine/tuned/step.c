@@ -426,6 +426,19 @@ __attribute__((target("avx512f,avx512bf16"))) static void xblock(const uint16_t 
     if (G > 3) _mm512_storeu_ps(c + 48, C3);
 }
 
+/* bf16 rows w [out, in] packed as kind 5 into dst (out * in values): blocks of XROWS rows, each
+ * [in / 2][rows][2] (`step.py`'s `pack_rows`). */
+void hs_pack_rows(const uint16_t *w, int64_t out, int64_t in, uint16_t *dst, int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+    for (int64_t first = 0; first < out; first += XROWS) {
+        const int64_t rows = out - first < XROWS ? out - first : XROWS;
+        const uint32_t *src = (const uint32_t *)(w + first * in);
+        uint32_t *block = (uint32_t *)(dst + first * in);
+        for (int64_t p = 0; p < in / 2; p++) /* writes in order; the block's rows stay in cache */
+            for (int64_t r = 0; r < rows; r++) block[p * rows + r] = src[r * (in / 2) + p];
+    }
+}
+
 /* Output row block `b` of a kind-5 layer: rows [XROWS b, ...) into c (bias added), rounded. */
 static int64_t xrows(const hs_lin *lin, int64_t b, const uint32_t *xp, float *c) {
     const int64_t first = b * XROWS, rows = lin->out - first < XROWS ? lin->out - first : XROWS;

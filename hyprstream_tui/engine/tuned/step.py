@@ -177,8 +177,13 @@ def pack_rows(w: torch.Tensor) -> torch.Tensor:
     """bf16 rows [out, in] (out a multiple of 16) as `step.c`'s kind 5: blocks of 64 rows (the
     last may hold fewer), each [in / 2][rows][2], the pairs VDPBF16PS reads for 16 rows at once."""
     out, inputs = w.shape
+    w = w.contiguous()
     packed = _huge_pages(out * inputs)
-    for first in range(0, out, XROWS):
+    lib = library()
+    if lib is not None:
+        lib.hs_pack_rows(w.data_ptr(), out, inputs, packed.data_ptr(), max(1, torch.get_num_threads()))
+        return packed
+    for first in range(0, out, XROWS):  # the same, in torch (tests compare the two)
         rows = min(XROWS, out - first)
         block = w[first : first + rows].reshape(rows, inputs // 2, 2).transpose(0, 1)
         packed[first * inputs : (first + rows) * inputs].view(inputs // 2, rows, 2).copy_(block)
