@@ -117,3 +117,16 @@ def test_a_lora_model_keeps_torchs_step_and_packs_nothing(tiny_models, tiny_adap
     lm.model.load_adapter(str(tiny_adapters["qwen2"]), adapter_name="a")
     assert step.FusedStep.build(lm.model, new_cache(lm.model)) is None
     assert lm.model not in step._described
+
+
+@pytest.mark.skipif(step.library() is None, reason=f"the fused step cannot run here: {step.status()}")
+def test_rows_packed_in_c_equal_torchs_packing_in_step_cs_layout(monkeypatch):
+    w = torch.randn(208, 96).bfloat16()  # three blocks of 64 rows and one of 16
+    packed = step.pack_rows(w)
+    monkeypatch.setitem(step._state, "lib", None)  # the torch fallback
+    assert torch.equal(packed, step.pack_rows(w))
+    # block b, pair p, row r: w[64 b + r, 2 p] then w[64 b + r, 2 p + 1]
+    for b, rows in ((0, 64), (3, 16)):
+        block = packed[64 * b * 96 : (64 * b + rows) * 96].view(48, rows, 2)
+        for p, r in ((0, 0), (5, 7), (47, rows - 1)):
+            assert torch.equal(block[p, r], w[64 * b + r, 2 * p : 2 * p + 2])
