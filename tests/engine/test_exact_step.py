@@ -1,4 +1,4 @@
-"""The fused step's exact bf16 mode (engine/tuned/step.py `exact_refusal`, step.c `hs_exact_*`,
+"""The fused step's exact bf16 mode (engine/tuned/exact.py, step.c `hs_exact_*`,
 issue 15): a bf16 model's decode step computed as torch computes it, bit for bit, on a CPU whose
 oneDNN runs bf16 products with AVX512-BF16, so bf16 keeps greedy parity with `generate` and runs
 fused by default. Elsewhere it is refused with a reason and torch's step runs (tested there by
@@ -15,7 +15,7 @@ from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 from hyprstream_tui.engine.native.model import NativeForCausalLM
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.engine.sequence import SequenceState
-from hyprstream_tui.engine.tuned import step
+from hyprstream_tui.engine.tuned import exact, step
 
 needs_exact = pytest.mark.skipif(step.library() is None or step.exact_refusal() != "",
                                  reason=f"bf16 cannot run exactly on this machine: "
@@ -106,9 +106,9 @@ def test_the_exact_check_refuses_sums_in_another_order(monkeypatch):
     """The check compares whole steps with torch's: a norm summed over 16 lanes instead of torch's
     8 (a CPU or torch build whose kernels differ) fails it, and bf16 then keeps torch's step."""
     lib = step.library()
-    assert step.exact_check(lib) == ""
-    monkeypatch.setattr(step, "SUM_LANES", 16)
-    assert "differ" in step.exact_check(lib)
+    assert exact.check(lib, step.Described, step.FusedStep) == ""
+    monkeypatch.setattr(exact, "SUM_LANES", 16)
+    assert "differ" in exact.check(lib, step.Described, step.FusedStep)
 
 
 @needs_exact
@@ -120,11 +120,10 @@ def test_a_lora_model_keeps_torchs_step_and_packs_nothing(tiny_models, tiny_adap
 
 
 @pytest.mark.skipif(step.library() is None, reason=f"the fused step cannot run here: {step.status()}")
-def test_rows_packed_in_c_equal_torchs_packing_in_step_cs_layout(monkeypatch):
+def test_rows_packed_in_c_equal_torchs_packing_in_step_cs_layout():
     w = torch.randn(208, 96).bfloat16()  # three blocks of 64 rows and one of 16
-    packed = step.pack_rows(w)
-    monkeypatch.setitem(step._state, "lib", None)  # the torch fallback
-    assert torch.equal(packed, step.pack_rows(w))
+    packed = exact.pack_rows(w, step.library())
+    assert torch.equal(packed, exact.pack_rows(w, None))  # the torch fallback
     # block b, pair p, row r: w[64 b + r, 2 p] then w[64 b + r, 2 p + 1]
     for b, rows in ((0, 64), (3, 16)):
         block = packed[64 * b * 96 : (64 * b + rows) * 96].view(48, rows, 2)

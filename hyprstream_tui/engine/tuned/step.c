@@ -523,7 +523,7 @@ static float torch_sum_squares(const float *h, int64_t n, int W) {
     return total;
 }
 
-/* torch_sum_squares for the self-check (`step.exact_check`), which holds it to torch's own. */
+/* torch_sum_squares for the self-check (`exact.check`), which holds it to torch's own. */
 float hs_sum_squares(const float *h, int64_t n, int64_t lanes) {
     return lanes == 8 || lanes == 16 ? torch_sum_squares(h, n, (int)lanes) : NAN;
 }

@@ -45,11 +45,11 @@ from typing import Any, Callable
 import torch
 
 from hyprstream_tui.engine.tuned import build
+from hyprstream_tui.engine.tuned import exact as exact_mode
 from hyprstream_tui.engine.tuned.build import BuildError
 
 from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tests and callers use
     BF16,
-    BF16_PACKED,
     ENV_SWITCH,
     EVERY,
     FLAGS,
@@ -78,7 +78,7 @@ class Unfit(Exception):
     """The model is not one the fused step covers (the message says why)."""
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
@@ -126,7 +126,7 @@ def describe(module: Any, keep: list[torch.Tensor], rows: tuple[int, int] | None
     s = None if s is None else s[first : first + count]
     bias = None if bias is None else bias[first : first + count]
     keep.extend(t for t in (w, s, bias) if t is not None)
-    return Lin(kind, count, inputs, _ptr(w), _ptr(s), _ptr(bias))
+    return Lin(kind, count, inputs, ptr(w), ptr(s), ptr(bias))
 
 
 def parts(module: Any, names: tuple[str, ...], sizes: list[int], keep: list[torch.Tensor],
@@ -146,131 +146,6 @@ def parts(module: Any, names: tuple[str, ...], sizes: list[int], keep: list[torc
     if [lin.out for lin in lins] != sizes or len({lin.inputs for lin in lins}) != 1:
         raise Unfit(f"{'/'.join(names)} do not have the model's sizes")
     return lins
-
-
-SUM_LANES = 8  # fp32 lanes of torch's sum kernel (its AVX2 build runs on AVX512 CPUs too)
-XROWS = 64  # rows of a packed block (step.c's XROWS)
-
-
-HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14
-
-
-def _huge_pages(count: int) -> torch.Tensor:
-    """An empty bf16 tensor of `count` values, 2 MiB aligned and, where the kernel allows, backed by
-    huge pages (madvise before the first touch): a step streams these weights once a token, and
-    with 4 KiB pages it read them at two thirds of the speed of a checkpoint's mapped file here."""
-    raw = torch.empty(count * 2 + HUGE_PAGE, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE
-    view = raw[start : start + count * 2]
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        length = (count * 2 + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-        libc.madvise(ctypes.c_void_p(view.data_ptr()), ctypes.c_size_t(min(length, raw.numel() - start)),
-                     MADV_HUGEPAGE)  # advice only: a refusal leaves ordinary pages
-    except (OSError, AttributeError):
-        pass
-    return view.view(torch.bfloat16)
-
-
-def pack_rows(w: torch.Tensor) -> torch.Tensor:
-    """bf16 rows [out, in] (out a multiple of 16) as `step.c`'s kind 5: blocks of 64 rows (the
-    last may hold fewer), each [in / 2][rows][2], the pairs VDPBF16PS reads for 16 rows at once."""
-    out, inputs = w.shape
-    w = w.contiguous()
-    packed = _huge_pages(out * inputs)
-    lib = library()
-    if lib is not None:
-        lib.hs_pack_rows(w.data_ptr(), out, inputs, packed.data_ptr(), max(1, torch.get_num_threads()))
-        return packed
-    for first in range(0, out, XROWS):  # the same, in torch (tests compare the two)
-        rows = min(XROWS, out - first)
-        block = w[first : first + rows].reshape(rows, inputs // 2, 2).transpose(0, 1)
-        packed[first * inputs : (first + rows) * inputs].view(inputs // 2, rows, 2).copy_(block)
-    return packed
-
-
-def _packed(module: Any, keep: list[torch.Tensor]) -> Lin:
-    w = pack_rows(module.weight.detach())
-    bias = module.bias
-    bias = None if bias is None else bias.detach().float().contiguous()
-    keep.extend(t for t in (w, bias) if t is not None)
-    return Lin(BF16_PACKED, module.out_features, module.in_features, _ptr(w), None, _ptr(bias))
-
-
-def exact_refusal() -> str:
-    """Why a bf16 model cannot run fused bit for bit as torch runs it here ('' when it can): it
-    needs a CPU with AVX512-BF16, torch's bf16 products through oneDNN and its AVX512 kernels, and
-    whole steps equal to torch's on a small model (`exact_check`, once per process)."""
-    if "exact" not in _state:
-        with _lock:
-            if "exact" not in _state:
-                _state["exact"] = _exact_why()
-    why: str = _state["exact"]
-    return why
-
-
-def _exact_why() -> str:
-    from hyprstream_tui.engine.tuned.step_abi import cpu_flags
-
-    if not {"avx512f", "avx512_bf16"} <= cpu_flags():
-        return "the CPU lacks AVX512-BF16"
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return "torch's bf16 products are not oneDNN's"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        return f"torch runs its {capability} kernels"
-    lib = library()
-    if lib is None:
-        return "the library does not run here"
-    return exact_check(lib)
-
-
-def exact_check(lib: Any) -> str:
-    """'' when the norms' sums of squares equal torch's (fp32, bit for bit, over sizes whose
-    cascades differ) and exact steps of a small random bf16 model (grouped heads, q/k/v bias, an
-    ffn past 512) equal torch's bit for bit: logits and KV cache, after a prompt through torch;
-    else what differed."""
-    from hyprstream_tui.engine.native.model import NativeConfig, build, load_weights
-
-    g = torch.Generator().manual_seed(0)
-    for n in (64, 576, 896, 1000, 4096, 8192):
-        for _ in range(4):
-            h = (torch.randn(n, generator=g) * 4).bfloat16().float()
-            want = h.pow(2).mean(-1)
-            got = torch.tensor(lib.hs_sum_squares(h.data_ptr(), n, SUM_LANES), dtype=torch.float32) / n
-            if not torch.equal(got, want):
-                return f"a norm's mean square of {n} values differs ({float(got)!r} against {float(want)!r})"
-
-    config = NativeConfig(model_type="qwen2", vocab_size=320, hidden_size=128, intermediate_size=608,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                          rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128,
-                          tie_word_embeddings=True, qkv_bias=True, o_bias=False, mlp_bias=False)
-    model = build(config, None)
-    tensors = {name: (1.0 + 0.1 * torch.randn(t.shape, generator=g) if "norm" in name
-                      else torch.randn(t.shape, generator=g) * 0.08).bfloat16()
-               for name, t in model.state_dict().items() if name != "lm_head.weight"}
-    load_weights(model, tensors, torch.bfloat16)
-    shape = Described(model, exact=True)
-    if not shape.exact:
-        return "the check's model did not pack"
-    ids = torch.randint(0, config.vocab_size, (1, 7), generator=g)
-    with torch.inference_mode():
-        theirs, ours = model.new_cache(), model.new_cache()
-        model(ids, cache=theirs)
-        model(ids, cache=ours)
-        fused = FusedStep(lib, model, ours, shape)
-        token = 5
-        for pos in range(7, 12):
-            want = model(torch.tensor([[token]]), cache=theirs).logits[0, -1].float()
-            got = fused.step(token, pos)
-            if not torch.equal(got, want):
-                return f"step at position {pos}: logits differ by up to {float((got - want).abs().max()):.3g}"
-            token = int(want.argmax())
-        for a, b in zip(theirs.keys + theirs.values, ours.keys + ours.values):
-            if not torch.equal(a[:, :, :12], b[:, :, :12]):
-                return "the KV cache differs"
-    return ""
 
 
 class Described:
@@ -300,7 +175,7 @@ class Described:
             L.o = describe(attn.o_proj, keep, runs=runs)
             L.gate, L.up = parts(mlp, ("gate_proj", "up_proj"), [ffn, ffn], keep, runs)
             L.down = describe(mlp.down_proj, keep, runs=runs)
-            L.ln1, L.ln2 = _ptr(norms[0]), _ptr(norms[1])
+            L.ln1, L.ln2 = ptr(norms[0]), ptr(norms[1])
         embed = inner.embed_tokens
         table = embed.weight
         if getattr(embed, "scale", None) is not None or table.dtype not in (torch.bfloat16, torch.float32):
@@ -315,8 +190,8 @@ class Described:
         self.spec = Spec(
             layers=len(inner.stack), dim=d, heads=heads, kv_heads=kv_heads, head_dim=hd, ffn=ffn,
             vocab=config.vocab_size, capacity=0, threads=1, eps=config.rms_norm_eps,
-            scale=hd ** -0.5, embed=_ptr(rows_of_table), embed_f32=int(rows_of_table.dtype == torch.float32),
-            norm=_ptr(norm), inv_freq=_ptr(inv_freq), head=head, layer=None, scratch=None)
+            scale=hd ** -0.5, embed=ptr(rows_of_table), embed_f32=int(rows_of_table.dtype == torch.float32),
+            norm=ptr(norm), inv_freq=ptr(inv_freq), head=head, layer=None, scratch=None)
         self.widest = max(d, heads * hd, ffn)
         self.kinds = frozenset(runs)  # the kinds of the model's layers (which the switch picks among)
         if BF16 in self.kinds and (self.kinds != {BF16} or table.dtype != torch.bfloat16):
@@ -326,36 +201,9 @@ class Described:
         self.rotary, self.rope_positions = inner.rotary_emb, 0
         self.exact = False  # computed as torch computes it, bit for bit (step.c's `exact`)
         if self.spec.bf16 and (exact_refusal() == "" if exact is None else exact):
-            self._pack(model)
-
-    def _pack(self, model: Any) -> None:
-        """Make this bf16 model exact (`step.c`'s `step_exact`): its weights packed as oneDNN's
-        AVX512-BF16 products read them (a copy, the model's own rows stay torch's), torch's silu of
-        every bf16 value and its rotary cos/sin, tabled. Leaves it inexact where its shapes do not
-        fit (a head_dim not a multiple of 16, an ffn not of 32, rows not of 16)."""
-        config, inner, spec = model.config, model.model, self.spec
-        if config.head_dim % 16 or config.intermediate_size % 32:
-            return
-        modules = [model.lm_head] + [m for layer in inner.stack for m in (
-            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
-        if any(m.weight.dtype != torch.bfloat16 or m.out_features % 16 for m in modules):
-            return
-        keep = self.keep
-        with torch.inference_mode():
-            lins = [_packed(m, keep) for m in modules]
-            spec.head = lins[0]
-            for i in range(len(inner.stack)):
-                L = self.layers[i]
-                L.q, L.k, L.v, L.o, L.gate, L.up, L.down = lins[1 + 7 * i : 8 + 7 * i]
-            every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-            silu = torch.nn.functional.silu(every).view(torch.int16).contiguous()
-        keep.append(silu)
-        spec.silu = _ptr(silu)
-        spec.sum_lanes = SUM_LANES
-        spec.exact = 1
-        self.exact = True
-        self.rope_for(FIRST_CAPACITY)
+            exact_mode.pack(self, model, library())
+            if self.exact:
+                self.rope_for(FIRST_CAPACITY)
 
     def rope_for(self, positions: int) -> None:
         """Table torch's rotary cos and sin (bf16 values) for positions 0..`positions` - 1 at least
@@ -368,7 +216,7 @@ class Described:
             cos, sin = self.rotary(torch.empty(0, dtype=torch.bfloat16), torch.arange(n).unsqueeze(0))
         tables = [t[0, 0, :, :half].float().contiguous() for t in (cos, sin)]
         self.keep.extend(tables)
-        self.spec.rope_cos, self.spec.rope_sin = _ptr(tables[0]), _ptr(tables[1])
+        self.spec.rope_cos, self.spec.rope_sin = ptr(tables[0]), ptr(tables[1])
         self.spec.rope_positions = self.rope_positions = n
 
 
@@ -522,7 +370,8 @@ class FusedStep:
             self._layer(spec, i, position, out.data_ptr(), q.data_ptr(), logits.data_ptr())
 
 
-_lock = threading.RLock()  # exact_refusal loads the library while holding it
+_lock = threading.Lock()
+_exact_lock = threading.Lock()  # held while the check loads the library (under _lock)
 _state: dict[str, Any] = {}
 
 
@@ -535,6 +384,18 @@ def library() -> Any:
             if "lib" not in _state:
                 _state["lib"], _state["why"] = _load()
     return _state["lib"]
+
+
+def exact_refusal() -> str:
+    """Why a bf16 model cannot run exactly here ('' when it can; `engine.tuned.exact`): the
+    platform's reason, or the library's, or what `exact.check` found (once per process)."""
+    with _exact_lock:
+        if "exact" not in _state:
+            lib = library()
+            _state["exact"] = (exact_mode.refusal() or ("" if lib is not None else f"no library ({_state['why']})")
+                               or exact_mode.check(lib, Described, FusedStep))
+    why: str = _state["exact"]
+    return why
 
 
 def set_enabled(on: bool) -> None:
