@@ -21,6 +21,7 @@
  *                  (scale, zero) per group of 32 along a row: value = (q - 8) * scale + zero
  *   kind 3, fp32:  w float [out, in]
  *   kind 4, bf16:  w bf16 [out, in]
+ *   kind 5, bf16 packed for an exact model (see "A bf16 model as torch computes it" below)
  * A bf16 model (`bf16` set) keeps its activations and KV cache in bf16 as torch runs it: every
  * value is rounded to bf16 (to nearest, ties to even) where torch's bf16 operations round theirs,
  * each product and sum in between in fp32, so the two differ only where a sum taken in another

@@ -22,10 +22,13 @@ Where it applies (`FusedStep.build` -> None everywhere else, and torch's step ru
   leave transformers' `generate` only at a tie within that; on SmolLM2-135M, 20 chat prompts of
   128 greedy tokens gave `generate`'s tokens every time (`HYPRSTREAM_FUSED_STEP=quantized` keeps
   torch's step, `generate`'s bits, for fp32);
-- bf16 models with `HYPRSTREAM_FUSED_STEP=all` only: bf16 values and a bf16 KV cache, rounded
-  where torch rounds them, but a sum in another order can move a value by one bf16 rounding step,
-  enough to part greedy tokens from `generate`'s (in 16 of those 20 prompts, at tokens 0 to 92);
-  torch's own step keeps them equal;
+- bf16 models where they run exactly (`engine.tuned.exact`: AVX512-BF16 and oneDNN, checked at
+  first use): each value torch's, bit for bit, each layer's attention torch's own kernel between
+  the step's C parts, the prompt torch's prefill; 20 of 20 chat prompts of 128 greedy tokens on
+  SmolLM2 gave `generate`'s tokens. Elsewhere only with `HYPRSTREAM_FUSED_STEP=all`: bf16 values
+  and a bf16 KV cache, rounded where torch rounds them, but a sum in another order can move a
+  value by one bf16 rounding step, enough to part greedy tokens from `generate`'s (in 16 of those
+  20 prompts, at tokens 0 to 92);
 - Linux on x86-64 with AVX2 and FMA, a C compiler, `HYPRSTREAM_FUSED_STEP` not `0`, and the
   library's row products agreeing with torch's on the self-check (`self_check`, about 10 ms) at
   its first load in each process.
