@@ -129,3 +129,11 @@ def test_rows_packed_in_c_equal_torchs_packing_in_step_cs_layout():
         block = packed[64 * b * 96 : (64 * b + rows) * 96].view(48, rows, 2)
         for p, r in ((0, 0), (5, 7), (47, rows - 1)):
             assert torch.equal(block[p, r], w[64 * b + r, 2 * p : 2 * p + 2])
+
+
+@needs_exact
+def test_the_quantized_switch_keeps_torchs_bf16_step_and_makes_no_copy(tiny_models, monkeypatch):
+    monkeypatch.setenv(step.ENV_SWITCH, "quantized")
+    lm = load(tiny_models, "llama")
+    assert step.FusedStep.build(lm.model, new_cache(lm.model)) is None
+    assert not step.described(lm.model).exact  # no packed copy of the weights

@@ -203,7 +203,8 @@ class Described:
         self.spec.bf16 = int(self.kinds == {BF16})
         self.rotary, self.rope_positions = inner.rotary_emb, 0
         self.exact = False  # computed as torch computes it, bit for bit (step.c's `exact`)
-        if self.spec.bf16 and (exact_refusal() == "" if exact is None else exact):
+        wanted = os.environ.get(ENV_SWITCH, "1") in ("1", "all")  # `quantized`: no copy to make
+        if self.spec.bf16 and ((wanted and exact_refusal() == "") if exact is None else exact):
             exact_mode.pack(self, model, library())
             if self.exact:
                 self.rope_for(FIRST_CAPACITY)
