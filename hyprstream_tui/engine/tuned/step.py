@@ -201,7 +201,7 @@ class Described:
             raise Unfit("bf16 layers beside layers of other kinds")
         # A bf16 model runs as torch runs it: bf16 values, bf16 KV cache (step.c's `bf16`)
         self.spec.bf16 = int(self.kinds == {BF16})
-        self.rotary, self.rope_positions = inner.rotary_emb, 0
+        self.rotary, self.rope_positions, self.rope_lock = inner.rotary_emb, 0, threading.Lock()
         self.exact = False  # computed as torch computes it, bit for bit (step.c's `exact`)
         wanted = os.environ.get(ENV_SWITCH, "1") in ("1", "all")  # `quantized`: no copy to make
         if self.spec.bf16 and ((wanted and exact_refusal() == "") if exact is None else exact):
@@ -209,19 +209,21 @@ class Described:
             if self.exact:
                 self.rope_for(FIRST_CAPACITY)
 
-    def rope_for(self, positions: int) -> None:
-        """Table torch's rotary cos and sin (bf16 values) for positions 0..`positions` - 1 at least
-        (doubling; the tables a sequence's spec points at stay alive in `keep`)."""
-        if positions <= self.rope_positions:
-            return
-        n = max(positions, 2 * self.rope_positions)
-        half = self.spec.head_dim // 2
-        with torch.inference_mode():
-            cos, sin = self.rotary(torch.empty(0, dtype=torch.bfloat16), torch.arange(n).unsqueeze(0))
-        tables = [t[0, 0, :, :half].float().contiguous() for t in (cos, sin)]
-        self.keep.extend(tables)
-        self.spec.rope_cos, self.spec.rope_sin = ptr(tables[0]), ptr(tables[1])
-        self.spec.rope_positions = self.rope_positions = n
+    def rope_for(self, positions: int) -> tuple[int, int, int]:
+        """Torch's rotary cos and sin (bf16 values) tabled for positions 0..`positions` - 1 at least
+        (doubling): (cos, sin, positions) for a sequence's spec. Old tables stay alive in `keep`
+        (specs may point at them); one thread at a time grows them."""
+        with self.rope_lock:
+            if positions > self.rope_positions:
+                n = max(positions, 2 * self.rope_positions)
+                half = self.spec.head_dim // 2
+                with torch.inference_mode():
+                    cos, sin = self.rotary(torch.empty(0, dtype=torch.bfloat16), torch.arange(n).unsqueeze(0))
+                tables = [t[0, 0, :, :half].float().contiguous() for t in (cos, sin)]
+                self.keep.extend(tables)
+                self.spec.rope_cos, self.spec.rope_sin = ptr(tables[0]), ptr(tables[1])
+                self.spec.rope_positions = self.rope_positions = n
+            return self.spec.rope_cos, self.spec.rope_sin, self.rope_positions
 
 
 _described: "weakref.WeakKeyDictionary[Any, Described | Unfit]" = weakref.WeakKeyDictionary()
@@ -302,9 +304,7 @@ class FusedStep:
         s = self.spec
         s.capacity = capacity
         if s.exact:
-            self.shape.rope_for(capacity)
-            base = self.shape.spec
-            s.rope_cos, s.rope_sin, s.rope_positions = base.rope_cos, base.rope_sin, base.rope_positions
+            s.rope_cos, s.rope_sin, s.rope_positions = self.shape.rope_for(capacity)
         self.scratch = torch.empty(scratch_floats(s, self.widest), dtype=torch.float32)
         s.scratch = self.scratch.data_ptr()
 
