@@ -24,7 +24,7 @@ from hyprstream_tui.engine import loop
 from hyprstream_tui.engine.loop import CancelToken, NeverCancel
 from hyprstream_tui.engine.sequence import SequenceState
 from hyprstream_tui.engine.tuned.lean import LeanDecoder
-from hyprstream_tui.engine.tuned.step import FusedStep
+from hyprstream_tui.engine.tuned.step import FusedStep, packing
 
 if TYPE_CHECKING:
     from transformers import Cache, PretrainedConfig
@@ -83,6 +83,7 @@ class TorchRun:
         self.cache: Cache | NativeCache | None = new_cache(model) if cache is None else cache
         self.fused: FusedStep | None = None
         self.lean: LeanDecoder | None = None
+        self.pending = False  # the fused step comes once the model's weights are packed
 
     def prompt(self) -> torch.Tensor:
         """The logits [V] after the prompt's last token (its positions before `cached` reused)."""
@@ -90,13 +91,16 @@ class TorchRun:
         assert cache is not None
         # Where decode steps run fused, so does the prompt: its positions then hold what steps
         # would have left (a prefix reused later, or a reply continued, reads the same cache)
-        self.fused = FusedStep.build(model, cache) if self.tuned else None
+        self.fused = FusedStep.build(model, cache, wait=False) if self.tuned else None
         if self.fused is not None:
             return self.fused.prefill(torch.from_numpy(seq.seen[cached:n_prompt]), cached)
         input_ids = torch.from_numpy(seq.seen[cached:n_prompt]).unsqueeze(0).to(self.device)  # [1, S - cached]
         logits = prefill(model, input_ids, self.positions[:, cached:n_prompt], cache)
-        self.fused = FusedStep.build(model, cache) if self.tuned else None
-        if self.tuned and self.fused is None:
+        self.fused = FusedStep.build(model, cache, wait=False) if self.tuned else None
+        # An exact bf16 model whose weights are still being packed: torch's steps on the same cache
+        # until they are, then the fused step (the same values bit for bit)
+        self.pending = self.tuned and self.fused is None and packing(model)
+        if self.tuned and self.fused is None and not self.pending:
             self.lean = LeanDecoder.build(model, cache, n_prompt, seq.params.max_tokens)
             if self.lean is not None:
                 self.cache = None  # its keys and values now live in the lean decoder's buffers
@@ -104,6 +108,9 @@ class TorchRun:
 
     def step(self, token_id: int, pos: int) -> torch.Tensor:
         """The logits [V] after `token_id` at position `pos`."""
+        if self.pending and not packing(self.model):
+            self.pending = False
+            self.fused = FusedStep.build(self.model, self.cache, wait=False)
         if self.fused is not None:
             return self.fused.step(token_id, pos)
         self.token.fill_(token_id)

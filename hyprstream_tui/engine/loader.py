@@ -219,7 +219,25 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
     )
     if options.tuned and device == "cpu" and (cache_key is not None or dtype == "float32"):
         _save_image(lm, cache_key)
+    if options.tuned and device == "cpu" and dtype == "bfloat16":
+        _name_pack_cache(lm)
     return lm
+
+
+def _name_pack_cache(lm: LoadedModel) -> None:
+    """Where the fused step's exact bf16 mode keeps this model's packed rows (`tuned.exact`): an
+    entry of the home's weight cache per model commit, made by the first load that packs them."""
+    from hyprstream_tui.engine import native
+    from hyprstream_tui.engine.tuned import exact, quant_cache
+
+    source = lm.source
+    if source.cache is None or source.commit is None or not getattr(lm.model, "native", False):
+        return
+    try:
+        name = quant_cache.key(source.path, source.commit, exact.SCHEME, native.checkpoint_files(source.path))
+    except (OSError, native.Unsupported):
+        return
+    setattr(lm.model, "hs_pack_cache", (source.cache, name))  # a plain attribute, as hs_bf16_weight
 
 
 def _save_image(lm: LoadedModel, key: str | None) -> None:

@@ -137,3 +137,84 @@ def test_the_quantized_switch_keeps_torchs_bf16_step_and_makes_no_copy(tiny_mode
     lm = load(tiny_models, "llama")
     assert step.FusedStep.build(lm.model, new_cache(lm.model)) is None
     assert not step.described(lm.model).exact  # no packed copy of the weights
+
+
+@needs_exact
+def test_a_reply_runs_through_torch_while_the_weights_pack_then_fused_with_the_same_tokens(tiny_models,
+                                                                                            monkeypatch):
+    """The engine does not wait for the packed copy (a cold `infer`): torch's steps run on the same
+    cache until it is made, then the fused step takes over, and the reply is `generate`'s."""
+    import threading
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    lm = load(tiny_models, "mistral")
+    released, real_pack = threading.Event(), exact.pack
+    monkeypatch.setattr(exact, "pack", lambda *args: released.wait(30) and real_pack(*args))
+    fused_at: list[int] = []
+    real_step = step.FusedStep.step
+    monkeypatch.setattr(step.FusedStep, "step", lambda self, t, p: fused_at.append(p) or real_step(self, t, p))
+    ids = lm.tokenizer.encode(PROMPT)
+    seq = SequenceState(ids, SamplingParams(temperature=0, max_tokens=24), eos_ids=frozenset(), generator=None)
+    ours = []
+    for token in generate_tokens(lm.model, seq):
+        ours.append(token)
+        if len(ours) == 4:
+            assert step.packing(lm.model) and fused_at == []
+            released.set()
+            deadline = time.monotonic() + 30
+            while step.packing(lm.model) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert fused_at and min(fused_at) == len(ids) + 3  # the steps before it were torch's (the first token is the prompt's)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_models["mistral"], dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        out = plain.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == out[0, len(ids):].tolist()
+
+
+@needs_exact
+def test_a_passed_check_is_remembered_beside_the_library_for_this_cpu_and_torch(tmp_path, monkeypatch):
+    library = tmp_path / "step-0000.so"
+    library.write_bytes(b"")
+    lib = step.library()
+    assert exact.check_once(lib, library, step.Described, step.FusedStep) == ""
+    assert (tmp_path / "step-0000.so.exact").is_file()
+    monkeypatch.setattr(exact, "check", lambda *args: "it would differ now")
+    assert exact.check_once(lib, library, step.Described, step.FusedStep) == ""  # remembered
+    monkeypatch.setattr(exact, "SUM_LANES", 16)  # another build of the sums: checked again
+    assert exact.check_once(lib, library, step.Described, step.FusedStep) == "it would differ now"
+
+
+@needs_exact
+def test_a_store_models_packed_rows_go_to_the_homes_cache_and_the_next_load_maps_them(tiny_store,
+                                                                                      monkeypatch):
+    from hyprstream_tui.engine.sources import resolve_source
+
+    def loaded():
+        lm = load_model(resolve_source("tiny", tiny_store), LoadOptions(dtype="bfloat16"))
+        assert lm.model.hs_pack_cache[0] == tiny_store.paths.cache  # the loader names the entry
+        return lm
+
+    first = loaded()
+    step.described(first.model)
+    folder, name = first.model.hs_pack_cache
+    assert (folder / "quantized" / f"{name}.safetensors").is_file()
+    packs = []
+    real = exact.pack_rows
+    monkeypatch.setattr(exact, "pack_rows", lambda *args: packs.append(1) or real(*args))
+    again = loaded()
+    shape = step.described(again.model)
+    assert shape.exact and packs == []  # mapped, not packed
+    ids = torch.tensor([again.tokenizer.encode(PROMPT)])
+    n = ids.shape[1]
+    ours, theirs = new_cache(again.model), new_cache(again.model)
+    with torch.inference_mode():
+        run = step.FusedStep.build(again.model, ours)
+        token, pos = int(run.prefill(ids[0], 0).argmax()), n
+        prefill(again.model, ids, torch.arange(n).unsqueeze(0), theirs)
+        for _ in range(6):
+            want = decode_one_token(again.model, torch.tensor([[token]]), torch.tensor([[pos]]), theirs).float()
+            assert torch.equal(run.step(token, pos), want)
+            token, pos = int(want.argmax()), pos + 1

@@ -21,11 +21,14 @@ hands it the library and its classes, so this module does not import `step`.
 from __future__ import annotations
 
 import ctypes
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from hyprstream_tui.engine.tuned.step_abi import BF16_PACKED, Lin, cpu_flags
+from hyprstream_tui.engine.tuned.step_abi import BF16_PACKED, Lin, cpu_flags, this_cpu
+from hyprstream_tui.store.atomic import tmp_name
 
 
 def ptr(t: torch.Tensor | None) -> int | None:
@@ -73,9 +76,10 @@ def pack_rows(w: torch.Tensor, lib: Any) -> torch.Tensor:
     return packed
 
 
-def packed(module: Any, keep: list[torch.Tensor], lib: Any) -> Lin:
-    """The kind-5 `Lin` of a bf16 linear layer: its rows packed, its bias as fp32 values."""
-    w = pack_rows(module.weight.detach(), lib)
+def packed(module: Any, keep: list[torch.Tensor], lib: Any, rows: torch.Tensor | None = None) -> Lin:
+    """The kind-5 `Lin` of a bf16 linear layer: its rows packed (or `rows`, packed already), its
+    bias as fp32 values."""
+    w = pack_rows(module.weight.detach(), lib) if rows is None else rows
     bias = module.bias
     bias = None if bias is None else bias.detach().float().contiguous()
     keep.extend(t for t in (w, bias) if t is not None)
@@ -142,6 +146,28 @@ def check(lib: Any, described: Any, fused: Any) -> str:
     return ""
 
 
+def check_once(lib: Any, path: Path | None, described: Any, fused: Any) -> str:
+    """`check`, skipped where it passed before for this library (`path`), CPU and torch: a marker
+    beside the library says so (its first run in a process costs a cold call some 0.3 s of torch's
+    first products)."""
+    marker = None if path is None else path.with_name(path.name + ".exact")
+    mark = f"{this_cpu()} {torch.__version__} {torch.backends.cpu.get_cpu_capability()} {SUM_LANES} {SCHEME}"
+    try:
+        if marker is not None and marker.read_text() == mark:
+            return ""
+    except OSError:
+        pass
+    why = check(lib, described, fused)
+    if not why and marker is not None:
+        try:
+            tmp = tmp_name(marker)
+            tmp.write_text(mark)
+            os.replace(tmp, marker)
+        except OSError:
+            pass
+    return why
+
+
 def pack(shape: Any, model: Any, lib: Any) -> None:
     """Make the bf16 model `shape` (a `step.Described`) describes exact: its weights packed as oneDNN's AVX512-BF16
     products read them (a copy; the model's own rows stay torch's), torch's silu of every bf16
@@ -157,7 +183,11 @@ def pack(shape: Any, model: Any, lib: Any) -> None:
         return
     keep = shape.keep
     with torch.inference_mode():
-        lins = [packed(m, keep, lib) for m in modules]
+        made = _cached(model, modules)
+        rows = made if made is not None else [pack_rows(m.weight.detach(), lib) for m in modules]
+        if made is None:
+            _store(model, rows)
+        lins = [packed(m, keep, lib, r) for m, r in zip(modules, rows)]
         spec.head = lins[0]
         for i in range(len(inner.stack)):
             L = shape.layers[i]
@@ -171,4 +201,65 @@ def pack(shape: Any, model: Any, lib: Any) -> None:
     shape.exact = True
 
 
-__all__ = ["SUM_LANES", "XROWS", "check", "pack", "pack_rows", "packed", "refusal"]
+SCHEME = f"bf16-exact-{XROWS}"  # the packed rows' entry in the home's weight cache (`quant_cache`)
+
+
+def _cached(model: Any, modules: list[Any]) -> list[torch.Tensor] | None:
+    """The packed rows of `modules` from the home's weight cache (memory-mapped), where the loader
+    named an entry (`hs_pack_cache`: folder, name) and it holds them all; else None."""
+    from hyprstream_tui.engine.tuned import quant_cache
+
+    where = getattr(model, "hs_pack_cache", None)
+    entry = quant_cache.read(*where) if where is not None else None
+    if entry is None:
+        return None
+    rows = [entry.get(str(i)) for i in range(len(modules))]
+    if any(r is None or r.dtype != torch.bfloat16 or r.numel() != m.weight.numel() for r, m in zip(rows, modules)):
+        return None
+    return [r for r in rows if r is not None]
+
+
+def _store(model: Any, rows: list[torch.Tensor]) -> None:
+    """Write the packed rows to the entry the loader named (once per model commit), so that later
+    loads map them instead of packing: a pack's fresh pages cost a cold call up to 0.7 s."""
+    from hyprstream_tui.engine.tuned import quant_cache
+
+    where = getattr(model, "hs_pack_cache", None)
+    if where is not None:
+        quant_cache.write(where[0], where[1], {str(i): r for i, r in enumerate(rows)},
+                          about={"scheme": SCHEME})
+
+
+def rope_for(shape: Any, positions: int) -> tuple[int, int, int]:
+    """Torch's rotary cos and sin (bf16 values) tabled in `shape` (a `step.Described`) for positions
+    0..`positions` - 1 at least (doubling): (cos, sin, positions) for a sequence's spec. Old tables
+    stay alive in `shape.keep` (specs may point at them); one thread at a time grows them."""
+    with shape.rope_lock:
+        if positions > shape.rope_positions:
+            n = max(positions, 2 * shape.rope_positions)
+            half = shape.spec.head_dim // 2
+            with torch.inference_mode():
+                cos, sin = shape.rotary(torch.empty(0, dtype=torch.bfloat16), torch.arange(n).unsqueeze(0))
+            tables = [t[0, 0, :, :half].float().contiguous() for t in (cos, sin)]
+            shape.keep.extend(tables)
+            shape.spec.rope_cos, shape.spec.rope_sin = ptr(tables[0]), ptr(tables[1])
+            shape.spec.rope_positions = shape.rope_positions = n
+        return shape.spec.rope_cos, shape.spec.rope_sin, shape.rope_positions
+
+
+def run_step(fused: Any, token: int, position: int, logits: torch.Tensor) -> None:
+    """An exact model's step (`fused`, a `step.FusedStep`): `step.c`'s parts, each layer's attention
+    between them through torch's own kernel, called as torch's step calls it (on the cache's
+    views); the logits into `logits`."""
+    spec, q, cache = ctypes.byref(fused.spec), fused.q, fused.cache
+    attention, scale = torch.nn.functional.scaled_dot_product_attention, fused.spec.head_dim ** -0.5
+    end = position + 1
+    if fused.lib.hs_exact_begin(spec, token, position, q.data_ptr()) != 0:
+        raise ValueError(f"token {token} at position {position} is out of range")
+    for i in range(fused.spec.layers):
+        out = attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end], scale=scale,
+                        enable_gqa=fused.gqa).contiguous()
+        fused.lib.hs_exact_layer(spec, i, position, out.data_ptr(), q.data_ptr(), logits.data_ptr())
+
+
+__all__ = ["SUM_LANES", "XROWS", "check", "check_once", "pack", "pack_rows", "packed", "refusal", "rope_for", "run_step"]

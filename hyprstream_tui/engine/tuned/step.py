@@ -8,9 +8,8 @@ few barriers a layer, the KV cache written in place (`NativeCache`'s own tensors
 through torch and the engine's prefix reuse see the same cache). `FusedStep.prefill` runs a
 prompt's tokens (64 at a time, each weight vector converted once for three to five of them) with
 each token's values exactly those of a step of its own: a prompt leaves the cache and logits its
-tokens' steps would, bit for bit, wherever it was cut. The engine runs a fused model's prompts
-there (int4 models then never make torch's packed layout). The projections of one input
-(q/k/v, gate/up) stay where they are: fused ones are pointed at by rows, nothing is copied.
+tokens' steps would, bit for bit, wherever it was cut (int4 models then never make torch's
+packed layout). Fused q/k/v and gate/up products are pointed at by rows, nothing is copied.
 
 Where it applies (`FusedStep.build` -> None everywhere else, and torch's step runs):
 - the engine's native classes (`engine.native`: Llama, Qwen2, Mistral) on the CPU, without LoRA
@@ -18,17 +17,11 @@ Where it applies (`FusedStep.build` -> None everywhere else, and torch's step ru
 - by default models loaded with `--quantize int8` or `int4` (fp32 activations) and fp32 models.
   Quantized activations stay fp32 where torch's int8/int4 kernels round them to bf16, so the step
   is closer to the dequantized model than torch's step is (tests compare both with it). An fp32
-  model's sums run in another order than torch's kernels, some 1e-7 apart, so a greedy token could
-  leave transformers' `generate` only at a tie within that; on SmolLM2-135M, 20 chat prompts of
-  128 greedy tokens gave `generate`'s tokens every time (`HYPRSTREAM_FUSED_STEP=quantized` keeps
-  torch's step, `generate`'s bits, for fp32);
-- bf16 models where they run exactly (`engine.tuned.exact`: AVX512-BF16 and oneDNN, checked at
-  first use): each value torch's, bit for bit, each layer's attention torch's own kernel between
-  the step's C parts, the prompt torch's prefill; 20 of 20 chat prompts of 128 greedy tokens on
-  SmolLM2 gave `generate`'s tokens. Elsewhere only with `HYPRSTREAM_FUSED_STEP=all`: bf16 values
-  and a bf16 KV cache, rounded where torch rounds them, but a sum in another order can move a
-  value by one bf16 rounding step, enough to part greedy tokens from `generate`'s (in 16 of those
-  20 prompts, at tokens 0 to 92);
+  model's sums run in another order than torch's, some 1e-7 apart: 20 chat prompts of 128 greedy
+  tokens on SmolLM2 gave `generate`'s tokens (`quantized` keeps torch's step, its bits, for fp32);
+- bf16 models where they run exactly (`engine.tuned.exact`): torch's values bit for bit. Elsewhere
+  only with `HYPRSTREAM_FUSED_STEP=all`: values rounded where torch rounds them, but sums in
+  another order part greedy tokens from `generate`'s (16 of those 20 prompts, at tokens 0 to 92);
 - Linux on x86-64 with AVX2 and FMA, a C compiler, `HYPRSTREAM_FUSED_STEP` not `0`, and the
   library's row products agreeing with torch's on the self-check (`self_check`, about 10 ms) at
   its first load in each process.
@@ -207,47 +200,70 @@ class Described:
         if self.spec.bf16 and ((wanted and exact_refusal() == "") if exact is None else exact):
             exact_mode.pack(self, model, library())
             if self.exact:
-                self.rope_for(FIRST_CAPACITY)
-
-    def rope_for(self, positions: int) -> tuple[int, int, int]:
-        """Torch's rotary cos and sin (bf16 values) tabled for positions 0..`positions` - 1 at least
-        (doubling): (cos, sin, positions) for a sequence's spec. Old tables stay alive in `keep`
-        (specs may point at them); one thread at a time grows them."""
-        with self.rope_lock:
-            if positions > self.rope_positions:
-                n = max(positions, 2 * self.rope_positions)
-                half = self.spec.head_dim // 2
-                with torch.inference_mode():
-                    cos, sin = self.rotary(torch.empty(0, dtype=torch.bfloat16), torch.arange(n).unsqueeze(0))
-                tables = [t[0, 0, :, :half].float().contiguous() for t in (cos, sin)]
-                self.keep.extend(tables)
-                self.spec.rope_cos, self.spec.rope_sin = ptr(tables[0]), ptr(tables[1])
-                self.spec.rope_positions = self.rope_positions = n
-            return self.spec.rope_cos, self.spec.rope_sin, self.rope_positions
+                exact_mode.rope_for(self, FIRST_CAPACITY)
 
 
 _described: "weakref.WeakKeyDictionary[Any, Described | Unfit]" = weakref.WeakKeyDictionary()
+_making = threading.Lock()  # one Described made at a time (a pack copies a whole model)
+_packing: "weakref.WeakSet[Any]" = weakref.WeakSet()  # models being packed in the background
 
 
 def described(model: Any) -> Described:
     """`model` described for `step.c` (once per model object); Unfit where it does not apply."""
     found = _described.get(model)
     if found is None:
-        try:
-            found = Described(model)
-        except (Unfit, AttributeError, TypeError) as exc:
-            found = exc if isinstance(exc, Unfit) else Unfit(f"{type(exc).__name__}: {exc}")
-        _described[model] = found
+        with _making:
+            found = _described.get(model)
+            if found is None:
+                try:
+                    found = Described(model)
+                except (Unfit, AttributeError, TypeError) as exc:
+                    found = exc if isinstance(exc, Unfit) else Unfit(f"{type(exc).__name__}: {exc}")
+                _described[model] = found
     if isinstance(found, Unfit):
         raise found
     return found
+
+
+def described_soon(model: Any) -> Described | None:
+    """`described`, except that a bf16 model that packs (exact) is packed in a background thread
+    and None comes back meanwhile (`packing` says so): its steps can run through torch until then,
+    their values being the same bit for bit. A cold `infer` then does not wait for the copy (only
+    its exit does, once per model commit: the copy goes to the home's cache, `exact._store`)."""
+    if model not in _described and _packs(model):
+        if model not in _packing:
+            _packing.add(model)
+            threading.Thread(target=_describe_quietly, args=(weakref.ref(model),), daemon=False,
+                             name="hyprstream-pack").start()
+        return None
+    return described(model)
+
+
+def packing(model: Any) -> bool:
+    """Whether `model`'s weights are being packed in the background (`described_soon`)."""
+    return model in _packing and model not in _described
+
+
+def _packs(model: Any) -> bool:
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    return (getattr(model, "native", False) and head is not None and head.dtype == torch.bfloat16
+            and os.environ.get(ENV_SWITCH, "1") in ("1", "all") and exact_refusal() == "")
+
+
+def _describe_quietly(ref: "weakref.ref[Any]") -> None:
+    model = ref()
+    if model is not None:
+        try:
+            described(model)
+        except Unfit:
+            pass
 
 
 class FusedStep:
     """Decode steps of one sequence through `step.c`, continuing `cache` (a `NativeCache`)."""
 
     def __init__(self, lib: Any, model: Any, cache: Any, shape: "Described | None" = None) -> None:
-        shape = described(model) if shape is None else shape
+        shape = shape or described(model)
         self._fn, self._prefill, self._floats = lib.hs_step, lib.hs_prefill, lib.hs_prefill_floats
         self.model, self.cache, self.shape = model, cache, shape
         self.spec, self.layers = for_sequence(shape.spec, shape.layers)  # its own cache pointers
@@ -255,15 +271,16 @@ class FusedStep:
         self.widest = shape.widest
         if self.spec.exact:  # the query and attention output that torch's attention reads and writes
             s = self.spec
-            self._begin, self._layer = lib.hs_exact_begin, lib.hs_exact_layer
-            self._q = torch.empty(1, s.heads, 1, s.head_dim, dtype=torch.bfloat16)
-            self._gqa = s.heads != s.kv_heads
+            self.lib, self.gqa = lib, s.heads != s.kv_heads
+            self.q = torch.empty(1, s.heads, 1, s.head_dim, dtype=torch.bfloat16)
         self._attach()
 
     @classmethod
-    def build(cls, model: Any, cache: Any, kinds: frozenset[int] | None = None) -> "FusedStep | None":
+    def build(cls, model: Any, cache: Any, kinds: frozenset[int] | None = None,
+              wait: bool = True) -> "FusedStep | None":
         """The fused step for `model` continuing `cache`, or None where torch's step must run.
-        `kinds`: the weight kinds it may run; None: `fused_kinds()`."""
+        `kinds`: the weight kinds it may run; None: `fused_kinds()`. wait=False: None while the
+        model is packed in the background (`packing`)."""
         if not getattr(model, "native", False) or getattr(cache, "keys", None) is None:
             return None
         lib = library()
@@ -272,8 +289,10 @@ class FusedStep:
         if any(hasattr(m, "lora_A") for m in model.modules()):
             return None  # LoRA layers: torch's step runs them
         try:
-            shape = described(model)
+            shape = described(model) if wait else described_soon(model)
         except Unfit:
+            return None
+        if shape is None:
             return None
         allowed = fused_kinds() if kinds is None else kinds
         if kinds is None and shape.exact and os.environ.get(ENV_SWITCH, "1") == "1":
@@ -304,7 +323,7 @@ class FusedStep:
         s = self.spec
         s.capacity = capacity
         if s.exact:
-            s.rope_cos, s.rope_sin, s.rope_positions = self.shape.rope_for(capacity)
+            s.rope_cos, s.rope_sin, s.rope_positions = exact_mode.rope_for(self.shape, capacity)
         self.scratch = torch.empty(scratch_floats(s, self.widest), dtype=torch.float32)
         s.scratch = self.scratch.data_ptr()
 
@@ -354,24 +373,11 @@ class FusedStep:
         self._fit(position + 1)
         logits = torch.empty(self.spec.vocab, dtype=torch.float32)
         if self.spec.exact:
-            self._exact_step(token, position, logits)
+            exact_mode.run_step(self, token, position, logits)
         elif self._fn(ctypes.byref(self.spec), token, position, logits.data_ptr()) != 0:
             raise ValueError(f"token {token} at position {position} is out of range")
         self.cache.length = position + 1
         return logits
-
-    def _exact_step(self, token: int, position: int, logits: torch.Tensor) -> None:
-        """An exact model's step: `step.c`'s parts, each layer's attention between them through
-        torch's own kernel, called as torch's step calls it (on the cache's views)."""
-        spec, q, cache = ctypes.byref(self.spec), self._q, self.cache
-        attention, scale = torch.nn.functional.scaled_dot_product_attention, self.spec.head_dim ** -0.5
-        end = position + 1
-        if self._begin(spec, token, position, q.data_ptr()) != 0:
-            raise ValueError(f"token {token} at position {position} is out of range")
-        for i in range(self.spec.layers):
-            out = attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end], scale=scale,
-                            enable_gqa=self._gqa).contiguous()
-            self._layer(spec, i, position, out.data_ptr(), q.data_ptr(), logits.data_ptr())
 
 
 _lock = threading.Lock()
@@ -395,9 +401,9 @@ def exact_refusal() -> str:
     platform's reason, or the library's, or what `exact.check` found (once per process)."""
     with _exact_lock:
         if "exact" not in _state:
-            lib = library()
+            lib, built = library(), build.built(SOURCE, FLAGS, STEM)
             _state["exact"] = (exact_mode.refusal() or ("" if lib is not None else f"no library ({_state['why']})")
-                               or exact_mode.check(lib, Described, FusedStep))
+                               or exact_mode.check_once(lib, built, Described, FusedStep))
     why: str = _state["exact"]
     return why
 

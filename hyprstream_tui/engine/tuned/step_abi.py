@@ -122,7 +122,7 @@ def refusal() -> str:
     return f"the CPU lacks {', '.join(sorted(missing))}" if missing else ""
 
 
-def _this_cpu() -> str:
+def this_cpu() -> str:
     """What the check held for: this CPU's model and flags."""
     model = ""
     try:
@@ -139,10 +139,10 @@ def mark_checked(path: Path) -> None:
     """Note beside the library at `path` that it passed the check on this CPU (best effort)."""
     marker = path.with_name(path.name + CHECKED)
     try:
-        if marker.is_file() and marker.read_text() == _this_cpu():
+        if marker.is_file() and marker.read_text() == this_cpu():
             return
         tmp = tmp_name(marker)
-        tmp.write_text(_this_cpu())
+        tmp.write_text(this_cpu())
         os.replace(tmp, marker)
     except OSError:
         pass
@@ -160,7 +160,7 @@ def checked_library() -> Any:
     if path is None:
         return None
     try:
-        if path.with_name(path.name + CHECKED).read_text() != _this_cpu():
+        if path.with_name(path.name + CHECKED).read_text() != this_cpu():
             return None
         return open_library(path)
     except (OSError, AttributeError):
