@@ -12,8 +12,7 @@ tokens' steps would, bit for bit, wherever it was cut (int4 models then never ma
 packed layout). Fused q/k/v and gate/up products are pointed at by rows, nothing is copied.
 
 Where it applies (`FusedStep.build` -> None everywhere else, and torch's step runs):
-- the engine's native classes (`engine.native`: Llama, Qwen2, Mistral) on the CPU, without LoRA
-  layers;
+- the engine's native classes (Llama, Qwen2, Mistral) on the CPU, without LoRA layers;
 - by default models loaded with `--quantize int8` or `int4` (fp32 activations) and fp32 models.
   Quantized activations stay fp32 where torch's int8/int4 kernels round them to bf16, so the step
   is closer to the dequantized model than torch's step is (tests compare both with it). An fp32
@@ -196,8 +195,7 @@ class Described:
         self.spec.bf16 = int(self.kinds == {BF16})
         self.rotary, self.rope_positions, self.rope_lock = inner.rotary_emb, 0, threading.Lock()
         self.exact = False  # computed as torch computes it, bit for bit (step.c's `exact`)
-        wanted = os.environ.get(ENV_SWITCH, "1") in ("1", "all")  # `quantized`: no copy to make
-        if self.spec.bf16 and ((wanted and exact_refusal() == "") if exact is None else exact):
+        if self.spec.bf16 and (_wants_exact() if exact is None else exact):
             exact_mode.pack(self, model, library())
             if self.exact:
                 exact_mode.rope_for(self, FIRST_CAPACITY)
@@ -228,8 +226,7 @@ def described(model: Any) -> Described:
 def described_soon(model: Any) -> Described | None:
     """`described`, except that a bf16 model that packs (exact) is packed in a background thread
     and None comes back meanwhile (`packing` says so): its steps can run through torch until then,
-    their values being the same bit for bit. A cold `infer` then does not wait for the copy (only
-    its exit does, once per model commit: the copy goes to the home's cache, `exact._store`)."""
+    their values being the same bit for bit: a cold `infer` does not wait for the copy."""
     if model not in _described and _packs(model):
         if model not in _packing:
             _packing.add(model)
@@ -244,10 +241,13 @@ def packing(model: Any) -> bool:
     return model in _packing and model not in _described
 
 
+def _wants_exact() -> bool:  # `quantized` keeps torch's bf16 step: no copy to make
+    return os.environ.get(ENV_SWITCH, "1") in ("1", "all") and exact_refusal() == ""
+
+
 def _packs(model: Any) -> bool:
     head = getattr(getattr(model, "lm_head", None), "weight", None)
-    return (getattr(model, "native", False) and head is not None and head.dtype == torch.bfloat16
-            and os.environ.get(ENV_SWITCH, "1") in ("1", "all") and exact_refusal() == "")
+    return getattr(model, "native", False) and head is not None and head.dtype == torch.bfloat16 and _wants_exact()
 
 
 def _describe_quietly(ref: "weakref.ref[Any]") -> None:
