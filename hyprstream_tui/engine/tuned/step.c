@@ -226,6 +226,11 @@ typedef struct {
     atomic_int arrived, phase;
 } hs_sync;
 
+static void sync_init(hs_sync *s) {
+    atomic_init(&s->arrived, 0);
+    atomic_init(&s->phase, 0);
+}
+
 static void sync_wait(hs_sync *s, int *phase, int threads) {
     const int next = ++*phase;
     if (threads == 1) return;
@@ -377,14 +382,10 @@ static void rope_tables(const hs_model *m, int64_t pos, float *cos_, float *sin_
 
 #define XROWS 64 /* rows of a kind-5 block */
 
-static inline uint16_t bits16(float f) { /* f already a bf16 value */
-    return to_bf16(f);
-}
-
 /* x (bf16 values) as pairs: element 2p in the low half, 2p + 1 in the high half. */
 static void pairs_of(const float *x, uint32_t *xp, int64_t n) {
     for (int64_t p = 0; p < n / 2; p++)
-        xp[p] = (uint32_t)bits16(x[2 * p]) | ((uint32_t)bits16(x[2 * p + 1]) << 16);
+        xp[p] = (uint32_t)to_bf16(x[2 * p]) | ((uint32_t)to_bf16(x[2 * p + 1]) << 16);
 }
 
 /* c[0..rows) = the sums of block `wb` ([in/2][rows][2]) with x pairs `xp`, oneDNN's order. */
@@ -570,7 +571,7 @@ static void exact_front(const hs_model *m, int64_t l, int64_t pos, uint16_t *q, 
             kv_put(L->kc, (i * m->capacity + pos) * hd, k + i * hd, hd, 1);
             kv_put(L->vc, (i * m->capacity + pos) * hd, v + i * hd, hd, 1);
         }
-        for (int64_t i = 0; i < nq; i++) q[i] = bits16(qkv[i]);
+        for (int64_t i = 0; i < nq; i++) q[i] = to_bf16(qkv[i]);
     }
 }
 
@@ -585,8 +586,7 @@ int hs_exact_begin(const hs_model *m, int64_t token, int64_t pos, uint16_t *q) {
     const uint16_t *e = (const uint16_t *)m->embed + token * m->dim;
     for (int64_t i = 0; i < m->dim; i++) m->scratch[i] = bf16f(e[i]);
     hs_sync sync;
-    atomic_init(&sync.arrived, 0);
-    atomic_init(&sync.phase, 0);
+    sync_init(&sync);
 #pragma omp parallel num_threads((int)m->threads)
     {
         int phase = 0;
@@ -606,8 +606,7 @@ int hs_exact_layer(const hs_model *m, int64_t l, int64_t pos, const uint16_t *at
     uint32_t *xp = (uint32_t *)(act + f + m->heads * m->capacity);
     const int W = (int)m->sum_lanes;
     hs_sync sync;
-    atomic_init(&sync.arrived, 0);
-    atomic_init(&sync.phase, 0);
+    sync_init(&sync);
 #pragma omp parallel num_threads((int)m->threads)
     {
         const int threads = omp_get_num_threads(), first = omp_get_thread_num() == 0;
@@ -629,7 +628,7 @@ int hs_exact_layer(const hs_model *m, int64_t l, int64_t pos, const uint16_t *at
             float g[XROWS], u[XROWS];
             const int64_t rows = xrows(&L->gate, b, xp, g);
             xrows(&L->up, b, xp, u);
-            for (int64_t i = 0; i < rows; i++) act[b * XROWS + i] = rb(bf16f(m->silu[bits16(g[i])]) * u[i]);
+            for (int64_t i = 0; i < rows; i++) act[b * XROWS + i] = rb(bf16f(m->silu[to_bf16(g[i])]) * u[i]);
         }
         SYNC();
         if (first) pairs_of(act, xp, f);
@@ -674,8 +673,7 @@ int hs_step(const hs_model *m, int64_t token, int64_t pos, float *logits) {
         for (int64_t i = 0; i < d; i++) h[i] = bf16f(e[i]);
     }
     hs_sync sync;
-    atomic_init(&sync.arrived, 0);
-    atomic_init(&sync.phase, 0);
+    sync_init(&sync);
 #pragma omp parallel num_threads((int)m->threads)
     {
         const int threads = omp_get_num_threads(), first = omp_get_thread_num() == 0;
@@ -971,8 +969,7 @@ static void prefill_chunk(const hs_model *m, const int64_t *tokens, int64_t T, i
         }
     }
     hs_sync sync;
-    atomic_init(&sync.arrived, 0);
-    atomic_init(&sync.phase, 0);
+    sync_init(&sync);
 #pragma omp parallel num_threads((int)m->threads)
     {
         const int threads = omp_get_num_threads();

@@ -41,6 +41,7 @@ import torch
 
 from hyprstream_tui.engine.tuned import build
 from hyprstream_tui.engine.tuned import exact as exact_mode
+from hyprstream_tui.engine.tuned.exact import ptr
 from hyprstream_tui.engine.tuned.build import BuildError
 
 from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tests and callers use
@@ -71,10 +72,6 @@ FIRST_CAPACITY = 512  # positions of a cache this step allocates (it doubles whe
 
 class Unfit(Exception):
     """The model is not one the fused step covers (the message says why)."""
-
-
-def ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def describe(module: Any, keep: list[torch.Tensor], rows: tuple[int, int] | None = None,
