@@ -21,7 +21,7 @@ import threading
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from hyprstream_tui.engine.events import EventCallback, GenerationDone, GenerationError
-from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error
+from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error, settings, take_settings
 from hyprstream_tui.engine.jobs import Forwarded, Job, error_event, ignore
 from hyprstream_tui.errors import HyprError
 
@@ -40,7 +40,7 @@ class ChildEngine:
     def __init__(self, paths: "Paths") -> None:
         ctx = context()
         self._conn, theirs = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(theirs, paths), name="hyprstream-engine",
+        self._proc = ctx.Process(target=_serve, args=(theirs, paths, settings()), name="hyprstream-engine",
                                  daemon=True)
         self._proc.start()
         theirs.close()
@@ -121,8 +121,10 @@ def _rebuild(event: GenerationError) -> BaseException:
     return rebuild_error(event.kind, event.message) or RuntimeError(event.message)
 
 
-def _serve(conn: "Connection", paths: "Paths") -> None:
-    """The child: an Engine answering requests from `conn` until it closes."""
+def _serve(conn: "Connection", paths: "Paths", env: dict[str, str]) -> None:
+    """The child: an Engine answering requests from `conn` until it closes (with the parent's
+    `HYPRSTREAM_*` settings)."""
+    take_settings(env)
     from hyprstream_tui.engine.engine import Engine
     from hyprstream_tui.store import Store
 

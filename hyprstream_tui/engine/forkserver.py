@@ -22,6 +22,7 @@ from hyprstream_tui import errors
 from hyprstream_tui.errors import HyprError
 
 PRELOAD = ["hyprstream_tui.engine.warm_child"]
+SETTINGS_PREFIX = "HYPRSTREAM_"
 _lock = threading.Lock()
 _context: ForkServerContext | None = None
 
@@ -59,6 +60,21 @@ def _ensure_running() -> None:
             forkserver.ensure_running()
         finally:
             sys.stderr = saved
+
+
+def settings() -> dict[str, str]:
+    """This process's `HYPRSTREAM_*` environment, for a child to take with `take_settings`."""
+    return {k: v for k, v in os.environ.items() if k.startswith(SETTINGS_PREFIX)}
+
+
+def take_settings(values: dict[str, str]) -> None:
+    """In a child: its parent's `HYPRSTREAM_*` environment in place of the forkserver's.
+
+    A child's environment is the forkserver's, as it was when the forkserver started; a setting
+    the parent changed since (a switch such as `HYPRSTREAM_FUSED_STEP`) would not reach it."""
+    for key in [k for k in os.environ if k.startswith(SETTINGS_PREFIX) and k not in values]:
+        del os.environ[key]
+    os.environ.update(values)
 
 
 def log_to(path: Path) -> None:

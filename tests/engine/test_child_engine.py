@@ -69,3 +69,42 @@ def test_closing_ends_the_process(tmp_path):
     assert child._proc.is_alive()
     child.close()
     assert not child._proc.is_alive() and child._proc.exitcode == 0
+
+
+def _report_settings(conn, env) -> None:
+    from hyprstream_tui.engine.forkserver import take_settings
+
+    before = os.environ.get("HYPRSTREAM_PROBE")
+    take_settings(env)
+    conn.send((before, os.environ.get("HYPRSTREAM_PROBE")))
+    conn.close()
+
+
+def test_a_child_takes_the_parents_settings_not_the_forkservers(engines, monkeypatch):
+    # The forkserver (started by the fixture's ChildEngine) keeps the environment it started with;
+    # a HYPRSTREAM_ setting set since must still reach a child through take_settings.
+    from hyprstream_tui.engine.forkserver import context, settings
+
+    monkeypatch.setenv("HYPRSTREAM_PROBE", "set after the forkserver started")
+    ctx = context()
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_report_settings, args=(theirs, settings()))
+    proc.start()
+    theirs.close()
+    assert ours.poll(60)
+    before, after = ours.recv()
+    proc.join(30)
+    assert before is None  # the forkserver's environment, as the premise says
+    assert after == "set after the forkserver started"
+
+
+def test_taking_settings_drops_one_the_parent_no_longer_has(monkeypatch):
+    from hyprstream_tui.engine.forkserver import settings, take_settings
+
+    monkeypatch.setenv("HYPRSTREAM_GONE", "set in the forkserver's time")
+    monkeypatch.setenv("HYPRSTREAM_KEPT", "both have it")
+    parents = {k: v for k, v in settings().items() if k != "HYPRSTREAM_GONE"}
+    take_settings(parents)
+    assert "HYPRSTREAM_GONE" not in os.environ
+    assert os.environ["HYPRSTREAM_KEPT"] == "both have it"
+    assert settings() == parents

@@ -128,11 +128,9 @@ async def test_whole_loop(home):
 
 
 async def test_stop_key_ends_a_streaming_reply(demo_home, monkeypatch):
-    # The reply must still be streaming when the key lands: torch's own decode step, where the
-    # app's engine process inherits the switch, which it does only when this test starts the
-    # forkserver (children get the forkserver's environment). The fused step, bf16 included where it
-    # is exact, runs the demo model some 7x faster: its whole reply takes about 0.3 s, and in a full
-    # run, whose forkserver an earlier test started, the key can land after it ends (a known race).
+    # The reply must still be streaming when the key lands: torch's own decode step (the app's
+    # engine process takes the app's HYPRSTREAM_ settings). The fused step, bf16 included where it
+    # is exact, runs the demo model some 7x faster: its whole reply would take about 0.3 s.
     monkeypatch.setenv("HYPRSTREAM_FUSED_STEP", "quantized")
     app = HyprApp(home=demo_home)
     async with app.run_test(size=(100, 30)) as pilot:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Collection
 
-from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error
+from hyprstream_tui.engine.forkserver import context, log_to, rebuild_error, settings, take_settings
 from hyprstream_tui.errors import HyprError
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def run_training(paths: "Paths", model: str, adapter: str, config: "TrainConfig"
     raises the HyprError the job raised (the same class and message as in-process)."""
     ctx = context()
     ours, theirs = ctx.Pipe()
-    proc = ctx.Process(target=_child, args=(theirs, paths, model, adapter, config, tuple(explicit)),
+    proc = ctx.Process(target=_child, args=(theirs, paths, model, adapter, config, tuple(explicit), settings()),
                        name=f"hyprstream-train-{adapter}", daemon=False)
     proc.start()
     theirs.close()
@@ -90,8 +90,9 @@ def _forward_stop(cancel: threading.Event, conn: "Connection", proc: "BaseProces
 
 
 def _child(conn: "Connection", paths: "Paths", model: str, adapter: str, config: "TrainConfig",
-           explicit: tuple[str, ...]) -> None:
+           explicit: tuple[str, ...], env: dict[str, str]) -> None:
     """The job, in the child. Everything it reports goes through `conn`."""
+    take_settings(env)
     from hyprstream_tui.engine.train.distributed import make_job
     from hyprstream_tui.store import Store
 
