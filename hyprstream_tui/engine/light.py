@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, Iterator, cast
 
 from hyprstream_tui.engine.cpu import usable_cores
 from hyprstream_tui.engine.engine import Engine
-from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource, pick_dtype
+from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource, pick_dtype, prefill_fp32
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.native.tokenizer import NativeTokenizer
     from hyprstream_tui.engine.sequence import SequenceState
+    from hyprstream_tui.engine.tuned.exact_image import ExactImage
     from hyprstream_tui.engine.tuned.step_image import ImageModel
     from hyprstream_tui.store import Store
 
@@ -46,7 +47,7 @@ class LightEngine(Engine):
     options are refused with the reason, as loading errors are."""
 
     def __init__(self, *, store: "Store", options: LoadOptions, threads: int | None, source: ModelSource,
-                 image: "ImageModel", tokenizer: "NativeTokenizer", prepared_s: float) -> None:
+                 image: "ImageModel | ExactImage", tokenizer: "NativeTokenizer", prepared_s: float) -> None:
         super().__init__(store=store, options=options, threads=threads, max_models=1)
         self._source, self._image, self._tokenizer, self._prepared_s = source, image, tokenizer, prepared_s
         self.last_ids: list[int] = []  # the tokens of the last sequence it ran (prompt and reply)
@@ -66,12 +67,12 @@ class LightEngine(Engine):
         return lm
 
     def _use_threads(self, threads: int | None) -> None:
-        self._image.spec.threads = max(1, threads if threads is not None else usable_cores())
+        self._image.use_threads(threads if threads is not None else usable_cores())
 
     def _texts(self, lm: LoadedModel, seq: "SequenceState", cancel: threading.Event) -> Iterator[str]:
         from hyprstream_tui.engine import loop
 
-        image = cast("ImageModel", lm.model)
+        image = cast("ImageModel | ExactImage", lm.model)
         run = image.sequence(min(seq.n_prompt + seq.params.max_tokens, lm.window))
         yield from loop.run(seq, lambda: run.prefill(seq.prompt_ids), run.step, cancel=cancel)
         self.last_ids = [int(i) for i in seq.seen[: seq.n_prompt + len(seq.token_ids)]]
@@ -98,6 +99,7 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
     from hyprstream_tui.settings import Paths
     from hyprstream_tui.store import Store
 
+    threads = threads if threads is not None else usable_cores()
     try:
         parsed = parse_spec(spec)
         if parsed.adapter is not None:
@@ -106,14 +108,20 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
         source = resolve_source(parsed, store)
         if source.commit is None or source.cache is None:
             return None
-        key = quant_cache.key(source.path, source.commit, step_image.scheme(options.quantize),
-                              native.checkpoint_files(source.path))
-        image = step_image.ImageModel.open(lib, step_image.path_for(source.cache, key),
-                                           threads if threads is not None else usable_cores(), source.path)
-        if image is None or image.facts.quantize != options.quantize or image.facts.dtype != "float32":
+        files = native.checkpoint_files(source.path)
+        image: ImageModel | ExactImage | None
+        if pick_dtype(options.dtype, "cpu", options.quantize) == "bfloat16":
+            from hyprstream_tui.engine.tuned import exact_image
+
+            key = quant_cache.key(source.path, source.commit, exact_image.SCHEME, files)
+            image = exact_image.ExactImage.open(exact_image.path_for(source.cache, key), source.path, lib, threads)
+        else:
+            key = quant_cache.key(source.path, source.commit, step_image.scheme(options.quantize), files)
+            image = step_image.ImageModel.open(lib, step_image.path_for(source.cache, key), threads, source.path)
+            if image is not None and (image.facts.dtype != "float32" or not image.kinds <= step_abi.fused_kinds()):
+                return None  # the engine runs this kind through torch's step
+        if image is None or image.facts.quantize != options.quantize:
             return None
-        if not image.kinds <= step_abi.fused_kinds():
-            return None  # the engine runs this kind through torch's step
         tokenizer = NativeTokenizer.read(source.path)
     except (HyprError, native.Unsupported, OSError):
         return None  # the engine's path reports what is wrong, as it always has
@@ -122,12 +130,19 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
 
 
 def _options_fit(options: LoadOptions) -> bool:
-    """Options under which the engine loads an fp32 or fp32-activation model on the CPU."""
+    """Options under which the engine loads an fp32 or fp32-activation model on the CPU, or a bf16
+    one whose replies are torch's forward (an exact image's)."""
     if options.device not in ("auto", "cpu") or not options.tuned or not options.native:
         return False
     if options.quantize not in (None, "int8", "int4"):
         return False
-    return pick_dtype(options.dtype, "cpu", options.quantize) == "float32"
+    dtype = pick_dtype(options.dtype, "cpu", options.quantize)
+    from hyprstream_tui.engine.tuned.step_abi import ENV_SWITCH
+
+    if dtype == "bfloat16":  # not the inexact fused bf16 step, nor a prompt upcast to fp32
+        return (options.quantize is None and not prefill_fp32(options)
+                and os.environ.get(ENV_SWITCH, "1") != "all")
+    return dtype == "float32"
 
 
 __all__ = ["ENV", "LightEngine", "engine_for"]

@@ -134,7 +134,7 @@ def pick_dtype(dtype: str, device: str, quantize: str | None) -> str:
     return "bfloat16" if cpu_has_bf16() else "float32"
 
 
-def _prefill_fp32(options: LoadOptions) -> bool:
+def prefill_fp32(options: LoadOptions) -> bool:
     return options.prefill_fp32 if options.prefill_fp32 is not None else not cpu_has_bf16()
 
 
@@ -190,7 +190,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         quant_cache, cache_key = _quantize(model, source, dtype, options.quantize)
     elif not options.tuned or device != "cpu":
         pass  # torch's own kernels
-    elif dtype == "bfloat16" and _prefill_fp32(options):
+    elif dtype == "bfloat16" and prefill_fp32(options):
         from hyprstream_tui.engine.tuned.kernels import upcast_prefill
 
         upcast_prefill(model)
@@ -221,6 +221,8 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         _save_image(lm, cache_key)
     if options.tuned and device == "cpu" and dtype == "bfloat16":
         _name_pack_cache(lm)
+        if options.quantize is None:
+            _save_exact_image(lm)
     return lm
 
 
@@ -259,6 +261,25 @@ def _save_image(lm: LoadedModel, key: str | None) -> None:
     step_image.save(lm.model, source.cache, key, step_image.Facts(
         dtype=lm.dtype, window=lm.window, eos_ids=tuple(sorted(lm.eos_ids)), quantize=quantize),
         about={"model": source.name, "commit": source.commit}, files=files)
+
+
+def _save_exact_image(lm: LoadedModel) -> None:
+    """What a later command without torch needs to give this bf16 model's replies (`engine.light`,
+    `tuned.exact_image`), once per model commit; nothing for a model outside the store."""
+    from hyprstream_tui.engine import native
+    from hyprstream_tui.engine.tuned import exact_image, quant_cache, step
+
+    source = lm.source
+    if source.cache is None or source.commit is None or not getattr(lm.model, "native", False):
+        return
+    try:
+        files = native.checkpoint_files(source.path)
+        key = quant_cache.key(source.path, source.commit, exact_image.SCHEME, files)
+    except (OSError, native.Unsupported):
+        return
+    exact_image.save(lm.model, source.cache, key, exact_image.Facts(
+        dtype=lm.dtype, window=lm.window, eos_ids=tuple(sorted(lm.eos_ids))),
+        about={"model": source.name, "commit": source.commit}, files=files, lib=step.library())
 
 
 def _quantize(model: Model, source: ModelSource, dtype: str, quantize: str) -> tuple[str | None, str | None]:

@@ -350,6 +350,9 @@ class ImageModel:
             pass
         return model
 
+    def use_threads(self, n: int) -> None:
+        self.spec.threads = max(1, n)
+
     def sequence(self, capacity: int) -> "ImageSequence":
         return ImageSequence(self, capacity)
 
