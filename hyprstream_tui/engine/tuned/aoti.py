@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 
 _handle = ctypes.c_void_p
 _i64 = ctypes.c_int64
+SET_THREADS = "_ZN2at15set_num_threadsEi"  # at::set_num_threads(int), what torch.set_num_threads calls
 NEEDED = ("aoti_torch_create_tensor_from_blob", "aoti_torch_delete_tensor_object", "aoti_torch_get_data_ptr",
-          "aoti_torch_cpu_mm_out", "aoti_torch_cpu_addmm_out", "aoti_torch_copy_",
+          "aoti_torch_cpu_mm_out", "aoti_torch_cpu_addmm_out", "aoti_torch_get_strides",
           "aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu", "aoti_torch_dtype_bfloat16",
-          "aoti_torch_dtype_float32", "aoti_torch_device_type_cpu", "_ZN2at15set_num_threadsEi")
+          "aoti_torch_device_type_cpu", SET_THREADS)
 
 
 def library_path() -> Path | None:
@@ -56,16 +57,18 @@ class TorchError(RuntimeError):
 class Tensor:
     """A torch tensor over `array`'s memory (kept alive with it); `sizes`/`strides` in elements."""
 
-    __slots__ = ("k", "handle", "array")
+    __slots__ = ("k", "handle", "array", "sizes")
 
     def __init__(self, k: "Kernels", array: Any, sizes: tuple[int, ...], strides: tuple[int, ...] | None = None,
                  dtype: int | None = None, offset: int = 0) -> None:
-        self.k, self.array = k, array
+        self.k, self.array, self.sizes = k, array, sizes
         if strides is None:
-            strides, acc = [], 1
+            dense: list[int] = []
+            acc = 1
             for s in reversed(sizes):
-                strides.insert(0, acc)
+                dense.insert(0, acc)
                 acc *= s
+            strides = tuple(dense)
         n = len(sizes)
         self.handle = _handle()
         address = array.ctypes.data if hasattr(array, "ctypes") else int(array)
@@ -89,10 +92,10 @@ class Kernels:
             ctypes.POINTER(ctypes.c_double), ctypes.POINTER(_handle), ctypes.POINTER(_handle)]
         lib.aoti_torch_cpu_addmm_out.argtypes = [_handle, _handle, _handle, _handle, ctypes.c_double, ctypes.c_double]
         lib.aoti_torch_cpu_mm_out.argtypes = [_handle, _handle, _handle]
-        lib.aoti_torch_copy_.argtypes = [_handle, _handle, ctypes.c_int32]
         lib.aoti_torch_get_data_ptr.argtypes = [_handle, ctypes.POINTER(ctypes.c_void_p)]
+        lib.aoti_torch_get_strides.argtypes = [_handle, ctypes.POINTER(ctypes.POINTER(_i64))]
         lib.aoti_torch_delete_tensor_object.argtypes = [_handle]
-        self.bf16, self.f32 = lib.aoti_torch_dtype_bfloat16(), lib.aoti_torch_dtype_float32()
+        self.bf16 = lib.aoti_torch_dtype_bfloat16()
         self.cpu = lib.aoti_torch_device_type_cpu()
 
     @classmethod
@@ -114,7 +117,7 @@ class Kernels:
 
     def threads(self, n: int) -> None:
         """torch's intra-op threads (`torch.set_num_threads`): oneDNN's blocking follows them."""
-        self.lib._ZN2at15set_num_threadsEi(ctypes.c_int(n))
+        getattr(self.lib, SET_THREADS)(ctypes.c_int(n))
 
     def tensor(self, array: Any, sizes: tuple[int, ...], strides: tuple[int, ...] | None = None,
                dtype: int | None = None, offset: int = 0) -> Tensor:
@@ -128,20 +131,22 @@ class Kernels:
             self.check(self.lib.aoti_torch_cpu_addmm_out(out.handle, bias.handle, x.handle, weight_t.handle,
                                                          1.0, 1.0), "addmm")
 
-    def copy(self, dst: Tensor, src: Tensor) -> None:
-        """dst <- src, converted as torch's `.to(dtype)` converts."""
-        self.check(self.lib.aoti_torch_copy_(dst.handle, src.handle, 0), "copy_")
-
     def attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, out: "np.ndarray") -> None:
         """`F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal, enable_gqa=...)` as
         torch's CPU flash kernel computes it; its output ([S, heads, head_dim], bf16) into `out`."""
         result, lse, s = _handle(), _handle(), ctypes.c_double(scale)
+        heads, width = q.sizes[1], q.sizes[3]
+        layout = (out.size, width, heads * width, 1)  # [1, heads, S, head_dim] over [S, heads, head_dim]
         self.check(self.lib.aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu(
             q.handle, k.handle, v.handle, 0.0, int(causal), None, ctypes.byref(s), ctypes.byref(result),
             ctypes.byref(lse)), "attention")
         try:
             data = ctypes.c_void_p()
             self.check(self.lib.aoti_torch_get_data_ptr(result, ctypes.byref(data)), "attention's output")
+            strides = ctypes.POINTER(_i64)()
+            self.check(self.lib.aoti_torch_get_strides(result, ctypes.byref(strides)), "attention's strides")
+            if not data.value or tuple(strides[i] for i in range(4)) != layout:
+                raise TorchError("attention's output is not laid out [S, heads, head_dim]")
             ctypes.memmove(out.ctypes.data, data.value, out.nbytes)
         finally:
             self.lib.aoti_torch_delete_tensor_object(result)

@@ -179,7 +179,7 @@ class ExactImage:
     """The image's tables and weights (numpy views of maps), and torch's kernels over them."""
 
     def __init__(self, arrays: dict[str, "np.ndarray"], meta: dict[str, str], folder: Path, lib: Any,
-                 kernels: Kernels, threads: int) -> None:
+                 kernels: Kernels, threads: int, keep: Any = None) -> None:
         import numpy as np
 
         self.np, self.lib, self.k = np, lib, kernels
@@ -188,7 +188,7 @@ class ExactImage:
         self.facts = Facts(dtype=facts["dtype"], window=int(facts["window"]),
                            eos_ids=tuple(int(i) for i in facts["eos_ids"]), quantize=None)
         self.eps = np.float32(float(meta["eps"]))
-        self._maps: list[Any] = []
+        self._maps: list[Any] = [keep]  # the image's map (numpy views keep it open) and the linked files'
         weights = dict(arrays)
         sizes = json.loads(meta.get("linked_files", "{}"))
         opened: dict[str, Any] = {}
@@ -263,10 +263,9 @@ class ExactImage:
                 if info["dtype"] != "BF16" or end > len(mapped):
                     return None
                 arrays[name] = raw[start:end].view(np.uint16)
-            image = cls(arrays, meta, folder, lib, kernels, threads)
+            image = cls(arrays, meta, folder, lib, kernels, threads, keep=raw)
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
             return None
-        image._maps.append(raw)
         try:
             os.utime(path)  # most recently used: the cache's cap evicts others first
         except OSError:
