@@ -221,7 +221,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         _save_image(lm, cache_key)
     if options.tuned and device == "cpu" and dtype == "bfloat16":
         _name_pack_cache(lm)
-        if options.quantize is None:
+        if options.quantize is None and not prefill_fp32(options):  # else the replies are not torch's bf16 forward
             _save_exact_image(lm)
     return lm
 

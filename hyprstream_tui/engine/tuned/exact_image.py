@@ -116,6 +116,8 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
         if t.dtype != torch.bfloat16:
             return None
         link = linked.get(name)
+        if link is None and name == "model.embed_tokens.weight" and shape["tied"]:
+            link = linked.get("lm_head.weight")  # a tied table may be stored under the head's name
         if link is not None and link[2] - link[1] == t.numel() * 2:
             links[name] = link
         else:
