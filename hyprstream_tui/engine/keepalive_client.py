@@ -59,6 +59,7 @@ REPLY_WAIT_S = 30.0  # for an engine to answer Hello, a status or a stop
 STOP_WAIT_S = 20.0  # for a stopped engine to cancel its requests and exit
 POLL_S = 0.02
 LOG_ROTATE_BYTES = 10 << 20
+SPIN_COUNT = 30000  # GOMP_SPINCOUNT of the engine process: see `spawn`
 
 Note = Callable[[str], object]  # where the one-line note about a replaced engine goes
 
@@ -296,8 +297,12 @@ def spawn(files: EngineFiles, keep_alive_s: float,
     # OpenMP threads that wait at a barrier sleep instead of spinning. The engine runs each load
     # and each request in a thread of its own; with spinning waits, the OpenMP threads of an
     # earlier request's thread fought the next one's for the cores: on 2 cores a warm SmolLM2
-    # decoded at 1-5 tokens/s instead of 10 (measured). Read when torch loads OpenMP.
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # decoded at 1-5 tokens/s instead of 10 (measured). A short spin first (GOMP_SPINCOUNT, some
+    # tens of microseconds) keeps a step's many barriers off the sleep path: the exact bf16 step
+    # opens 31 regions a token and torch's attention 30 more, and sleeping between them cost it
+    # about 2.8 ms a token; an idle team stops spinning as soon. Read when torch loads OpenMP.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", str(SPIN_COUNT))}
     with open(files.log, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "hyprstream_tui.engine.keepalive", "--home", str(files.home),
