@@ -37,8 +37,14 @@ def same_cache(a, b, n):
 
 @needs_exact
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("attention", ["in C", "from Python"])
 def test_exact_steps_equal_torchs_bit_for_bit_as_the_cache_and_rotary_tables_grow(tiny_models, arch,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, attention):
+    # torch's attention: called from step.c through libtorch_cpu's C shim (one call a step), or,
+    # where that torch lacks it, from Python between the step's C parts
+    assert exact.torch_in_c(step.library())
+    if attention == "from Python":
+        monkeypatch.setitem(exact._in_c, id(step.library()), False)
     monkeypatch.setattr(native.model, "FIRST_CAPACITY", 8)  # the prompt fills it: steps grow it
     monkeypatch.setattr(step, "FIRST_CAPACITY", 8)  # and the rotary tables with it
     lm = load(tiny_models, arch)
@@ -72,11 +78,13 @@ def test_an_exact_prompt_is_torchs_own_and_a_reused_prefix_continues_it(tiny_mod
         head = run.prefill(ids[:7], 0)
         assert torch.equal(head, prefill(lm.model, ids[None, :7], torch.arange(7).unsqueeze(0),
                                          new_cache(lm.model)).float())
-        got = run.prefill(ids[7:], 7)  # the rest after a prefix: torch's prefill continues the cache
+        one = run.prefill(ids[7:8], 7)  # one token after a prefix: a step, with torch's prefill's bits
+        got = run.prefill(ids[8:], 8)  # the rest: torch's prefill continues the cache
     reference = new_cache(lm.model)
     with torch.inference_mode():
         prefill(lm.model, ids[None, :7], torch.arange(7).unsqueeze(0), reference)
-        rest = prefill(lm.model, ids[None, 7:], torch.arange(7, len(ids)).unsqueeze(0), reference).float()
+        assert torch.equal(one, prefill(lm.model, ids[None, 7:8], torch.tensor([[7]]), reference).float())
+        rest = prefill(lm.model, ids[None, 8:], torch.arange(8, len(ids)).unsqueeze(0), reference).float()
     assert torch.equal(got, rest)
     same_cache(ours, reference, len(ids))
     assert want.argmax() == got.argmax()

@@ -247,12 +247,39 @@ def rope_for(shape: Any, positions: int) -> tuple[int, int, int]:
         return shape.spec.rope_cos, shape.spec.rope_sin, shape.rope_positions
 
 
+_in_c: dict[int, bool] = {}  # per library: whether step.c holds torch's attention (`hs_exact_torch`)
+
+
+def torch_in_c(lib: Any) -> bool:
+    """Hand `lib` torch's attention and tensor functions from libtorch_cpu's C shim (`tuned.aoti`),
+    once; False where this torch lacks them (each layer's attention is then called from here)."""
+    if id(lib) not in _in_c:
+        from hyprstream_tui.engine.tuned.aoti import Kernels
+
+        k = Kernels.load()
+        if k is not None:
+            fn = [ctypes.cast(getattr(k.lib, name), ctypes.c_void_p).value for name in (
+                "aoti_torch_create_tensor_from_blob", "aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu",
+                "aoti_torch_get_data_ptr", "aoti_torch_delete_tensor_object")]
+            lib.hs_exact_torch(*fn, k.bf16, k.cpu)
+        _in_c[id(lib)] = k is not None
+    return _in_c[id(lib)]
+
+
 def run_step(fused: Any, token: int, position: int, logits: torch.Tensor) -> None:
     """An exact model's step (`fused`, a `step.FusedStep`): `step.c`'s parts, each layer's attention
     between them through torch's own kernel, called as torch's step calls it (on the cache's
-    views); the logits into `logits`."""
+    views); the logits into `logits`. One C call where step.c holds torch's attention."""
     spec, q, cache = ctypes.byref(fused.spec), fused.q, fused.cache
-    attention, scale = torch.nn.functional.scaled_dot_product_attention, fused.spec.head_dim ** -0.5
+    scale = fused.spec.head_dim ** -0.5  # the model's `Attention.scaling`
+    if torch_in_c(fused.lib):
+        att = torch.empty_like(q)
+        done = fused.lib.hs_exact_run(spec, token, position, q.data_ptr(), att.data_ptr(), logits.data_ptr(), scale)
+        if done == 1:
+            raise ValueError(f"token {token} at position {position} is out of range")
+        if done == 0:
+            return
+    attention = torch.nn.functional.scaled_dot_product_attention
     end = position + 1
     if fused.lib.hs_exact_begin(spec, token, position, q.data_ptr()) != 0:
         raise ValueError(f"token {token} at position {position} is out of range")
@@ -262,4 +289,4 @@ def run_step(fused: Any, token: int, position: int, logits: torch.Tensor) -> Non
         fused.lib.hs_exact_layer(spec, i, position, out.data_ptr(), q.data_ptr(), logits.data_ptr())
 
 
-__all__ = ["SUM_LANES", "XROWS", "check", "check_once", "pack", "pack_rows", "packed", "refusal", "rope_for", "run_step"]
+__all__ = ["SUM_LANES", "XROWS", "check", "check_once", "pack", "pack_rows", "packed", "refusal", "rope_for", "run_step", "torch_in_c"]

@@ -650,6 +650,63 @@ int hs_exact_layer(const hs_model *m, int64_t l, int64_t pos, const uint16_t *at
     return 0;
 }
 
+/* torch's attention called from here, through libtorch_cpu's stable C interface (AOTInductor's
+ * shim: extern "C" functions, handed over once by `exact.py`, `hs_exact_torch`): `hs_exact_run`
+ * then runs a whole exact step in one call, each layer's attention torch's own flash kernel on
+ * the cache, as torch's step calls it (one query, keys and values [1, kv_heads, pos + 1, head_dim]
+ * views of the cache, GQA by the kernel). */
+typedef int32_t (*hs_blob_fn)(void *, int64_t, const int64_t *, const int64_t *, int64_t, int32_t, int32_t,
+                              int32_t, void **);
+typedef int32_t (*hs_sdpa_fn)(void *, void *, void *, double, int32_t, void **, double *, void **, void **);
+typedef int32_t (*hs_data_fn)(void *, void **);
+typedef int32_t (*hs_free_fn)(void *);
+static struct {
+    hs_blob_fn blob;
+    hs_sdpa_fn sdpa;
+    hs_data_fn data;
+    hs_free_fn free;
+    int32_t bf16, cpu;
+} torch_c;
+
+void hs_exact_torch(void *blob, void *sdpa, void *data, void *free_fn, int32_t bf16, int32_t cpu) {
+    torch_c.blob = (hs_blob_fn)blob;
+    torch_c.sdpa = (hs_sdpa_fn)sdpa;
+    torch_c.data = (hs_data_fn)data;
+    torch_c.free = (hs_free_fn)free_fn;
+    torch_c.bf16 = bf16;
+    torch_c.cpu = cpu;
+}
+
+static int torch_attend(const hs_model *m, const hs_layer *L, int64_t end, uint16_t *q, uint16_t *att, double scale) {
+    const int64_t H = m->heads, KV = m->kv_heads, hd = m->head_dim, cap = m->capacity;
+    const int64_t qs[4] = {1, H, 1, hd}, qst[4] = {H * hd, hd, hd, 1};
+    const int64_t ks[4] = {1, KV, end, hd}, kst[4] = {KV * cap * hd, cap * hd, hd, 1};
+    void *tq = NULL, *tk = NULL, *tv = NULL, *out = NULL, *lse = NULL, *data = NULL;
+    int rc = torch_c.blob(q, 4, qs, qst, 0, torch_c.bf16, torch_c.cpu, 0, &tq) ||
+             torch_c.blob(L->kc, 4, ks, kst, 0, torch_c.bf16, torch_c.cpu, 0, &tk) ||
+             torch_c.blob(L->vc, 4, ks, kst, 0, torch_c.bf16, torch_c.cpu, 0, &tv) ||
+             torch_c.sdpa(tq, tk, tv, 0.0, 0, NULL, &scale, &out, &lse) || torch_c.data(out, &data) || !data;
+    if (!rc) memcpy(att, data, (size_t)(H * hd) * 2); /* one query: [heads, head_dim] either way */
+    void *made[5] = {tq, tk, tv, out, lse};
+    for (int i = 0; i < 5; i++)
+        if (made[i]) torch_c.free(made[i]);
+    return rc;
+}
+
+/* A whole exact step: hs_exact_begin, then each layer's attention (torch's) and hs_exact_layer.
+ * q and att: the caller's [heads, head_dim] bf16 buffers; scale: the model's (head_dim ** -0.5).
+ * Returns 0; 1 when an argument is out of range; 2 without torch's functions; 3 where torch refused. */
+int hs_exact_run(const hs_model *m, int64_t token, int64_t pos, uint16_t *q, uint16_t *att, float *logits,
+                 double scale) {
+    if (!torch_c.sdpa) return 2;
+    if (hs_exact_begin(m, token, pos, q)) return 1;
+    for (int64_t l = 0; l < m->layers; l++) {
+        if (torch_attend(m, &m->layer[l], pos + 1, q, att, scale)) return 3;
+        hs_exact_layer(m, l, pos, att, q, logits);
+    }
+    return 0;
+}
+
 /* The logits [vocab] of `token` at position `pos` (< capacity); the cache gains that position.
  * Returns 0, or 1 when an argument is out of range (nothing written).
  * Scratch: h [dim], x [dim], qkv [(heads + 2 kv_heads) head_dim], att [heads head_dim],

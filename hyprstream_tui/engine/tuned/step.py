@@ -347,7 +347,7 @@ class FusedStep:
         count = int(tokens.numel())
         if position != self.cache.length:
             raise ValueError(f"position {position} is not the cache's length {self.cache.length}")
-        if self.spec.exact and count == 1:  # one token (a prompt continuing a kept cache): a step, torch's bits
+        if count == 1:  # one token (a prompt continuing a kept cache): a step, the same bits
             return self.step(int(tokens.reshape(-1)[0]), position)
         if self.spec.exact:  # torch's own prompt, whose cache and logits the steps continue exactly
             ids = tokens.reshape(1, -1).to(torch.int64)

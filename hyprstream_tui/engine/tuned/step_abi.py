@@ -94,6 +94,10 @@ def open_library(path: Path) -> Any:
     lib.hs_exact_begin.argtypes = [ctypes.POINTER(Spec), I64, I64, P]
     lib.hs_exact_layer.restype = ctypes.c_int
     lib.hs_exact_layer.argtypes = [ctypes.POINTER(Spec), I64, I64, P, P, P]
+    lib.hs_exact_run.restype = ctypes.c_int
+    lib.hs_exact_run.argtypes = [ctypes.POINTER(Spec), I64, I64, P, P, P, ctypes.c_double]
+    lib.hs_exact_torch.restype = None
+    lib.hs_exact_torch.argtypes = [P, P, P, P, ctypes.c_int32, ctypes.c_int32]
     lib.hs_pack_rows.restype = None
     lib.hs_pack_rows.argtypes = [P, I64, I64, P, I64]
     lib.hs_sum_squares.restype = ctypes.c_float
