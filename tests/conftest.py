@@ -42,6 +42,16 @@ def tiny_model_src(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("src") / "tiny", arch="qwen2", seed=0)
 
 
+@pytest.fixture(autouse=True)
+def bf16_images_written():
+    """A bf16 load writes its model's image in a background thread (`tuned.exact_image.save_soon`):
+    each test ends once it has, so that no write lands in the next test's time or a removed home."""
+    yield
+    from hyprstream_tui.engine.tuned import exact_image
+
+    exact_image.settle()
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "home"

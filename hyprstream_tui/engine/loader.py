@@ -265,7 +265,8 @@ def _save_image(lm: LoadedModel, key: str | None) -> None:
 
 def _save_exact_image(lm: LoadedModel) -> None:
     """What a later command without torch needs to give this bf16 model's replies (`engine.light`,
-    `tuned.exact_image`), once per model commit; nothing for a model outside the store."""
+    `tuned.exact_image`), once per model commit, written in the background; nothing for a model
+    outside the store."""
     from hyprstream_tui.engine import native
     from hyprstream_tui.engine.tuned import exact_image, quant_cache, step
 
@@ -277,7 +278,7 @@ def _save_exact_image(lm: LoadedModel) -> None:
         key = quant_cache.key(source.path, source.commit, exact_image.SCHEME, files)
     except (OSError, native.Unsupported):
         return
-    exact_image.save(lm.model, source.cache, key, exact_image.Facts(
+    exact_image.save_soon(lm.model, source.cache, key, exact_image.Facts(
         dtype=lm.dtype, window=lm.window, eos_ids=tuple(sorted(lm.eos_ids))),
         about={"model": source.name, "commit": source.commit}, files=files, lib=step.library())
 

@@ -38,11 +38,13 @@ def checked_library(home):
 
 
 def images(store) -> list:
+    exact_image.settle()
     return sorted((store.paths.cache / "quantized").glob("*.safetensors"),
                   key=lambda p: quant_cache.describe(p).get("scheme") != exact_image.SCHEME)
 
 
 def the_image(store):
+    exact_image.settle()  # written in the background after the load
     found = [p for p in images(store) if quant_cache.describe(p).get("scheme") == exact_image.SCHEME]
     assert len(found) == 1, found
     return found[0]
@@ -81,6 +83,7 @@ def test_the_light_engine_gives_the_bf16_engines_replies(tiny_store, checked_lib
              (SamplingParams(temperature=1.2, top_k=20, repetition_penalty=1.3, max_tokens=16, seed=11), False)]
     theirs = [reply(engine, p, chat=c) for p, c in cases]
     engine.close()
+    exact_image.settle()
     light = engine_for("tiny", home=tiny_store.paths.home, options=BF16, threads=2)
     assert isinstance(light, LightEngine)
     for (params, chat), (want, want_stream) in zip(cases, theirs):
@@ -132,6 +135,7 @@ def test_it_steps_aside_where_it_cannot_be_exact(tiny_store, checked_library, mo
     home = tiny_store.paths.home
     assert engine_for("tiny", home=home, options=BF16, threads=2) is None  # no image yet
     load_model(resolve_source("tiny", tiny_store), BF16)
+    exact_image.settle()
     assert engine_for("tiny", home=home, options=BF16, threads=2) is not None
     for other in (LoadOptions(dtype="bfloat16", prefill_fp32=True), LoadOptions(dtype="bfloat16", tuned=False),
                   LoadOptions(dtype="bfloat16", quantize="int8")):
@@ -156,3 +160,26 @@ def test_an_image_whose_forward_is_not_torchs_is_not_written(tiny_store, checked
     load_model(resolve_source("tiny", tiny_store), BF16)
     assert not [p for p in images(tiny_store) if quant_cache.describe(p).get("scheme") == exact_image.SCHEME]
     assert engine_for("tiny", home=tiny_store.paths.home, options=BF16, threads=2) is None
+
+
+def test_a_load_does_not_wait_for_its_image(tiny_store, checked_library, monkeypatch):
+    """The image (a self-check and a copy: some 0.7 s on SmolLM2) is written in a thread of its own:
+    a model switch in the app does not wait for it."""
+    import threading
+
+    release, seen = threading.Event(), []
+    real_save = exact_image.save
+
+    def held_save(*args, **kwargs):
+        seen.append(threading.current_thread().name)
+        assert release.wait(60)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(exact_image, "save", held_save)
+    load_model(resolve_source("tiny", tiny_store), BF16)  # returns while the image waits
+    assert not [p for p in (tiny_store.paths.cache / "quantized").glob("*.safetensors")
+                if quant_cache.describe(p).get("scheme") == exact_image.SCHEME]
+    release.set()
+    exact_image.settle()
+    assert seen == ["hyprstream-exact-image"]
+    assert the_image(tiny_store).is_file()

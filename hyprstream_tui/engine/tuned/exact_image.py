@@ -23,8 +23,10 @@ Content-addressed in the home's weight cache like a step image (`quant_cache`, s
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +37,7 @@ from hyprstream_tui.engine.tuned.aoti import Kernels, build_id
 if TYPE_CHECKING:
     import numpy as np
 
+log = logging.getLogger(__name__)
 FORMAT = 1
 SCHEME = f"bf16-image{FORMAT}"
 SUM_LANES = 8  # as `exact.SUM_LANES`: the fp32 lanes of torch's sum kernel
@@ -134,6 +137,45 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
     if not _agrees(model, tensors, links, shape, meta, files, lib, kernels):
         return None
     return quant_cache.write(cache, key, tensors, about=meta)
+
+
+_saving: dict[Path, threading.Thread] = {}
+_saving_lock = threading.Lock()
+
+
+def save_soon(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str], files: list[Path],
+              lib: Any) -> None:
+    """`save` in a thread of its own at the lowest CPU priority, unless the image is there or on its
+    way: its self-check and its copy take some 0.7 s on SmolLM2, which a load (a model switch in the
+    app) must not wait for. Not a daemon: a command's process ends once it is written."""
+    path = path_for(cache, key)
+    if path.is_file():
+        return
+    with _saving_lock:
+        if path in _saving and _saving[path].is_alive():
+            return
+        _saving[path] = thread = threading.Thread(target=_save_quietly, name="hyprstream-exact-image",
+                                                  args=(model, cache, key, facts, about, files, lib))
+        thread.start()
+
+
+def _save_quietly(*args: Any) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread (Linux), and the
+    except (OSError, AttributeError):  # OpenMP threads it starts
+        pass
+    try:
+        save(*args)
+    except Exception:  # noqa: BLE001 - a background write must never take the process down
+        log.warning("cannot write a bf16 model's image", exc_info=True)
+
+
+def settle(timeout: float | None = None) -> None:
+    """Wait for the images being written (tests; a process that must not leave one half done)."""
+    with _saving_lock:
+        threads = list(_saving.values())
+    for thread in threads:
+        thread.join(timeout)
 
 
 def _agrees(model: Any, tensors: dict[str, Any], links: dict[str, list[Any]], shape: dict[str, int],
@@ -363,4 +405,4 @@ class ExactSequence:
         return self._forward([int(token)])
 
 
-__all__ = ["FORMAT", "SCHEME", "ExactImage", "ExactSequence", "Facts", "path_for", "save"]
+__all__ = ["FORMAT", "SCHEME", "ExactImage", "ExactSequence", "Facts", "path_for", "save", "save_soon", "settle"]
