@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from pathlib import Path
 
 
@@ -22,4 +23,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-__all__ = ["cpu_has_bf16", "usable_cores"]
+def lowest_priority() -> None:
+    """The calling thread (and the OpenMP threads it starts) at nice 19 (Linux: a thread's own
+    priority): for background copies that the next request must not wait behind."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError):
+        pass
+
+
+__all__ = ["cpu_has_bf16", "lowest_priority", "usable_cores"]

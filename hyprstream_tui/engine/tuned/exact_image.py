@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hyprstream_tui.engine.cpu import lowest_priority
 from hyprstream_tui.engine.tuned import quant_cache
 from hyprstream_tui.engine.tuned.aoti import Kernels, build_id
 
@@ -160,10 +161,7 @@ def save_soon(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, 
 
 
 def _save_quietly(*args: Any) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread (Linux), and the
-    except (OSError, AttributeError):  # OpenMP threads it starts
-        pass
+    lowest_priority()
     try:
         save(*args)
     except Exception:  # noqa: BLE001 - a background write must never take the process down

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 
+from hyprstream_tui.engine.cpu import lowest_priority
 from hyprstream_tui.engine.tuned import build
 from hyprstream_tui.engine.tuned import exact as exact_mode
 from hyprstream_tui.engine.tuned.exact import ptr
@@ -221,9 +222,8 @@ def described(model: Any) -> Described:
 
 
 def described_soon(model: Any) -> Described | None:
-    """`described`, except that a bf16 model that packs (exact) is packed in a background thread
-    and None comes back meanwhile (`packing` says so): its steps can run through torch until then,
-    their values being the same bit for bit: a cold `infer` does not wait for the copy."""
+    """`described`, except that a bf16 model that packs (exact) is packed in a background thread (at
+    the lowest priority) and None comes back meanwhile (`packing`): its steps run through torch."""
     if model not in _described and _packs(model):
         if model not in _packing:
             _packing.add(model)
@@ -248,6 +248,7 @@ def _packs(model: Any) -> bool:
 
 
 def _describe_quietly(ref: "weakref.ref[Any]") -> None:
+    lowest_priority()  # the next model's load (a switch in the app) must not wait for the copy
     model = ref()
     if model is not None:
         try:
