@@ -325,7 +325,8 @@ def start_engine_behind(args: argparse.Namespace, ids: list[int]) -> None:
     from hyprstream_tui.engine.keepalive_client import start_behind
     from hyprstream_tui.settings import Paths
 
-    start_behind(Paths.from_env(getattr(args, "home", None)), keep_alive_s, args.model, loading_of(args), ids)
+    start_behind(Paths.from_env(getattr(args, "home", None)), keep_alive_s, args.model, loading_of(args), ids,
+                 note=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

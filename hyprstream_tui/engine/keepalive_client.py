@@ -265,10 +265,11 @@ def start(files: EngineFiles, keep_alive_s: float, loading: Loading,
 
 
 def start_behind(paths: Paths, keep_alive_s: float, spec: str, loading: Loading,
-                 ids: Sequence[int] = ()) -> bool:
+                 ids: Sequence[int] = (), note: Note | None = None) -> bool:
     """Start the home's engine process to load `spec` at once and keep the KV cache of the tokens
     `ids` (the conversation so far), without waiting for it (a command that answered without it:
-    the next one finds it warm); False where one runs or starts already."""
+    the next one finds it warm); False where one runs or starts already. One that had crashed is
+    replaced with the `note` line, as `connect` does."""
     from hyprstream_tui.errors import Conflict
     from hyprstream_tui.store.locks import is_locked, locked
 
@@ -277,7 +278,10 @@ def start_behind(paths: Paths, keep_alive_s: float, spec: str, loading: Loading,
         with locked(files.start_lock, "Starting the engine process", wait=0):
             if is_locked(files.lock):
                 return False
+            crashed = files.socket.exists()  # an engine that exits removes its socket
             spawn(files, keep_alive_s, preload=(absolute_spec(spec), loading, list(ids)))
+            if crashed and note is not None:
+                note(RESTARTED)
             return True
     except Conflict:  # another command is starting it
         return False

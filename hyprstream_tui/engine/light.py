@@ -86,6 +86,11 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
     if options.device == "auto" and any(os.path.exists(mark) for mark in CUDA_MARKS):
         return None
     started = time.perf_counter()
+    bf16 = pick_dtype(options.dtype, "cpu", options.quantize) == "bfloat16"
+    if bf16:  # torch's library loads while the rest is read
+        from hyprstream_tui.engine.tuned import aoti
+
+        aoti.preload()
     from hyprstream_tui.engine.tuned import step_abi
 
     lib = step_abi.checked_library()
@@ -110,7 +115,7 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
             return None
         files = native.checkpoint_files(source.path)
         image: ImageModel | ExactImage | None
-        if pick_dtype(options.dtype, "cpu", options.quantize) == "bfloat16":
+        if bf16:
             from hyprstream_tui.engine.tuned import exact_image
 
             key = quant_cache.key(source.path, source.commit, exact_image.SCHEME, files)

@@ -202,6 +202,8 @@ def test_a_killed_engine_is_replaced_with_one_line(ka, cli):
     assert wait_for(lambda: not is_locked(EngineFiles.of(Paths.from_env(ka)).lock))
     result = cli(*INFER, env=KEEP)
     assert result.returncode == 0 and result.stderr == RESTARTED + "\n", result
+    # the reply may come without torch (the model's bf16 or fp32 image), the new engine behind it
+    assert wait_for(lambda: status(cli).get("ready"), timeout=90)
     new = status(cli)["pid"]
     assert new != pid and engine_pids(ka) == [new]
     assert cli(*INFER, env=KEEP).stderr == ""  # the note once, not on every call

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,17 @@ def build_id(path: Path) -> str:
     """Which torch build `path` is (its size and time): a table made by another build is not used."""
     st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+_loading = threading.Lock()
+_loaded: dict[str, "Kernels | None"] = {}
+
+
+def preload() -> None:
+    """Start loading the library in a thread (the dynamic loader releases the interpreter: about
+    0.2 s that a cold command spends on its imports and its tokenizer meanwhile)."""
+    if "kernels" not in _loaded:
+        threading.Thread(target=Kernels.load, name="hyprstream-libtorch", daemon=True).start()
 
 
 class TorchError(RuntimeError):
@@ -100,6 +112,14 @@ class Kernels:
 
     @classmethod
     def load(cls) -> "Kernels | None":
+        """The library, loaded once per process (waiting for `preload`'s thread where one runs)."""
+        with _loading:
+            if "kernels" not in _loaded:
+                _loaded["kernels"] = cls._open()
+        return _loaded["kernels"]
+
+    @classmethod
+    def _open(cls) -> "Kernels | None":
         path = library_path()
         if path is None:
             return None
@@ -153,4 +173,4 @@ class Kernels:
             self.lib.aoti_torch_delete_tensor_object(lse)
 
 
-__all__ = ["Kernels", "Tensor", "TorchError", "build_id", "library_path"]
+__all__ = ["Kernels", "Tensor", "TorchError", "build_id", "library_path", "preload"]

@@ -328,21 +328,36 @@ class ExactSequence:
         if capacity > len(image.cos):
             raise ValueError(f"{capacity} positions: the image tables {len(image.cos)}")
         self.kv = [np.zeros((s["kv_heads"], capacity, s["head_dim"]), dtype=np.uint16) for _ in range(2 * s["layers"])]
+        self._buffers: dict[tuple[str, int, int], tuple[Any, Any]] = {}
         self.length = 0
 
-    def _norm(self, x: "np.ndarray", w: "np.ndarray") -> "np.ndarray":
-        """RMSNorm of bf16 rows x: torch's sum of squares, mean, rsqrt, product, rounding."""
+    def _buffer(self, name: str, rows: int, width: int) -> tuple["np.ndarray", Any]:
+        """A bf16 buffer [rows, width] and torch's tensor over it, made once per name and shape (a
+        step's products reuse theirs: no tensor to make per call)."""
+        key = (name, rows, width)
+        if key not in self._buffers:
+            array = self.np.empty((rows, width), dtype=self.np.uint16)
+            self._buffers[key] = (array, self.image.k.tensor(array, (rows, width)))
+        return self._buffers[key]
+
+    def _norm(self, x: "np.ndarray", w: "np.ndarray", into: str = "h") -> "np.ndarray":
+        """RMSNorm of bf16 rows x (into buffer `into`): torch's sum of squares, mean, rsqrt,
+        product, rounding."""
         np, lib, image = self.np, self.image.lib, self.image
         xf = _widen(x)
         n = x.shape[1]
         sums = np.array([lib.hs_sum_squares(row.ctypes.data, n, SUM_LANES) for row in xf], dtype=np.float32)
         r = np.float32(1) / np.sqrt(sums / np.float32(n) + image.eps)
-        return _narrow(w * _widen(_narrow(xf * r[:, None])))
+        out, _ = self._buffer(into, x.shape[0], n)
+        out[...] = _narrow(w * _widen(_narrow(xf * r[:, None])))
+        return out
 
-    def _linear(self, x: "np.ndarray", weight: Any, bias: Any, out: int) -> "np.ndarray":
-        k = self.image.k
-        y = self.np.empty((x.shape[0], out), dtype=self.np.uint16)
-        k.linear(k.tensor(y, y.shape), k.tensor(x, x.shape), weight, bias)
+    def _linear(self, x: "np.ndarray", name: str, weight: Any, bias: Any, out: int, into: str) -> "np.ndarray":
+        """torch's `F.linear` of buffer `name` (its rows x) into buffer `into` [rows, out]."""
+        rows = x.shape[0]
+        _, given = self._buffer(name, rows, x.shape[1])
+        y, made = self._buffer(into, rows, out)
+        self.image.k.linear(made, given, weight, bias)
         return y
 
     def _rotate(self, x: "np.ndarray", cos: "np.ndarray", sin: "np.ndarray") -> "np.ndarray":
@@ -365,13 +380,13 @@ class ExactSequence:
         cos = np.concatenate((c, c), axis=-1)[:, None, :]
         c = image.sin[start:end]
         sin = np.concatenate((c, c), axis=-1)[:, None, :]
-        att = np.empty((count, H * hd), dtype=np.uint16)
-        cap = self.capacity
+        att, _ = self._buffer("att", count, H * hd)
+        cap, d, f = self.capacity, s["dim"], s["ffn"]
         for i, L in enumerate(image.layers):
             h = self._norm(x, L["ln1"])
-            q = self._rotate(self._linear(h, L["q_proj"], L["q_proj.b"], H * hd).reshape(count, H, hd), cos, sin)
-            kk = self._rotate(self._linear(h, L["k_proj"], L["k_proj.b"], KV * hd).reshape(count, KV, hd), cos, sin)
-            v = self._linear(h, L["v_proj"], L["v_proj.b"], KV * hd).reshape(count, KV, hd)
+            q = self._rotate(self._linear(h, "h", L["q_proj"], L["q_proj.b"], H * hd, "q").reshape(count, H, hd), cos, sin)
+            kk = self._rotate(self._linear(h, "h", L["k_proj"], L["k_proj.b"], KV * hd, "k").reshape(count, KV, hd), cos, sin)
+            v = self._linear(h, "h", L["v_proj"], L["v_proj.b"], KV * hd, "v").reshape(count, KV, hd)
             keys, values = self.kv[2 * i], self.kv[2 * i + 1]
             keys[:, start:end] = kk.transpose(1, 0, 2)
             values[:, start:end] = v.transpose(1, 0, 2)
@@ -379,16 +394,17 @@ class ExactSequence:
                         k.tensor(keys, (1, KV, end, hd), (KV * cap * hd, cap * hd, hd, 1)),
                         k.tensor(values, (1, KV, end, hd), (KV * cap * hd, cap * hd, hd, 1)),
                         hd ** -0.5, count > 1, att)
-            o = self._linear(att, L["o_proj"], L["o_proj.b"], s["dim"])
+            o = self._linear(att, "att", L["o_proj"], L["o_proj.b"], d, "o")
             x = _narrow(_widen(x) + _widen(o))
             h = self._norm(x, L["ln2"])
-            gate = self._linear(h, L["gate_proj"], L["gate_proj.b"], s["ffn"])
-            up = self._linear(h, L["up_proj"], L["up_proj.b"], s["ffn"])
-            act = _narrow(image.silu[gate] * _widen(up))
-            x = _narrow(_widen(x) + _widen(self._linear(act, L["down_proj"], L["down_proj.b"], s["dim"])))
+            gate = self._linear(h, "h", L["gate_proj"], L["gate_proj.b"], f, "gate")
+            up = self._linear(h, "h", L["up_proj"], L["up_proj.b"], f, "up")
+            act, _ = self._buffer("act", count, f)
+            act[...] = _narrow(image.silu[gate] * _widen(up))
+            x = _narrow(_widen(x) + _widen(self._linear(act, "act", L["down_proj"], L["down_proj.b"], d, "down")))
         self.length = end
         last = self._norm(x[-1:], image.norm)
-        return _widen(self._linear(last, image.head, None, s["vocab"]))[0]
+        return _widen(self._linear(last, "h", image.head, None, s["vocab"], "logits"))[0]
 
     def prefill(self, tokens: "list[int] | np.ndarray") -> "np.ndarray":
         """The logits [V] (fp32) after the prompt `tokens`, the sequence's first."""
