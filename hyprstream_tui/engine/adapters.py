@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from hyprstream_tui.engine.loader import AdapterSource, LoadedModel
+    from hyprstream_tui.engine.loader import AdapterSource, LoadedModel, LoadOptions
 
 MAX_ADAPTERS = 8  # adapters kept attached to one base model; the least recently used goes
 
@@ -64,16 +64,22 @@ def _detach(model: "torch.nn.Module", key: str) -> None:
     getattr(model, "peft_config", {}).pop(key, None)
 
 
-def _attach(lm: "LoadedModel", adapter: "AdapterSource") -> None:
+def check_adapter(options: "LoadOptions", adapter: "AdapterSource") -> None:
+    """What attaching `adapter` under `options` would refuse, found before its base model loads (a
+    refused request leaves nothing behind: no load, no cache entry a load writes)."""
     from hyprstream_tui.store.inspect import check_weights
 
-    if lm.options.quantize:
+    if options.quantize:
         raise InvalidInput(
-            f"Adapters do not combine with `quantize` {lm.options.quantize} yet: leave `quantize` out to use an adapter."
+            f"Adapters do not combine with `quantize` {options.quantize} yet: leave `quantize` out to use an adapter."
         )
     if not check_weights(adapter.path, allow_pickle=False, what="adapter"):  # pragma: no cover
         raise InvalidInput("Adapters load from safetensors only.")
     _check_config(adapter)
+
+
+def _attach(lm: "LoadedModel", adapter: "AdapterSource") -> None:
+    check_adapter(lm.options, adapter)
     while len(lm.adapters) >= MAX_ADAPTERS:
         oldest = next(iter(lm.adapters))
         if oldest == lm.active:

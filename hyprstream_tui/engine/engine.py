@@ -240,6 +240,10 @@ class Engine:
         self, request: Request, cancel: threading.Event, emit: EventCallback
     ) -> GenerationDone:
         source = self.resolve(request.spec)
+        if source.adapter is not None:
+            from hyprstream_tui.engine.adapters import check_adapter
+
+            check_adapter(request.options or self.options, source.adapter)
         started = time.perf_counter()
         lm, fresh = self._get_model(source, request.options or self.options)
         # lm.load_s: a LightEngine reads its model before the request (engine/light.py)
@@ -251,7 +255,11 @@ class Engine:
         with lm.lock:
             lm.use_adapter(source.adapter)
             prompt_ids, dropped = self._prompt_ids(lm, request, emit)
-            return self._decode(lm, source, request, prompt_ids, dropped, load_s, cancel, emit)
+            done = self._decode(lm, source, request, prompt_ids, dropped, load_s, cancel, emit)
+            after, lm.after_first_reply = lm.after_first_reply, None
+        if after is not None:
+            after()
+        return done
 
     def _prompt_ids(
         self, lm: LoadedModel, request: Request, emit: EventCallback

@@ -6,13 +6,14 @@ they come from; `load_model` turns it into a `LoadedModel` (model + tokenizer + 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from hyprstream_tui.engine.cpu import cpu_has_bf16, usable_cores
 from hyprstream_tui.errors import InvalidInput, NotFound
@@ -103,6 +104,9 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: dict[str, AdapterSource] = field(default_factory=dict)  # PEFT key -> source
     active: str | None = None  # PEFT key of the adapter in use, None for the base model
+    # work for after the model's first reply (its exact image: `_save_exact_image`), which the
+    # engine starts then: a request refused after the load leaves nothing behind
+    after_first_reply: Callable[[], object] | None = None
 
     def use_adapter(self, adapter: AdapterSource | None) -> None:
         """Switch to `adapter` (loading it once) or back to the base model. Call under `lock`."""
@@ -265,10 +269,10 @@ def _save_image(lm: LoadedModel, key: str | None) -> None:
 
 def _save_exact_image(lm: LoadedModel) -> None:
     """What a later command without torch needs to give this bf16 model's replies (`engine.light`,
-    `tuned.exact_image`), once per model commit, written in the background; nothing for a model
-    outside the store."""
+    `tuned.exact_image`), once per model commit, written in the background after its first reply;
+    nothing for a model outside the store."""
     from hyprstream_tui.engine import native
-    from hyprstream_tui.engine.tuned import exact_image, quant_cache, step
+    from hyprstream_tui.engine.tuned import exact_image, quant_cache
 
     source = lm.source
     if source.cache is None or source.commit is None or not getattr(lm.model, "native", False):
@@ -278,9 +282,11 @@ def _save_exact_image(lm: LoadedModel) -> None:
         key = quant_cache.key(source.path, source.commit, exact_image.SCHEME, files)
     except (OSError, native.Unsupported):
         return
-    exact_image.save_soon(lm.model, source.cache, key, exact_image.Facts(
-        dtype=lm.dtype, window=lm.window, eos_ids=tuple(sorted(lm.eos_ids))),
-        about={"model": source.name, "commit": source.commit}, files=files, lib=step.library())
+    packed = getattr(lm.model, "hs_pack_cache", (None, None))[1]  # the exact step's packed rows (`_name_pack_cache`)
+    lm.after_first_reply = functools.partial(
+        exact_image.save_soon, lm.model, source.cache, key,
+        exact_image.Facts(dtype=lm.dtype, window=lm.window, eos_ids=tuple(sorted(lm.eos_ids))),
+        {"model": source.name, "commit": source.commit}, files, packed)
 
 
 def _quantize(model: Model, source: ModelSource, dtype: str, quantize: str) -> tuple[str | None, str | None]:

@@ -18,7 +18,7 @@ from hyprstream_tui.engine.light import LightEngine, engine_for
 from hyprstream_tui.engine.loader import LoadOptions, load_model, prefill_fp32
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.engine.sources import resolve_source
-from hyprstream_tui.engine.tuned import aoti, exact_image, quant_cache, step, step_abi
+from hyprstream_tui.engine.tuned import aoti, exact, exact_image, exact_run, quant_cache, step, step_abi
 from tests.engine.test_light import PROMPT, infer, reply, same_reply
 
 pytestmark = [
@@ -32,8 +32,13 @@ BF16 = LoadOptions(dtype="bfloat16")
 
 @pytest.fixture
 def checked_library(home):
+    """The library built in this test's home, marked as checked, and its exact step too where it
+    passed here (the torch engine does both on its first load in a home; in this process that was
+    an earlier test's home)."""
     path = step.compile_library()
     step_abi.mark_checked(path)
+    if step.exact_refusal() == "":
+        step_abi.exact_marker().write_text(exact.mark_text())
     return path
 
 
@@ -50,6 +55,15 @@ def the_image(store):
     return found[0]
 
 
+def loaded_and_imaged(store, name):
+    """`name` loaded in bf16 and its image written, as the engine writes it after the first reply."""
+    lm = load_model(resolve_source(name, store), BF16)
+    assert lm.after_first_reply is not None
+    lm.after_first_reply()
+    exact_image.settle()
+    return lm
+
+
 def bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
@@ -57,7 +71,7 @@ def bits(t: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "mistral"])
 def test_a_bf16_load_writes_an_image_whose_forward_is_torchs_bit_for_bit(store, tiny_models, checked_library, arch):
     store.import_model(tiny_models[arch], name=arch)
-    lm = load_model(resolve_source(arch, store), BF16)
+    lm = loaded_and_imaged(store, arch)
     model = lm.model
     image = exact_image.ExactImage.open(the_image(store), store.paths.models / arch, step.library(), 2)
     assert image is not None and image.facts.dtype == "bfloat16" and image.facts.window == lm.window
@@ -76,16 +90,25 @@ def test_a_bf16_load_writes_an_image_whose_forward_is_torchs_bit_for_bit(store, 
         assert np.array_equal(run.kv[2 * i + 1][:, :40], bits(cache.values[i][0, :, :40]))
 
 
-def test_the_light_engine_gives_the_bf16_engines_replies(tiny_store, checked_library):
+@pytest.mark.parametrize("steps", ["fused", "numpy"])
+def test_the_light_engine_gives_the_bf16_engines_replies(tiny_store, checked_library, steps):
+    """Decode steps through the fused step's exact mode where the weight cache holds the packed
+    rows and its check passed here, else through numpy and torch's kernels: the same replies."""
     engine = Engine(store=tiny_store, options=BF16, threads=2, max_models=1)
     cases = [(SamplingParams(temperature=0, max_tokens=16), False),
              (SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=7), True),
              (SamplingParams(temperature=1.2, top_k=20, repetition_penalty=1.3, max_tokens=16, seed=11), False)]
     theirs = [reply(engine, p, chat=c) for p, c in cases]
     engine.close()
-    exact_image.settle()
+    lm = load_model(resolve_source("tiny", tiny_store), BF16)
+    step.described(lm.model)  # packed now (the engine packs in the background), into the cache
+    packed = [p for p in images(tiny_store) if quant_cache.describe(p).get("scheme") == exact.SCHEME]
+    assert len(packed) == 1
+    if steps == "numpy":
+        packed[0].unlink()
     light = engine_for("tiny", home=tiny_store.paths.home, options=BF16, threads=2)
     assert isinstance(light, LightEngine)
+    assert (light._image.fused is not None) == (steps == "fused" and step.exact_refusal() == "")
     for (params, chat), (want, want_stream) in zip(cases, theirs):
         got, stream = reply(light, params, chat=chat)
         same_reply(got, want, params.seed is not None)
@@ -118,7 +141,7 @@ def test_a_bf16_checkpoint_is_linked_not_copied(store, tiny_model_src, checked_l
     save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()},
               folder / "model.safetensors")
     store.import_model(folder, name="tiny16")
-    load_model(resolve_source("tiny16", store), BF16)
+    loaded_and_imaged(store, "tiny16")
     path = the_image(store)
     about = quant_cache.describe(path)
     assert "model.layers.0.self_attn.q_proj.weight" in json.loads(about["links"])
@@ -134,8 +157,7 @@ def test_a_bf16_checkpoint_is_linked_not_copied(store, tiny_model_src, checked_l
 def test_it_steps_aside_where_it_cannot_be_exact(tiny_store, checked_library, monkeypatch):
     home = tiny_store.paths.home
     assert engine_for("tiny", home=home, options=BF16, threads=2) is None  # no image yet
-    load_model(resolve_source("tiny", tiny_store), BF16)
-    exact_image.settle()
+    loaded_and_imaged(tiny_store, "tiny")
     assert engine_for("tiny", home=home, options=BF16, threads=2) is not None
     for other in (LoadOptions(dtype="bfloat16", prefill_fp32=True), LoadOptions(dtype="bfloat16", tuned=False),
                   LoadOptions(dtype="bfloat16", quantize="int8")):
@@ -156,15 +178,16 @@ def test_an_image_whose_forward_is_not_torchs_is_not_written(tiny_store, checked
     def truncate(a):
         return (a.view(np.uint32) >> 16).astype(np.uint16)
 
-    monkeypatch.setattr(exact_image, "_narrow", truncate)
-    load_model(resolve_source("tiny", tiny_store), BF16)
+    monkeypatch.setattr(exact_run, "narrow", truncate)
+    loaded_and_imaged(tiny_store, "tiny")
     assert not [p for p in images(tiny_store) if quant_cache.describe(p).get("scheme") == exact_image.SCHEME]
     assert engine_for("tiny", home=tiny_store.paths.home, options=BF16, threads=2) is None
 
 
-def test_a_load_does_not_wait_for_its_image(tiny_store, checked_library, monkeypatch):
-    """The image (a self-check and a copy: some 0.7 s on SmolLM2) is written in a thread of its own:
-    a model switch in the app does not wait for it."""
+def test_the_image_is_written_after_the_first_reply_in_the_background(tiny_store, checked_library, monkeypatch):
+    """The image (a self-check and a copy: some 0.7 s on SmolLM2) is written once the model has
+    answered, in a thread of its own: neither the load (a model switch in the app) nor the reply
+    waits for it, and a request refused after the load (an adapter that cannot attach) writes none."""
     import threading
 
     release, seen = threading.Event(), []
@@ -175,11 +198,23 @@ def test_a_load_does_not_wait_for_its_image(tiny_store, checked_library, monkeyp
         assert release.wait(60)
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(exact_image, "save", held_save)
-    load_model(resolve_source("tiny", tiny_store), BF16)  # returns while the image waits
-    assert not [p for p in (tiny_store.paths.cache / "quantized").glob("*.safetensors")
+    def ours():
+        return [p for p in (tiny_store.paths.cache / "quantized").glob("*.safetensors")
                 if quant_cache.describe(p).get("scheme") == exact_image.SCHEME]
+
+    monkeypatch.setattr(exact_image, "save", held_save)
+    engine = Engine(store=tiny_store, options=BF16, threads=2, max_models=1)
+    empty = tiny_store.paths.home / "not-an-adapter"
+    empty.mkdir()
+    with pytest.raises(Exception, match="holds no weights"):
+        engine.generate(f"tiny:{empty}", PROMPT, SamplingParams(max_tokens=2)).result()
+    exact_image.settle()
+    assert seen == [] and not ours()
+    done = engine.generate("tiny", PROMPT, SamplingParams(temperature=0, max_tokens=4)).result()
+    assert done.text  # answered while the image waits
+    assert not ours()
     release.set()
     exact_image.settle()
+    engine.close()
     assert seen == ["hyprstream-exact-image"]
     assert the_image(tiny_store).is_file()

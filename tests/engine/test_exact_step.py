@@ -15,7 +15,7 @@ from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 from hyprstream_tui.engine.native.model import NativeForCausalLM
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.engine.sequence import SequenceState
-from hyprstream_tui.engine.tuned import exact, step
+from hyprstream_tui.engine.tuned import aoti, exact, step
 
 needs_exact = pytest.mark.skipif(step.library() is None or step.exact_refusal() != "",
                                  reason=f"bf16 cannot run exactly on this machine: "
@@ -42,9 +42,9 @@ def test_exact_steps_equal_torchs_bit_for_bit_as_the_cache_and_rotary_tables_gro
                                                                                   monkeypatch, attention):
     # torch's attention: called from step.c through libtorch_cpu's C shim (one call a step), or,
     # where that torch lacks it, from Python between the step's C parts
-    assert exact.torch_in_c(step.library())
+    assert aoti.hand_to(step.library())
     if attention == "from Python":
-        monkeypatch.setitem(exact._in_c, id(step.library()), False)
+        monkeypatch.setitem(aoti._handed, id(step.library()), False)
     monkeypatch.setattr(native.model, "FIRST_CAPACITY", 8)  # the prompt fills it: steps grow it
     monkeypatch.setattr(step, "FIRST_CAPACITY", 8)  # and the rotary tables with it
     lm = load(tiny_models, arch)

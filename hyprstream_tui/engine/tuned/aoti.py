@@ -173,4 +173,22 @@ class Kernels:
             self.lib.aoti_torch_delete_tensor_object(lse)
 
 
-__all__ = ["Kernels", "Tensor", "TorchError", "build_id", "library_path", "preload"]
+_handed: dict[int, bool] = {}  # per step.c library: whether it holds torch's attention
+
+
+def hand_to(lib: Any) -> bool:
+    """Give the fused step's library (`step.c`'s `hs_exact_torch`) torch's tensor and attention
+    functions, once: its exact step then calls torch's attention itself (`hs_exact_run`). False
+    where this torch lacks them."""
+    if id(lib) not in _handed:
+        k = Kernels.load()
+        if k is not None:
+            fn = [ctypes.cast(getattr(k.lib, name), ctypes.c_void_p).value for name in (
+                "aoti_torch_create_tensor_from_blob", "aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu",
+                "aoti_torch_get_data_ptr", "aoti_torch_delete_tensor_object")]
+            lib.hs_exact_torch(*fn, k.bf16, k.cpu)
+        _handed[id(lib)] = k is not None
+    return _handed[id(lib)]
+
+
+__all__ = ["Kernels", "Tensor", "TorchError", "build_id", "hand_to", "library_path", "preload"]

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from hyprstream_tui.engine.tuned import aoti
 from hyprstream_tui.engine.tuned.step_abi import BF16_PACKED, Lin, cpu_flags, this_cpu
 from hyprstream_tui.store.atomic import tmp_name
 
@@ -146,12 +147,17 @@ def check(lib: Any, described: Any, fused: Any) -> str:
     return ""
 
 
+def mark_text() -> str:
+    """What a passed check is remembered for: this CPU, this torch and its kernels, the orders."""
+    return f"{this_cpu()} {torch.__version__} {torch.backends.cpu.get_cpu_capability()} {SUM_LANES} {SCHEME}"
+
+
 def check_once(lib: Any, path: Path | None, described: Any, fused: Any) -> str:
     """`check`, skipped where it passed before for this library (`path`), CPU and torch: a marker
     beside the library says so (its first run in a process costs a cold call some 0.3 s of torch's
     first products)."""
-    marker = None if path is None else path.with_name(path.name + ".exact")
-    mark = f"{this_cpu()} {torch.__version__} {torch.backends.cpu.get_cpu_capability()} {SUM_LANES} {SCHEME}"
+    marker = None if path is None else path.with_name(path.name + ".exact")  # step_abi.exact_marker
+    mark = mark_text()
     try:
         if marker is not None and marker.read_text() == mark:
             return ""
@@ -247,32 +253,13 @@ def rope_for(shape: Any, positions: int) -> tuple[int, int, int]:
         return shape.spec.rope_cos, shape.spec.rope_sin, shape.rope_positions
 
 
-_in_c: dict[int, bool] = {}  # per library: whether step.c holds torch's attention (`hs_exact_torch`)
-
-
-def torch_in_c(lib: Any) -> bool:
-    """Hand `lib` torch's attention and tensor functions from libtorch_cpu's C shim (`tuned.aoti`),
-    once; False where this torch lacks them (each layer's attention is then called from here)."""
-    if id(lib) not in _in_c:
-        from hyprstream_tui.engine.tuned.aoti import Kernels
-
-        k = Kernels.load()
-        if k is not None:
-            fn = [ctypes.cast(getattr(k.lib, name), ctypes.c_void_p).value for name in (
-                "aoti_torch_create_tensor_from_blob", "aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu",
-                "aoti_torch_get_data_ptr", "aoti_torch_delete_tensor_object")]
-            lib.hs_exact_torch(*fn, k.bf16, k.cpu)
-        _in_c[id(lib)] = k is not None
-    return _in_c[id(lib)]
-
-
 def run_step(fused: Any, token: int, position: int, logits: torch.Tensor) -> None:
     """An exact model's step (`fused`, a `step.FusedStep`): `step.c`'s parts, each layer's attention
     between them through torch's own kernel, called as torch's step calls it (on the cache's
     views); the logits into `logits`. One C call where step.c holds torch's attention."""
     spec, q, cache = ctypes.byref(fused.spec), fused.q, fused.cache
     scale = fused.spec.head_dim ** -0.5  # the model's `Attention.scaling`
-    if torch_in_c(fused.lib):
+    if aoti.hand_to(fused.lib):
         att = torch.empty_like(q)
         done = fused.lib.hs_exact_run(spec, token, position, q.data_ptr(), att.data_ptr(), logits.data_ptr(), scale)
         if done == 1:
@@ -289,4 +276,4 @@ def run_step(fused: Any, token: int, position: int, logits: torch.Tensor) -> Non
         fused.lib.hs_exact_layer(spec, i, position, out.data_ptr(), q.data_ptr(), logits.data_ptr())
 
 
-__all__ = ["SUM_LANES", "XROWS", "check", "check_once", "pack", "pack_rows", "packed", "refusal", "rope_for", "run_step", "torch_in_c"]
+__all__ = ["SUM_LANES", "XROWS", "check", "check_once", "mark_text", "pack", "pack_rows", "packed", "refusal", "rope_for", "run_step"]

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from hyprstream_tui.engine.cpu import lowest_priority
 from hyprstream_tui.engine.tuned import quant_cache
 from hyprstream_tui.engine.tuned.aoti import Kernels, build_id
+from hyprstream_tui.engine.tuned.exact_run import SUM_LANES, ExactSequence
+from hyprstream_tui.engine.tuned.exact_run import widen
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FORMAT = 1
 SCHEME = f"bf16-image{FORMAT}"
-SUM_LANES = 8  # as `exact.SUM_LANES`: the fp32 lanes of torch's sum kernel
 SHAPE = ("layers", "dim", "heads", "kv_heads", "head_dim", "ffn", "vocab", "qkv_bias", "o_bias", "mlp_bias", "tied")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -95,10 +96,15 @@ def _bf16_in(files: list[Path]) -> dict[str, list[Any]]:
 
 
 def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str], files: list[Path],
-         lib: Any) -> Path | None:
-    """Write the image of the bf16 model `model` (an `engine.native` one, `lib` the fused step's
-    checked library) unless it is there; None where it cannot run it exactly or cannot be written."""
+         packed: str | None = None) -> Path | None:
+    """Write the image of the bf16 model `model` (an `engine.native` one; `packed`: the weight
+    cache's entry of its packed rows, which the fused step's exact mode writes) unless it is there;
+    None where it cannot run it exactly or cannot be written."""
     import torch
+
+    from hyprstream_tui.engine.tuned import exact, step
+
+    lib = step.library()  # the fused step's checked library: its norm sums
 
     path = path_for(cache, key)
     if path.is_file():
@@ -134,7 +140,9 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
         tensors["#cos"], tensors["#sin"] = (t[0, 0, :, :half].contiguous() for t in (cos, sin))
     meta = {**about, "scheme": SCHEME, "shape": json.dumps(shape), "eps": repr(float(config.rms_norm_eps)),
             "facts": json.dumps(facts.__dict__), "links": json.dumps(links), "torch": build_id(kernels.path),
-            "linked_files": json.dumps({f.name: f.stat().st_size for f in files})}
+            "linked_files": json.dumps({f.name: f.stat().st_size for f in files}),
+            # decode steps through the exact fused step where its check passed (`step_abi.exact_marker`)
+            "exact_mark": exact.mark_text() if packed and step.exact_refusal() == "" else "", "packed": packed or ""}
     if not _agrees(model, tensors, links, shape, meta, files, lib, kernels):
         return None
     return quant_cache.write(cache, key, tensors, about=meta)
@@ -145,18 +153,19 @@ _saving_lock = threading.Lock()
 
 
 def save_soon(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str], files: list[Path],
-              lib: Any) -> None:
+              packed: str | None = None) -> None:
     """`save` in a thread of its own at the lowest CPU priority, unless the image is there or on its
     way: its self-check and its copy take some 0.7 s on SmolLM2, which a load (a model switch in the
-    app) must not wait for. Not a daemon: a command's process ends once it is written."""
+    app) must not wait for. Not a daemon (said so: a thread inherits its starter's, and the engine's
+    request threads are daemons): a command's process ends once it is written, never mid-torch."""
     path = path_for(cache, key)
     if path.is_file():
         return
     with _saving_lock:
         if path in _saving and _saving[path].is_alive():
             return
-        _saving[path] = thread = threading.Thread(target=_save_quietly, name="hyprstream-exact-image",
-                                                  args=(model, cache, key, facts, about, files, lib))
+        _saving[path] = thread = threading.Thread(target=_save_quietly, name="hyprstream-exact-image", daemon=False,
+                                                  args=(model, cache, key, facts, about, files, packed))
         thread.start()
 
 
@@ -199,24 +208,6 @@ def _agrees(model: Any, tensors: dict[str, Any], links: dict[str, list[Any]], sh
         return bool(np.array_equal(run.kv[-2][:, :9], k))
 
 
-def _widen(a: "np.ndarray") -> "np.ndarray":
-    import numpy as np
-
-    return (a.astype(np.uint32) << 16).view(np.float32)
-
-
-def _narrow(a: "np.ndarray") -> "np.ndarray":
-    """fp32 -> bf16 bits, rounded to nearest even as torch rounds (a NaN to 0x7FC0)."""
-    import numpy as np
-
-    b = a.view(np.uint32)
-    out = ((b + (0x7FFF + ((b >> 16) & 1))) >> 16).astype(np.uint16)
-    nan = np.isnan(a)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return out
-
-
 class ExactImage:
     """The image's tables and weights (numpy views of maps), and torch's kernels over them."""
 
@@ -247,29 +238,67 @@ class ExactImage:
             if not 0 <= int(start) <= int(end) <= int(sizes[file]) or (int(end) - int(start)) % 2:
                 raise ValueError(f"a link past the end of {file}")
             weights[name] = opened[file][int(start) : int(end)].view(np.uint16)
-        self.silu, self.cos, self.sin = (_widen(weights.pop(k)) for k in ("#silu", "#cos", "#sin"))
+        self.silu_bits = weights.pop("#silu")
+        self.silu, self.cos, self.sin = (widen(t) for t in (self.silu_bits, weights.pop("#cos"), weights.pop("#sin")))
         d, hd = shape["dim"], shape["head_dim"]
         self.cos = self.cos.reshape(-1, hd // 2)
         self.sin = self.sin.reshape(-1, hd // 2)
         self.embed = weights["model.embed_tokens.weight"].reshape(shape["vocab"], d)
         head = weights["model.embed_tokens.weight" if shape["tied"] else "lm_head.weight"]
         self.head = self._weight(head, shape["vocab"], d)
-        self.norm = _widen(weights["model.norm.weight"])
+        self.norm = widen(weights["model.norm.weight"])
         self.layers = []
         for i in range(shape["layers"]):
             p = f"model.layers.{i}."
             outs = {"q_proj": shape["heads"] * hd, "k_proj": shape["kv_heads"] * hd, "v_proj": shape["kv_heads"] * hd,
                     "o_proj": d, "gate_proj": shape["ffn"], "up_proj": shape["ffn"], "down_proj": d}
-            layer: dict[str, Any] = {"ln1": _widen(weights[p + "input_layernorm.weight"]),
-                                     "ln2": _widen(weights[p + "post_attention_layernorm.weight"])}
+            layer: dict[str, Any] = {"ln1": widen(weights[p + "input_layernorm.weight"]),
+                                     "ln2": widen(weights[p + "post_attention_layernorm.weight"])}
             for proj in PROJECTIONS:
                 short = proj.split(".")[1]
                 inputs = shape["heads"] * hd if short == "o_proj" else shape["ffn"] if short == "down_proj" else d
                 layer[short] = self._weight(weights[f"{p}{proj}.weight"], outs[short], inputs)
                 bias = weights.get(f"{p}{proj}.bias")
                 layer[short + ".b"] = None if bias is None else kernels.tensor(bias, (outs[short],))
+                layer[short + ".bias"] = None if bias is None else widen(bias)
             self.layers.append(layer)
+        self.fused: Any = None  # (spec, layers) of the exact fused step, where `fuse` gave them
         self.use_threads(threads)
+
+    def fuse(self, rows: list["np.ndarray"]) -> None:
+        """Decode steps through the fused step's exact mode (`step.c`'s `hs_exact_run`, torch's
+        attention called from there) over `rows`, the weight cache's packed rows (the output layer's,
+        then each layer's q, k, v, o, gate, up, down): the engine's exact step, bit for bit."""
+        from hyprstream_tui.engine.tuned.aoti import hand_to
+        from hyprstream_tui.engine.tuned.step_abi import BF16_PACKED, Layer, Lin, Spec
+
+        np, s = self.np, self.shape
+        d, hd, H, KV, f = s["dim"], s["head_dim"], s["heads"], s["kv_heads"], s["ffn"]
+        if len(rows) != 1 + 7 * s["layers"] or not hand_to(self.lib):
+            return
+        sizes = {"q_proj": (H * hd, d), "k_proj": (KV * hd, d), "v_proj": (KV * hd, d), "o_proj": (d, H * hd),
+                 "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+
+        def lin(w: Any, out: int, inputs: int, bias: Any) -> Lin:
+            if w.dtype != np.uint16 or w.size != out * inputs:
+                raise ValueError(f"packed rows of {w.size} values, not {out}x{inputs}")
+            return Lin(BF16_PACKED, out, inputs, w.ctypes.data, None, None if bias is None else bias.ctypes.data)
+
+        layers = (Layer * s["layers"])()
+        for i, L in enumerate(self.layers):
+            parts = [lin(rows[1 + 7 * i + j], *sizes[name], L[name + ".bias"])
+                     for j, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))]
+            layers[i].q, layers[i].k, layers[i].v, layers[i].o, layers[i].gate, layers[i].up, layers[i].down = parts
+            layers[i].ln1, layers[i].ln2 = L["ln1"].ctypes.data, L["ln2"].ctypes.data
+        self._inv_freq = np.zeros(hd // 2, dtype=np.float32)  # read by the inexact step only
+        spec = Spec(layers=s["layers"], dim=d, heads=H, kv_heads=KV, head_dim=hd, ffn=f, vocab=s["vocab"],
+                    capacity=0, threads=self.threads, eps=float(self.eps), scale=hd ** -0.5, bf16=1,
+                    embed=self.embed.ctypes.data, embed_f32=0, norm=self.norm.ctypes.data,
+                    inv_freq=self._inv_freq.ctypes.data, head=lin(rows[0], s["vocab"], d, None), layer=None,
+                    scratch=None, exact=1, sum_lanes=SUM_LANES, rope_positions=len(self.cos),
+                    silu=self.silu_bits.ctypes.data, rope_cos=self.cos.ctypes.data, rope_sin=self.sin.ctypes.data)
+        self._rows = rows
+        self.fused = (spec, layers)
 
     def _weight(self, rows: "np.ndarray", out: int, inputs: int) -> Any:
         """The [inputs, out] view of a [out, inputs] weight, as `F.linear` hands it to `addmm`."""
@@ -280,6 +309,8 @@ class ExactImage:
     def use_threads(self, n: int) -> None:
         self.threads = max(1, n)
         self.k.threads(self.threads)
+        if self.fused is not None:
+            self.fused[0].threads = self.threads
 
     @classmethod
     def open(cls, path: Path, folder: Path, lib: Any, threads: int) -> "ExactImage | None":
@@ -306,6 +337,9 @@ class ExactImage:
                     return None
                 arrays[name] = raw[start:end].view(np.uint16)
             image = cls(arrays, meta, folder, lib, kernels, threads, keep=raw)
+            rows = _packed_rows(path.parent, meta)
+            if rows is not None:
+                image.fuse(rows)
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
             return None
         try:
@@ -318,105 +352,37 @@ class ExactImage:
         return ExactSequence(self, capacity)
 
 
-class ExactSequence:
-    """One sequence: its own KV cache (bf16, [kv_heads, capacity, head_dim] a layer, as
-    `NativeCache`'s), a prompt from position 0, then one token at a time."""
+def _packed_rows(folder: Path, meta: dict[str, str]) -> "list[np.ndarray] | None":
+    """The packed rows of the weight cache's entry the image names, mapped, where the fused step's
+    exact mode passed its check for this library, CPU and torch (the marker beside the library
+    holds what it held when the image was written); None otherwise (numpy and torch's kernels)."""
+    import numpy as np
 
-    def __init__(self, image: ExactImage, capacity: int) -> None:
-        np, s = image.np, image.shape
-        self.image, self.np, self.capacity = image, np, capacity
-        if capacity > len(image.cos):
-            raise ValueError(f"{capacity} positions: the image tables {len(image.cos)}")
-        self.kv = [np.zeros((s["kv_heads"], capacity, s["head_dim"]), dtype=np.uint16) for _ in range(2 * s["layers"])]
-        self._buffers: dict[tuple[str, int, int], tuple[Any, Any]] = {}
-        self.length = 0
+    from hyprstream_tui.engine.tuned.step_abi import exact_marker
 
-    def _buffer(self, name: str, rows: int, width: int) -> tuple["np.ndarray", Any]:
-        """A bf16 buffer [rows, width] and torch's tensor over it, made once per name and shape (a
-        step's products reuse theirs: no tensor to make per call)."""
-        key = (name, rows, width)
-        if key not in self._buffers:
-            array = self.np.empty((rows, width), dtype=self.np.uint16)
-            self._buffers[key] = (array, self.image.k.tensor(array, (rows, width)))
-        return self._buffers[key]
-
-    def _norm(self, x: "np.ndarray", w: "np.ndarray", into: str = "h") -> "np.ndarray":
-        """RMSNorm of bf16 rows x (into buffer `into`): torch's sum of squares, mean, rsqrt,
-        product, rounding."""
-        np, lib, image = self.np, self.image.lib, self.image
-        xf = _widen(x)
-        n = x.shape[1]
-        sums = np.array([lib.hs_sum_squares(row.ctypes.data, n, SUM_LANES) for row in xf], dtype=np.float32)
-        r = np.float32(1) / np.sqrt(sums / np.float32(n) + image.eps)
-        out, _ = self._buffer(into, x.shape[0], n)
-        out[...] = _narrow(w * _widen(_narrow(xf * r[:, None])))
-        return out
-
-    def _linear(self, x: "np.ndarray", name: str, weight: Any, bias: Any, out: int, into: str) -> "np.ndarray":
-        """torch's `F.linear` of buffer `name` (its rows x) into buffer `into` [rows, out]."""
-        rows = x.shape[0]
-        _, given = self._buffer(name, rows, x.shape[1])
-        y, made = self._buffer(into, rows, out)
-        self.image.k.linear(made, given, weight, bias)
-        return y
-
-    def _rotate(self, x: "np.ndarray", cos: "np.ndarray", sin: "np.ndarray") -> "np.ndarray":
-        """x [S, heads, hd] bf16 -> x * cos + rotate_half(x) * sin, each product and the sum rounded."""
-        np = self.np
-        half = x.shape[2] // 2
-        xf = _widen(x)
-        turned = np.concatenate((-xf[..., half:], xf[..., :half]), axis=-1)
-        return _narrow(_widen(_narrow(xf * cos)) + _widen(_narrow(turned * sin)))
-
-    def _forward(self, ids: list[int]) -> "np.ndarray":
-        np, image, s = self.np, self.image, self.image.shape
-        k = image.k
-        count, start, hd, H, KV = len(ids), self.length, s["head_dim"], s["heads"], s["kv_heads"]
-        end = start + count
-        if start + count > self.capacity or not all(0 <= i < s["vocab"] for i in ids):
-            raise ValueError(f"{count} tokens from position {start}: out of range")
-        x = image.embed[np.asarray(ids, dtype=np.int64)]
-        c = image.cos[start:end]
-        cos = np.concatenate((c, c), axis=-1)[:, None, :]
-        c = image.sin[start:end]
-        sin = np.concatenate((c, c), axis=-1)[:, None, :]
-        att, _ = self._buffer("att", count, H * hd)
-        cap, d, f = self.capacity, s["dim"], s["ffn"]
-        for i, L in enumerate(image.layers):
-            h = self._norm(x, L["ln1"])
-            q = self._rotate(self._linear(h, "h", L["q_proj"], L["q_proj.b"], H * hd, "q").reshape(count, H, hd), cos, sin)
-            kk = self._rotate(self._linear(h, "h", L["k_proj"], L["k_proj.b"], KV * hd, "k").reshape(count, KV, hd), cos, sin)
-            v = self._linear(h, "h", L["v_proj"], L["v_proj.b"], KV * hd, "v").reshape(count, KV, hd)
-            keys, values = self.kv[2 * i], self.kv[2 * i + 1]
-            keys[:, start:end] = kk.transpose(1, 0, 2)
-            values[:, start:end] = v.transpose(1, 0, 2)
-            k.attention(k.tensor(q, (1, H, count, hd), (count * H * hd, hd, H * hd, 1)),
-                        k.tensor(keys, (1, KV, end, hd), (KV * cap * hd, cap * hd, hd, 1)),
-                        k.tensor(values, (1, KV, end, hd), (KV * cap * hd, cap * hd, hd, 1)),
-                        hd ** -0.5, count > 1, att)
-            o = self._linear(att, "att", L["o_proj"], L["o_proj.b"], d, "o")
-            x = _narrow(_widen(x) + _widen(o))
-            h = self._norm(x, L["ln2"])
-            gate = self._linear(h, "h", L["gate_proj"], L["gate_proj.b"], f, "gate")
-            up = self._linear(h, "h", L["up_proj"], L["up_proj.b"], f, "up")
-            act, _ = self._buffer("act", count, f)
-            act[...] = _narrow(image.silu[gate] * _widen(up))
-            x = _narrow(_widen(x) + _widen(self._linear(act, "act", L["down_proj"], L["down_proj.b"], d, "down")))
-        self.length = end
-        last = self._norm(x[-1:], image.norm)
-        return _widen(self._linear(last, "h", image.head, None, s["vocab"], "logits"))[0]
-
-    def prefill(self, tokens: "list[int] | np.ndarray") -> "np.ndarray":
-        """The logits [V] (fp32) after the prompt `tokens`, the sequence's first."""
-        if self.length:
-            raise ValueError("the image runs a prompt only from position 0")
-        return self._forward([int(t) for t in tokens])
-
-    def step(self, token: int, position: int) -> "np.ndarray":
-        """The logits [V] (fp32) after `token` at `position` (the cache's length)."""
-        if position != self.length:
-            raise ValueError(f"position {position} is not the cache's length {self.length}")
-        return self._forward([int(token)])
+    marker = exact_marker()
+    if not meta.get("exact_mark") or not meta.get("packed") or marker is None:
+        return None
+    try:
+        if marker.read_text() != meta["exact_mark"]:
+            return None
+        with open(folder / f"{meta['packed']}{quant_cache.SUFFIX}", "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    size = int.from_bytes(mapped[:8], "little")
+    header = json.loads(mapped[8 : 8 + size])
+    raw = np.frombuffer(mapped, dtype=np.uint8)
+    rows = []
+    for i in range(len(header)):
+        info = header.get(str(i))
+        if info is None:
+            break
+        start, end = (8 + size + int(v) for v in info["data_offsets"])
+        if info["dtype"] != "BF16" or end > len(mapped) or start % 64:
+            return None
+        rows.append(raw[start:end].view(np.uint16))
+    return rows
 
 
-__all__ = ["FORMAT", "SCHEME", "ExactImage", "ExactSequence", "Facts", "path_for", "save", "save_soon", "settle"]
+__all__ = ["FORMAT", "SCHEME", "ExactImage", "Facts", "path_for", "save", "save_soon", "settle"]

@@ -152,6 +152,16 @@ def mark_checked(path: Path) -> None:
         pass
 
 
+def exact_marker() -> Path | None:
+    """The file beside the built library that says its exact bf16 step passed its check against
+    torch (`exact.check_once` writes what: `exact.mark_text`); None where no library is built."""
+    try:
+        path = build.built(SOURCE, FLAGS, STEM)
+    except build.BuildError:
+        return None
+    return None if path is None else path.with_name(path.name + ".exact")
+
+
 def checked_library() -> Any:
     """The compiled library, opened, where it is built and checked on this CPU already; else None
     (never compiles)."""
@@ -178,4 +188,4 @@ def fused_kinds() -> frozenset[int]:
 
 
 __all__ = ["BF16", "DEFAULT_KINDS", "EVERY", "FLAGS", "INT4", "INT8", "FP32", "Layer", "Lin", "QUANTIZED",
-           "SOURCE", "Spec", "checked_library", "fused_kinds", "mark_checked", "open_library", "refusal"]
+           "SOURCE", "Spec", "checked_library", "exact_marker", "fused_kinds", "mark_checked", "open_library", "refusal"]
