@@ -16,7 +16,7 @@ from hyprstream_tui.engine.train.job import (
     TrainStep,
     train_status,
 )
-from hyprstream_tui.engine.forkserver import context
+from hyprstream_tui.engine.forkserver import context, settings
 from hyprstream_tui.engine.train.process import _child, run_training
 from hyprstream_tui.errors import InvalidInput
 from tests.train.helpers import FAST
@@ -70,7 +70,7 @@ def test_a_vanished_parent_counts_as_a_stop_request(qa_store):
     ctx = context()
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(theirs, qa_store.paths, "tiny", "qa",
-                                            TrainConfig(steps=500, **FAST), ()))
+                                            TrainConfig(steps=500, **FAST), (), settings()))
     proc.start()
     theirs.close()
     while True:
