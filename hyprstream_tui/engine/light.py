@@ -87,10 +87,6 @@ def engine_for(spec: str, *, home: str | Path | None, options: LoadOptions,
         return None
     started = time.perf_counter()
     bf16 = pick_dtype(options.dtype, "cpu", options.quantize) == "bfloat16"
-    if bf16:  # torch's library loads while the rest is read
-        from hyprstream_tui.engine.tuned import aoti
-
-        aoti.preload()
     from hyprstream_tui.engine.tuned import step_abi
 
     lib = step_abi.checked_library()

@@ -55,13 +55,6 @@ _loading = threading.Lock()
 _loaded: dict[str, "Kernels | None"] = {}
 
 
-def preload() -> None:
-    """Start loading the library in a thread (the dynamic loader releases the interpreter: about
-    0.2 s that a cold command spends on its imports and its tokenizer meanwhile)."""
-    if "kernels" not in _loaded:
-        threading.Thread(target=Kernels.load, name="hyprstream-libtorch", daemon=True).start()
-
-
 class TorchError(RuntimeError):
     """A kernel refused its arguments (a bug here: the shapes are checked before)."""
 
@@ -112,7 +105,7 @@ class Kernels:
 
     @classmethod
     def load(cls) -> "Kernels | None":
-        """The library, loaded once per process (waiting for `preload`'s thread where one runs)."""
+        """The library, loaded once per process."""
         with _loading:
             if "kernels" not in _loaded:
                 _loaded["kernels"] = cls._open()
@@ -191,4 +184,4 @@ def hand_to(lib: Any) -> bool:
     return _handed[id(lib)]
 
 
-__all__ = ["Kernels", "Tensor", "TorchError", "build_id", "hand_to", "library_path", "preload"]
+__all__ = ["Kernels", "Tensor", "TorchError", "build_id", "hand_to", "library_path"]
