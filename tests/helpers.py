@@ -29,3 +29,15 @@ def assert_one_line_error(result: Result, *needles: str) -> None:
     assert "\n" not in err and "Traceback" not in err, err
     for needle in needles:
         assert needle.lower() in err.lower(), err
+
+
+def bf16_copy(src: Path, dest: Path) -> Path:
+    """A copy of the model folder `src` at `dest` whose checkpoint holds its floats in bf16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    weights = load_file(dest / "model.safetensors")
+    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}, dest / "model.safetensors")
+    return dest

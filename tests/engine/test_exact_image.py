@@ -19,7 +19,8 @@ from hyprstream_tui.engine.loader import LoadOptions, load_model, prefill_fp32
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.engine.sources import resolve_source
 from hyprstream_tui.engine.tuned import aoti, exact, exact_image, exact_run, quant_cache, step, step_abi
-from tests.engine.test_light import PROMPT, infer, reply, same_reply
+from tests.engine.test_light import PROMPT, reply, same_reply
+from tests.helpers import bf16_copy
 
 pytestmark = [
     pytest.mark.skipif(step.library() is None, reason=f"the fused step cannot run on this machine: {step.status()}"),
@@ -116,30 +117,8 @@ def test_the_light_engine_gives_the_bf16_engines_replies(tiny_store, checked_lib
         assert got.provenance.dtype == "bfloat16" and got.provenance.quantize is None
 
 
-def test_a_cold_bf16_infer_answers_without_torch_as_the_engine_does(tiny_store, checked_library):
-    home = tiny_store.paths.home
-    args = ("tiny", "--dtype", "bfloat16", "--prompt", PROMPT, "--max-tokens", "10", "--seed", "3", "--json")
-    full = infer(home, *args, env={"HYPRSTREAM_LIGHT": "0"})  # the engine: loads, writes the image
-    assert full.returncode == 0, full.stderr
-    assert full.torch
-    light = infer(home, *args)
-    assert light.returncode == 0, light.stderr
-    assert not light.torch
-    a, b = json.loads(light.stdout), json.loads(full.stdout)
-    assert a["text"] and a["text"] == b["text"]
-    assert a["provenance"] == b["provenance"] and a["finish_reason"] == b["finish_reason"]
-
-
 def test_a_bf16_checkpoint_is_linked_not_copied(store, tiny_model_src, checked_library, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "tiny16"
-    shutil.copytree(tiny_model_src, folder)
-    weights = load_file(folder / "model.safetensors")
-    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()},
-              folder / "model.safetensors")
+    folder = bf16_copy(tiny_model_src, tmp_path / "tiny16")
     store.import_model(folder, name="tiny16")
     loaded_and_imaged(store, "tiny16")
     path = the_image(store)

@@ -17,10 +17,10 @@ import pytest
 from hyprstream_tui.engine.engine import Engine
 from hyprstream_tui.engine.events import GenerationDone, TokenDelta
 from hyprstream_tui.engine.light import LightEngine, engine_for
-from hyprstream_tui.engine.loader import LoadOptions
+from hyprstream_tui.engine.loader import LoadOptions, prefill_fp32
 from hyprstream_tui.engine.params import SamplingParams
-from hyprstream_tui.engine.tuned import step, step_abi, step_image
-from tests.helpers import REPO_ROOT
+from hyprstream_tui.engine.tuned import aoti, step, step_abi, step_image
+from tests.helpers import REPO_ROOT, bf16_copy
 
 pytestmark = pytest.mark.skipif(step.library() is None,
                                 reason=f"the fused step cannot run on this machine: {step.status()}")
@@ -130,15 +130,7 @@ def test_an_fp32_model_from_a_bf16_checkpoint_reads_its_bf16_rows_to_the_engines
     """Loaded in fp32 from a bf16 checkpoint, the model's weights are the bf16 values widened: the
     image links the bf16 tensors (half the bytes, nothing copied) and the step reads them as bf16
     rows, whose products equal its fp32 rows' bit for bit, so the replies are the engine's."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "tiny16"
-    shutil.copytree(tiny_model_src, folder)
-    weights = load_file(folder / "model.safetensors")
-    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()},
-              folder / "model.safetensors")
+    folder = bf16_copy(tiny_model_src, tmp_path / "tiny16")
     tiny_store.import_model(folder, name="tiny16")
     engine = torch_engine(tiny_store, None)
     cases = [(SamplingParams(temperature=0, max_tokens=16), False),
@@ -193,7 +185,13 @@ def infer(home, *args, env=None) -> Ran:
                               capture_output=True, text=True, env=full, cwd=REPO_ROOT, timeout=120))
 
 
-@pytest.mark.parametrize("kind", [("--quantize", "int8"), ("--dtype", "float32")])
+BF16_EXACT = pytest.mark.skipif(  # a bf16 model's exact image (tuned/exact_image.py)
+    prefill_fp32(LoadOptions()) or aoti.Kernels.load() is None,
+    reason="no exact image here: a CPU without native bf16 (the engine upcasts its prompts) or no C shim in torch")
+
+
+@pytest.mark.parametrize("kind", [("--quantize", "int8"), ("--dtype", "float32"),
+                                  pytest.param(("--dtype", "bfloat16"), marks=BF16_EXACT)])
 def test_a_cold_infer_answers_without_torch_as_the_engine_does(tiny_store, checked_library, kind):
     home = tiny_store.paths.home
     args = ("tiny", *kind, "--prompt", PROMPT, "--max-tokens", "10", "--seed", "3", "--json")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import mmap
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from hyprstream_tui.engine.cpu import lowest_priority
 from hyprstream_tui.engine.tuned import quant_cache
 from hyprstream_tui.engine.tuned.aoti import Kernels, build_id
 from hyprstream_tui.engine.tuned.exact_run import SUM_LANES, ExactSequence
+from hyprstream_tui.engine.tuned.step_image import checkpoint_tensors
 from hyprstream_tui.engine.tuned.exact_run import widen
 
 if TYPE_CHECKING:
@@ -78,23 +78,6 @@ def _names(shape: dict[str, int]) -> list[str]:
     return names
 
 
-def _bf16_in(files: list[Path]) -> dict[str, list[Any]]:
-    """The checkpoint's BF16 tensors: name -> [file name, start, end] (file offsets)."""
-    where: dict[str, list[Any]] = {}
-    for file in files:
-        try:
-            with open(file, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
-            for name, info in header.items():
-                if name != "__metadata__" and info.get("dtype") == "BF16":
-                    start, end = (int(v) for v in info["data_offsets"])
-                    where[name] = [file.name, 8 + size + start, 8 + size + end]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            continue  # that file's tensors are copied
-    return where
-
-
 def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str], files: list[Path],
          packed: str | None = None) -> Path | None:
     """Write the image of the bf16 model `model` (an `engine.native` one; `packed`: the weight
@@ -118,7 +101,7 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
              "vocab": config.vocab_size, "qkv_bias": int(config.qkv_bias), "o_bias": int(config.o_bias),
              "mlp_bias": int(config.mlp_bias), "tied": int(bool(config.tie_word_embeddings))}
     state = model.state_dict()
-    linked = _bf16_in(files)
+    linked = checkpoint_tensors(files, ("BF16",))
     tensors: dict[str, torch.Tensor] = {}
     links: dict[str, list[Any]] = {}
     for name in _names(shape):
@@ -129,7 +112,7 @@ def save(model: Any, cache: Path, key: str, facts: Facts, about: dict[str, str],
         if link is None and name == "model.embed_tokens.weight" and shape["tied"]:
             link = linked.get("lm_head.weight")  # a tied table may be stored under the head's name
         if link is not None and link[2] - link[1] == t.numel() * 2:
-            links[name] = link
+            links[name] = [link[0].name, link[1], link[2]]
         else:
             tensors[name] = t.detach().contiguous()
     with torch.inference_mode():
@@ -342,10 +325,7 @@ class ExactImage:
                 image.fuse(rows)
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
             return None
-        try:
-            os.utime(path)  # most recently used: the cache's cap evicts others first
-        except OSError:
-            pass
+        quant_cache.touch(path)
         return image
 
     def sequence(self, capacity: int) -> "ExactSequence":

@@ -74,10 +74,7 @@ def read(cache: Path, name: str) -> dict[str, "torch.Tensor"] | None:
         # aligned, rather than copied at every load (a crash in a kernel otherwise)
         log.warning("quantized cache entry %s is not 64-byte aligned: making it again", path.name)
         return None
-    try:
-        os.utime(path)  # most recently used: the size cap evicts others first
-    except OSError:
-        pass
+    touch(path)
     return tensors
 
 
@@ -140,6 +137,14 @@ def save(path: Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str
                 fh.write(t.view(-1).view(torch.uint8).numpy().data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def touch(path: Path) -> None:
+    """Mark entry `path` most recently used: the cap evicts others first."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def describe(path: Path) -> dict[str, str]:
@@ -205,4 +210,4 @@ def prune(cache: Path, *, keep_bytes: int = 0, spare: Path | None = None) -> Pru
     return Pruned(removed, freed, len(kept), total)
 
 
-__all__ = ["Pruned", "cap", "describe", "folder", "key", "prune", "read", "write"]
+__all__ = ["Pruned", "cap", "describe", "folder", "key", "prune", "read", "touch", "write"]

@@ -198,6 +198,24 @@ def _widens_to(mapped: mmap.mmap, start: int, view: Any) -> bool:
         del theirs
 
 
+def checkpoint_tensors(files: list[Path], dtypes: tuple[str, ...]) -> dict[str, tuple[Path, int, int, str]]:
+    """The tensors of `dtypes` in safetensors `files`: name -> (file, start, end, dtype), offsets in
+    the file. A file that cannot be read adds none (its tensors are copied, not linked)."""
+    where: dict[str, tuple[Path, int, int, str]] = {}
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            for name, info in header.items():
+                if name != "__metadata__" and info["dtype"] in dtypes:
+                    start, end = (int(v) for v in info["data_offsets"])
+                    where[name] = (file, 8 + size + start, 8 + size + end, info["dtype"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            continue
+    return where
+
+
 class _Checkpoint:
     """The model's checkpoint files, for linking: a tensor of the image whose bytes are a tensor
     of the checkpoint that `model` holds at the same address (loaded as a view of the file) and
@@ -212,18 +230,7 @@ class _Checkpoint:
             narrow = getattr(module, "hs_bf16_weight", None)
             if narrow is not None:
                 self._owners.setdefault(narrow.data_ptr(), []).append(f"{name}.weight")
-        self._where: dict[str, tuple[Path, int, int, str]] = {}  # checkpoint name -> file, start, end, dtype
-        for file in files:
-            try:
-                with open(file, "rb") as fh:
-                    size = int.from_bytes(fh.read(8), "little")
-                    header = json.loads(fh.read(size))
-                for name, info in header.items():
-                    if name != "__metadata__" and info["dtype"] in ("F32", "BF16"):
-                        start, end = (int(v) for v in info["data_offsets"])
-                        self._where[name] = (file, 8 + size + start, 8 + size + end, info["dtype"])
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                continue  # that file's tensors are copied
+        self._where = checkpoint_tensors(files, ("F32", "BF16"))  # checkpoint name -> file, start, end, dtype
         self._maps: dict[Path, mmap.mmap] = {}
 
     def link(self, image_name: str, address: int, view: Any, *, widened: bool = False) -> bool:
@@ -344,10 +351,7 @@ class ImageModel:
             model = cls(lib, path, threads, folder)
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
             return None
-        try:
-            os.utime(path)  # most recently used: the cache's cap evicts others first
-        except OSError:
-            pass
+        quant_cache.touch(path)
         return model
 
     def use_threads(self, n: int) -> None:
@@ -397,4 +401,4 @@ class ImageSequence:
         return logits
 
 
-__all__ = ["FORMAT", "Facts", "ImageModel", "ImageSequence", "name_for", "path_for", "save", "scheme"]
+__all__ = ["FORMAT", "Facts", "ImageModel", "ImageSequence", "checkpoint_tensors", "name_for", "path_for", "save", "scheme"]
