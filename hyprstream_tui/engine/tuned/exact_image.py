@@ -9,13 +9,16 @@ operation on the widened values, rounded to the nearest even bf16; the norms' su
 torch's order (`step.c`'s `hs_sum_squares`); silu and the rotary cos/sin from tables of torch's own
 values.
 
-- **Written** by the engine when it loads a store model in bf16 on the CPU (`save`, from
-  `loader.load_model`): the tables, the shape, the facts a reply needs, and the bf16 weights, each
-  one linked to the checkpoint where it is stored there in bf16, else copied. Before writing, the
-  engine runs a prompt and two steps both ways and writes nothing unless the logits and the cache are
-  equal bit for bit (`_agrees`): on this CPU, this torch build and this model. The image records the
-  torch build it was made with; another build is not used.
-- **Read** by `engine.light` (`ExactImage.open`); `sequence(capacity)` runs one sequence.
+- **Written** by the engine after a store model's first bf16 reply on the CPU (`save_soon`, which
+  `loader.load_model` leaves in `LoadedModel.after_first_reply`), in a thread at the lowest
+  priority: the tables, the shape, the facts a reply needs, and the bf16 weights, each one linked
+  to the checkpoint where it is stored there in bf16, else copied. Before writing, it runs a prompt
+  and two steps both ways and writes nothing unless the logits and the cache are equal bit for bit
+  (`_agrees`): on this CPU, this torch build and this model. The image records the torch build it
+  was made with; another build is not used.
+- **Read** by `engine.light` (`ExactImage.open`); `sequence(capacity)` runs one sequence
+  (`exact_run`). Where the weight cache holds the exact fused step's packed rows and that step
+  passed its check here, decode steps run through it (`fuse`): the engine's own step.
 
 Content-addressed in the home's weight cache like a step image (`quant_cache`, scheme `SCHEME`).
 """
@@ -33,9 +36,8 @@ from typing import TYPE_CHECKING, Any
 from hyprstream_tui.engine.cpu import lowest_priority
 from hyprstream_tui.engine.tuned import quant_cache
 from hyprstream_tui.engine.tuned.aoti import Kernels, build_id
-from hyprstream_tui.engine.tuned.exact_run import SUM_LANES, ExactSequence
+from hyprstream_tui.engine.tuned.exact_run import SUM_LANES, ExactSequence, widen
 from hyprstream_tui.engine.tuned.step_image import checkpoint_tensors
-from hyprstream_tui.engine.tuned.exact_run import widen
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FORMAT = 1
 SCHEME = f"bf16-image{FORMAT}"
-SHAPE = ("layers", "dim", "heads", "kv_heads", "head_dim", "ffn", "vocab", "qkv_bias", "o_bias", "mlp_bias", "tied")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
