@@ -244,6 +244,7 @@ def _name_pack_cache(lm: LoadedModel) -> None:
     except (OSError, native.Unsupported):
         return
     setattr(lm.model, "hs_pack_cache", (source.cache, name))  # a plain attribute, as hs_bf16_weight
+    setattr(lm.model, "hs_pack_about", {"model": source.name, "commit": source.commit})  # for `cache list`
 
 
 def _save_image(lm: LoadedModel, key: str | None) -> None:

@@ -209,6 +209,10 @@ def test_a_store_models_packed_rows_go_to_the_homes_cache_and_the_next_load_maps
     step.described(first.model)
     folder, name = first.model.hs_pack_cache
     assert (folder / "quantized" / f"{name}.safetensors").is_file()
+    from hyprstream_tui.engine.tuned import quant_cache
+
+    about = quant_cache.describe(folder / "quantized" / f"{name}.safetensors")  # what `cache list` shows
+    assert (about["model"], about["commit"], about["scheme"]) == ("tiny", tiny_store.head("tiny"), exact.SCHEME)
     packs = []
     real = exact.pack_rows
     monkeypatch.setattr(exact, "pack_rows", lambda *args: packs.append(1) or real(*args))

@@ -233,7 +233,7 @@ def _store(model: Any, rows: list[torch.Tensor]) -> None:
     where = getattr(model, "hs_pack_cache", None)
     if where is not None:
         quant_cache.write(where[0], where[1], {str(i): r for i, r in enumerate(rows)},
-                          about={"scheme": SCHEME})
+                          about={**getattr(model, "hs_pack_about", {}), "scheme": SCHEME})
 
 
 def rope_for(shape: Any, positions: int) -> tuple[int, int, int]:
