@@ -60,12 +60,12 @@ class TorchError(RuntimeError):
 
 
 class Tensor:
-    """A torch tensor over `array`'s memory (kept alive with it); `sizes`/`strides` in elements."""
+    """A bf16 torch tensor over `array`'s memory (kept alive with it); `sizes`/`strides` in elements."""
 
     __slots__ = ("k", "handle", "array", "sizes")
 
-    def __init__(self, k: "Kernels", array: Any, sizes: tuple[int, ...], strides: tuple[int, ...] | None = None,
-                 dtype: int | None = None, offset: int = 0) -> None:
+    def __init__(self, k: "Kernels", array: Any, sizes: tuple[int, ...], strides: tuple[int, ...] | None = None
+                 ) -> None:
         self.k, self.array, self.sizes = k, array, sizes
         if strides is None:
             dense: list[int] = []
@@ -78,8 +78,8 @@ class Tensor:
         self.handle = _handle()
         address = array.ctypes.data if hasattr(array, "ctypes") else int(array)
         k.check(k.lib.aoti_torch_create_tensor_from_blob(
-            _handle(address), _i64(n), (_i64 * n)(*sizes), (_i64 * n)(*strides), _i64(offset),
-            k.bf16 if dtype is None else dtype, k.cpu, 0, ctypes.byref(self.handle)), "a tensor")
+            _handle(address), _i64(n), (_i64 * n)(*sizes), (_i64 * n)(*strides), _i64(0), k.bf16, k.cpu, 0,
+            ctypes.byref(self.handle)), "a tensor")
 
     def __del__(self) -> None:
         if self.handle:
@@ -132,9 +132,8 @@ class Kernels:
         """torch's intra-op threads (`torch.set_num_threads`): oneDNN's blocking follows them."""
         getattr(self.lib, SET_THREADS)(ctypes.c_int(n))
 
-    def tensor(self, array: Any, sizes: tuple[int, ...], strides: tuple[int, ...] | None = None,
-               dtype: int | None = None, offset: int = 0) -> Tensor:
-        return Tensor(self, array, sizes, strides, dtype, offset)
+    def tensor(self, array: Any, sizes: tuple[int, ...], strides: tuple[int, ...] | None = None) -> Tensor:
+        return Tensor(self, array, sizes, strides)
 
     def linear(self, out: Tensor, x: Tensor, weight_t: Tensor, bias: Tensor | None) -> None:
         """out = x @ weight_t (+ bias): `F.linear`'s own `addmm`/`mm` (weight_t: the [in, out] view)."""

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from hyprstream_tui.engine.tuned import aoti
-from hyprstream_tui.engine.tuned.step_abi import BF16_PACKED, Lin, cpu_flags, this_cpu
+from hyprstream_tui.engine.tuned.exact_run import SUM_LANES
+from hyprstream_tui.engine.tuned.step_abi import BF16_PACKED, Lin, cpu_flags, exact_marker, this_cpu
 from hyprstream_tui.store.atomic import tmp_name
 
 
@@ -36,7 +37,6 @@ def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-SUM_LANES = 8  # fp32 lanes of torch's sum kernel (its AVX2 build runs on AVX512 CPUs too)
 XROWS = 64  # rows of a packed block (step.c's XROWS)
 
 
@@ -156,7 +156,7 @@ def check_once(lib: Any, path: Path | None, described: Any, fused: Any) -> str:
     """`check`, skipped where it passed before for this library (`path`), CPU and torch: a marker
     beside the library says so (its first run in a process costs a cold call some 0.3 s of torch's
     first products)."""
-    marker = None if path is None else path.with_name(path.name + ".exact")  # step_abi.exact_marker
+    marker = None if path is None else exact_marker(path)
     mark = mark_text()
     try:
         if marker is not None and marker.read_text() == mark:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-SUM_LANES = 8  # as `exact.SUM_LANES`: the fp32 lanes of torch's sum kernel
+SUM_LANES = 8  # fp32 lanes of torch's sum kernel (its AVX2 build runs on AVX512 CPUs too); `exact` checks it
 
 
 def widen(a: "np.ndarray") -> "np.ndarray":

@@ -152,14 +152,16 @@ def mark_checked(path: Path) -> None:
         pass
 
 
-def exact_marker() -> Path | None:
-    """The file beside the built library that says its exact bf16 step passed its check against
-    torch (`exact.check_once` writes what: `exact.mark_text`); None where no library is built."""
-    try:
-        path = build.built(SOURCE, FLAGS, STEM)
-    except build.BuildError:
-        return None
-    return None if path is None else path.with_name(path.name + ".exact")
+def exact_marker(library: Path | None = None) -> Path | None:
+    """The file beside the library at `library` (default: the built one) that says its exact bf16
+    step passed its check against torch (`exact.check_once` writes what: `exact.mark_text`); None
+    where no library is built."""
+    if library is None:
+        try:
+            library = build.built(SOURCE, FLAGS, STEM)
+        except build.BuildError:
+            return None
+    return None if library is None else library.with_name(library.name + ".exact")
 
 
 def checked_library() -> Any:
