@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 from hyprstream_tui.engine.events import (
     ContextTrimmed,
@@ -29,6 +29,7 @@ from hyprstream_tui.engine.events import (
 )
 from hyprstream_tui.engine.jobs import (
     Job,
+    Workers,
     draw_seed,
     emit_quietly,
     error_event,
@@ -39,6 +40,7 @@ from hyprstream_tui.engine.loader import LoadedModel, LoadOptions, ModelSource
 from hyprstream_tui.engine.params import SamplingParams, check_budget, check_prompt
 from hyprstream_tui.engine.prefix import PrefixCache
 from hyprstream_tui.engine.sources import ModelSpec, parse_spec, resolve_source
+from hyprstream_tui.errors import HyprError, InvalidInput
 
 if TYPE_CHECKING:
     from hyprstream_tui.engine.sequence import SequenceState
@@ -63,6 +65,9 @@ class Request:
     threads: int | None = None
 
 
+_thread_count = threading.local()  # .set: this worker thread's count was set by a request
+
+
 class Engine:
     """Loads models by name and generates in worker threads. Thread-safe."""
 
@@ -73,8 +78,10 @@ class Engine:
         max_models: int = 2,
         options: LoadOptions = LoadOptions(),
         threads: int | None = None,
+        drafts: bool = False,
     ) -> None:
         self.store = store
+        self.drafts = drafts  # `warm` gives fp32 models an int8 draft (engine/speculate.py)
         self.max_models = max(1, max_models)
         self.options = options
         self.threads = threads
@@ -85,6 +92,7 @@ class Engine:
         self._jobs_lock = threading.Lock()
         # KV caches of earlier requests, their prompt prefixes reused (engine/prefix.py)
         self.prefix = PrefixCache()
+        self.workers = Workers("hyprstream-gen")  # kept threads: each keeps its OpenMP team
 
     # ---- models --------------------------------------------------------------------------
     def resolve(self, spec: str | ModelSpec) -> ModelSource:
@@ -186,11 +194,7 @@ class Engine:
         job = Job(request.request_id)
         with self._jobs_lock:
             self._jobs.add(job)
-        job.thread = threading.Thread(
-            target=self._run, args=(request, job, on_event or ignore),
-            name=f"hyprstream-gen-{request.request_id}", daemon=True,
-        )
-        job.thread.start()
+        self.workers.start(lambda: self._run(request, job, on_event or ignore))
         return job
 
     def stream(
@@ -217,9 +221,10 @@ class Engine:
             job.cancel()
 
     def _run(self, request: Request, job: Job, emit: EventCallback) -> None:
+        later: list[Callable[[], object]] = []
         try:
             self._use_threads(request.threads if request.threads is not None else self.threads)
-            job.done = self._generate(request, job.cancel_token, emit)
+            job.done = self._generate(request, job.cancel_token, emit, later)
             emit(job.done)
         except Exception as exc:  # a HyprError, a bug or a failing callback: kept on the job
             job.error = exc
@@ -228,16 +233,22 @@ class Engine:
             with self._jobs_lock:
                 self._jobs.discard(job)
             job.finish()
+        for work in later:  # after the reply, on this thread: nothing waits for it
+            work()
 
     def _use_threads(self, threads: int | None) -> None:
-        """Set this worker thread's CPU thread count for the request (None: the default)."""
-        if threads is not None:  # OpenMP's thread count is per calling thread
+        """Set this worker thread's CPU thread count for the request (None: the default). OpenMP's
+        count is per calling thread, and a worker thread serves request after request: one that
+        an earlier request set is set back to the default."""
+        if threads is not None or getattr(_thread_count, "set", False):
             from hyprstream_tui.engine.loader import set_threads
 
             set_threads(threads)
+            _thread_count.set = threads is not None
 
     def _generate(
-        self, request: Request, cancel: threading.Event, emit: EventCallback
+        self, request: Request, cancel: threading.Event, emit: EventCallback,
+        later: list[Callable[[], object]] | None = None,
     ) -> GenerationDone:
         source = self.resolve(request.spec)
         if source.adapter is not None:
@@ -259,6 +270,8 @@ class Engine:
             after, lm.after_first_reply = lm.after_first_reply, None
         if after is not None:
             after()
+        if fresh and self.drafts and later is not None:  # a model loaded by a request: its draft after the reply
+            later.append(lambda: self._attach_draft(lm))
         return done
 
     def _prompt_ids(
@@ -298,18 +311,50 @@ class Engine:
         return seq.done(request.request_id, provenance(lm, source, params, seed), load_s=load_s,
                         dropped_messages=dropped)
 
-    def warm(self, spec: str | ModelSpec, options: LoadOptions, ids: Sequence[int]) -> None:
+    def warm(self, spec: str | ModelSpec, options: LoadOptions, ids: Sequence[int],
+             threads: int | None = None) -> None:
         """Load `spec` and run the prompt `ids` once, so that its KV cache is kept for the next
-        request that starts with them (the conversation of a command answered elsewhere)."""
-        from hyprstream_tui.engine.sequence import SequenceState
+        request that starts with them (the conversation of a command answered elsewhere). What
+        that request would otherwise do for the first time is done here too: the chat template
+        compiled (jinja2 imported) and the sampler's generator made (numpy.random imported),
+        about 60 ms of a warm reply. It runs on a request thread (`workers`), whose OpenMP team the
+        next request then finds made; `threads`: its CPU threads (None: the engine's)."""
+        self.workers.call(lambda: self._warm(spec, options, ids, threads))
 
+    def _warm(self, spec: str | ModelSpec, options: LoadOptions, ids: Sequence[int], threads: int | None) -> None:
+        from hyprstream_tui.engine.chat import render
+        from hyprstream_tui.engine.sequence import SequenceState, seeded
+
+        self._use_threads(threads if threads is not None else self.threads)
         lm = self.load(spec, options)
+        if self.drafts and lm.draft is None:
+            self._attach_draft(lm)
         with lm.lock:
             lm.use_adapter(None)
             seq = SequenceState(list(ids), SamplingParams(temperature=0, max_tokens=1), eos_ids=frozenset(),
-                                generator=None)
+                                generator=seeded(0))
             for _ in self._texts(lm, seq, threading.Event()):
                 pass
+            try:
+                render(lm.tokenizer, [{"role": "user", "content": "warm-up"}])
+            except InvalidInput:  # a template that refuses this: its first request says so
+                pass
+
+    def _attach_draft(self, lm: LoadedModel) -> None:
+        """Give `lm` its int8 draft where speculative decoding applies: an fp32 model of the
+        engine's own classes on the CPU, through the fused step. The draft's weights come from
+        the home's cache of quantized weights (made there on the first use)."""
+        from hyprstream_tui.engine import speculate
+        from hyprstream_tui.engine.loader import load_model
+
+        if lm.draft is not None or not (speculate.enabled() and lm.dtype == "float32" and lm.device == "cpu" and lm.options.tuned
+                and lm.options.quantize is None and getattr(lm.model, "native", False)):
+            return
+        try:
+            draft = load_model(lm.source, dataclasses.replace(lm.options, quantize="int8"))
+        except (HyprError, OSError):  # no draft: the model's own steps run, as before
+            return
+        lm.draft = draft.model
 
     def _texts(self, lm: LoadedModel, seq: SequenceState, cancel: threading.Event) -> Iterator[str]:
         """`seq` decoded on `lm` (`generate.decode`'s texts), over the KV cache of an earlier
@@ -319,7 +364,7 @@ class Engine:
         prompt_ids = seq.prompt_ids
         taken = self.prefix.take(lm, prompt_ids)  # the prompt's start computed by an earlier request
         cache = taken.cache if taken.cache is not None else new_cache(lm.model)
-        yield from decode(lm.model, seq, cancel=cancel, cache=cache, tuned=lm.options.tuned)
+        yield from decode(lm.model, seq, cancel=cancel, cache=cache, tuned=lm.options.tuned, draft=lm.draft)
         # Only after a request that ended without an error (a cache left mid-forward is not whole),
         # and only for a model still loaded: an unloaded model's memory must go.
         if self._holds(lm):

@@ -16,13 +16,14 @@ Imports torch at module level: the engine imports this module lazily, in its wor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from hyprstream_tui.engine import loop
 from hyprstream_tui.engine.loop import CancelToken, NeverCancel
 from hyprstream_tui.engine.sequence import SequenceState
+from hyprstream_tui.engine.speculate import Speculator
 from hyprstream_tui.engine.tuned.lean import LeanDecoder
 from hyprstream_tui.engine.tuned.step import FusedStep, packing
 
@@ -70,8 +71,8 @@ class TorchRun:
     tensors (the prompt too) where it applies, else the lean step, else `model(...)`."""
 
     def __init__(self, model: torch.nn.Module, seq: SequenceState, cache: "Cache | NativeCache | None",
-                 tuned: bool) -> None:
-        self.model, self.seq, self.tuned = model, seq, tuned
+                 tuned: bool, draft: Any = None) -> None:
+        self.model, self.seq, self.tuned, self.draft = model, seq, tuned, draft
         self.device = next(model.parameters()).device
         n_prompt, max_new = seq.n_prompt, seq.params.max_tokens
         self.positions = torch.arange(n_prompt + max_new, device=self.device).unsqueeze(0)  # [1, S + N]
@@ -84,6 +85,7 @@ class TorchRun:
         self.fused: FusedStep | None = None
         self.lean: LeanDecoder | None = None
         self.pending = False  # the fused step comes once the model's weights are packed
+        self.speculator: Speculator | None = None  # steps through a draft's checked guesses
 
     def prompt(self) -> torch.Tensor:
         """The logits [V] after the prompt's last token (its positions before `cached` reused)."""
@@ -93,7 +95,13 @@ class TorchRun:
         # would have left (a prefix reused later, or a reply continued, reads the same cache)
         self.fused = FusedStep.build(model, cache, wait=False) if self.tuned else None
         if self.fused is not None:
-            return self.fused.prefill(torch.from_numpy(seq.seen[cached:n_prompt]), cached)
+            self.speculator = Speculator.build(self.fused, self.draft, seq)
+            if self.speculator is not None and n_prompt - cached == 1:  # the first check starts here
+                return self.speculator.step(int(seq.seen[cached]), cached)
+            logits = self.fused.prefill(torch.from_numpy(seq.seen[cached:n_prompt]), cached)
+            if self.speculator is not None:
+                self.speculator.prompted(n_prompt)
+            return logits
         input_ids = torch.from_numpy(seq.seen[cached:n_prompt]).unsqueeze(0).to(self.device)  # [1, S - cached]
         logits = prefill(model, input_ids, self.positions[:, cached:n_prompt], cache)
         self.fused = FusedStep.build(model, cache, wait=False) if self.tuned else None
@@ -111,6 +119,8 @@ class TorchRun:
         if self.pending and not packing(self.model):
             self.pending = False
             self.fused = FusedStep.build(self.model, self.cache, wait=False)
+        if self.speculator is not None:
+            return self.speculator.step(token_id, pos)
         if self.fused is not None:
             return self.fused.step(token_id, pos)
         self.token.fill_(token_id)
@@ -127,6 +137,7 @@ def decode(
     cancel: CancelToken = NeverCancel(),
     cache: Cache | NativeCache | None = None,
     tuned: bool = True,
+    draft: Any = None,
 ) -> Iterator[str]:
     """The single-stream loop (`loop.run`) over torch's model: prefill `seq`'s prompt, then one
     token per step until `seq` ends.
@@ -135,11 +146,15 @@ def decode(
     (when not empty). `cache`: a KV cache (`new_cache`) already holding the first positions of this
     prompt, computed earlier; prefill runs only the rest (at least one token) and the cache is
     extended in place. `tuned`: the fused or lean step where it applies (False: `model(...)` every
-    step).
+    step). `draft`: the model's int8 draft (`engine.speculate`; the same reply, sooner).
     """
-    run = TorchRun(model, seq, cache, tuned)
-    with torch.inference_mode():
-        yield from loop.run(seq, run.prompt, run.step, cancel=cancel)
+    run = TorchRun(model, seq, cache, tuned, draft)
+    try:
+        with torch.inference_mode():
+            yield from loop.run(seq, run.prompt, run.step, cancel=cancel)
+    finally:
+        if run.speculator is not None:
+            run.speculator.settle()
 
 
 def generate_tokens(

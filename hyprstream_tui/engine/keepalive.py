@@ -172,7 +172,7 @@ class KeepAliveServer:
         cores = usable_cores()
         # Every request sets its thread count (its own --threads, or all cores): a worker thread
         # must not keep an earlier command's.
-        self.engine = Engine(store=Store(paths), threads=cores)
+        self.engine = Engine(store=Store(paths), threads=cores, drafts=True)
         self.started = time.time()
         # a model to load at once, and the tokens of the conversation to keep the KV cache of: the
         # command that started it answered without it (engine/light.py)
@@ -217,10 +217,11 @@ class KeepAliveServer:
                 try:
                     from hyprstream_tui.engine.loader import set_threads
 
-                    set_threads(loading.threads if loading.threads is not None else self.engine.threads)
+                    threads = loading.threads if loading.threads is not None else self.engine.threads
+                    set_threads(threads)
                     options = LoadOptions(**loading.load_options())
                     if ids:
-                        self.engine.warm(spec, options, ids)
+                        self.engine.warm(spec, options, ids, threads)
                     else:
                         self.engine.load(spec, options)
                     log(f"loaded {spec} ahead of its requests ({len(ids)} tokens of its last conversation run)")

@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from hyprstream_tui.engine.cpu import cpu_has_bf16, usable_cores
 from hyprstream_tui.errors import InvalidInput, NotFound
@@ -107,6 +107,8 @@ class LoadedModel:
     # work for after the model's first reply (its exact image: `_save_exact_image`), which the
     # engine starts then: a request refused after the load leaves nothing behind
     after_first_reply: Callable[[], object] | None = None
+    # an int8 copy of its weights that guesses tokens for it to check (engine/speculate.py)
+    draft: Any = None
 
     def use_adapter(self, adapter: AdapterSource | None) -> None:
         """Switch to `adapter` (loading it once) or back to the base model. Call under `lock`."""

@@ -228,3 +228,55 @@ def test_template_errors_are_invalid_input(tiny_qwen2):
     tok.chat_template = "{{ raise_exception('System role not supported') }}"
     with pytest.raises(InvalidInput, match="System role not supported"):
         fit_conversation(tok, [{"role": "user", "content": "hi"}], budget=100)
+
+
+def test_requests_run_on_kept_threads_and_a_set_thread_count_does_not_leak(tiny_qwen2):
+    """Engine.workers: a request after another runs on the same thread (OpenMP's team of threads
+    is per calling thread: a new thread a request paid for a new team), and a thread count one
+    request set is the default again for the next request that sets none."""
+    import torch
+
+    from hyprstream_tui.engine.cpu import usable_cores
+
+    engine = Engine(options=LoadOptions(dtype="float32"))
+    seen: list[tuple[int, int]] = []
+
+    def run(threads):
+        params = SamplingParams(temperature=0, max_tokens=2)
+        from hyprstream_tui.engine.engine import Request
+        from hyprstream_tui.engine.jobs import new_request_id
+        from hyprstream_tui.engine.sources import parse_spec
+
+        request = Request(spec=parse_spec(str(tiny_qwen2)), params=params, prompt="Hello", request_id=new_request_id(),
+                          threads=threads)
+        engine.submit(request, lambda e: seen.append((threading.get_ident(), torch.get_num_threads()))).result(60)
+
+    run(None)
+    run(1)
+    run(None)
+    idents = {ident for ident, _ in seen}
+    assert len(idents) == 1  # one kept thread served all three
+    counts = [n for _, n in seen]
+    assert 1 in counts and counts[-1] == max(1, usable_cores())
+    engine.close()
+
+
+def test_workers_run_side_by_side_when_busy_and_raise_in_the_caller():
+    from hyprstream_tui.engine.jobs import Workers
+
+    workers = Workers("test-workers")
+    gate, both = threading.Event(), threading.Barrier(2, timeout=10)
+    names: list[str] = []
+
+    def busy():
+        names.append(threading.current_thread().name)
+        both.wait()  # only returns when a second thread runs beside this one
+        gate.wait(10)
+
+    workers.start(busy)
+    workers.start(busy)
+    gate.set()
+    assert workers.call(lambda: 41 + 1) == 42
+    with pytest.raises(ValueError, match="bad"):
+        workers.call(lambda: (_ for _ in ()).throw(ValueError("bad")))
+    assert names == ["test-workers", "test-workers"]

@@ -1005,7 +1005,7 @@ int64_t hs_prefill_floats(const hs_model *m) {
 }
 
 static void prefill_chunk(const hs_model *m, const int64_t *tokens, int64_t T, int64_t pos, float *logits,
-                          float *work) {
+                          int every, float *work) {
     const int64_t d = m->dim, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd, f = m->ffn;
     const int64_t widest = f > nq ? (f > d ? f : d) : (nq > d ? nq : d);
     const int bf16 = (int)m->bf16;
@@ -1085,7 +1085,16 @@ static void prefill_chunk(const hs_model *m, const int64_t *tokens, int64_t T, i
             gemm_parts(&L->down, 1, ACT, XP, XS, T, H, 1, bf16);
             SYNC();
         }
-        if (logits) {
+        if (logits && every) { /* each row's logits, as its own step's head writes them */
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < T; r++) {
+                rmsnorm(at(H, r), m->norm, at(X, r), d, m->eps, bf16);
+                prep(&m->head, at(X, r), at(XP, r), at(XS, r));
+            }
+            SYNC();
+            hs_mat Y = {logits, m->vocab};
+            gemm_parts(&m->head, 1, X, XP, XS, T, Y, 0, bf16);
+        } else if (logits) {
             const int64_t r = T - 1;
             if (omp_get_thread_num() == 0) {
                 rmsnorm(at(H, r), m->norm, at(X, r), d, m->eps, bf16);
@@ -1108,7 +1117,21 @@ int hs_prefill(const hs_model *m, const int64_t *tokens, int64_t count, int64_t 
         if (tokens[i] < 0 || tokens[i] >= m->vocab) return 1;
     for (int64_t c = 0; c < count; c += PREFILL_ROWS) {
         const int64_t T = count - c < PREFILL_ROWS ? count - c : PREFILL_ROWS;
-        prefill_chunk(m, tokens + c, T, pos + c, c + T == count ? logits : NULL, work);
+        prefill_chunk(m, tokens + c, T, pos + c, c + T == count ? logits : NULL, 0, work);
+    }
+    return 0;
+}
+
+/* As hs_prefill, with the logits of every token: logits [count, vocab], row i what the step of
+ * tokens[i] at pos + i returns, bit for bit (a draft's tokens checked at once: engine/speculate.py). */
+int hs_prefill_every(const hs_model *m, const int64_t *tokens, int64_t count, int64_t pos, float *logits,
+                     float *work) {
+    if (count < 1 || pos < 0 || pos + count > m->capacity || m->head_dim > 512) return 1;
+    for (int64_t i = 0; i < count; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->vocab) return 1;
+    for (int64_t c = 0; c < count; c += PREFILL_ROWS) {
+        const int64_t T = count - c < PREFILL_ROWS ? count - c : PREFILL_ROWS;
+        prefill_chunk(m, tokens + c, T, pos + c, logits + c * m->vocab, 1, work);
     }
     return 0;
 }

@@ -1,8 +1,7 @@
 """A whole decode step in one C call (`step.c`), and a prompt's tokens the same way, for the
-engine's own model classes.
-
-On SmolLM2-135M (30 layers, 576 wide) a quantized decode step through torch is some 600 operator
-calls, and their dispatch, not the weights' bytes, was most of its time. `FusedStep` runs the same
+engine's own model classes. On SmolLM2-135M (30 layers, 576 wide) a quantized decode step through
+torch is some 600 operator calls, and their dispatch, not the weights' bytes, was most of its
+time. `FusedStep` runs the same
 step (embedding row, every layer, output layer) as one call into `step.c`: one OpenMP region, a
 few barriers a layer, the KV cache written in place (`NativeCache`'s own tensors, so a prefill
 through torch and the engine's prefix reuse see the same cache). `FusedStep.prefill` runs a
@@ -44,7 +43,6 @@ from hyprstream_tui.engine.tuned import build
 from hyprstream_tui.engine.tuned import exact as exact_mode
 from hyprstream_tui.engine.tuned.exact import ptr
 from hyprstream_tui.engine.tuned.build import BuildError
-
 from hyprstream_tui.engine.tuned.step_abi import (  # noqa: F401 - the names tests and callers use
     BF16,
     ENV_SWITCH,
@@ -262,7 +260,8 @@ class FusedStep:
 
     def __init__(self, lib: Any, model: Any, cache: Any, shape: "Described | None" = None) -> None:
         shape = shape or described(model)
-        self._fn, self._prefill, self._floats = lib.hs_step, lib.hs_prefill, lib.hs_prefill_floats
+        self._fn, self._prefill, self._every, self._floats = (lib.hs_step, lib.hs_prefill, lib.hs_prefill_every,
+                                                              lib.hs_prefill_floats)
         self.model, self.cache, self.shape = model, cache, shape
         self.spec, self.layers = for_sequence(shape.spec, shape.layers)  # its own cache pointers
         self.spec.threads = max(1, torch.get_num_threads())
@@ -342,13 +341,14 @@ class FusedStep:
                 self._grow()
             self._attach()
 
-    def prefill(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, position: int, every: bool = False) -> torch.Tensor:
         """The logits [V] (fp32) of the last of `tokens` [S] run from `position` (the cache's
-        length) on; the cache grows by them all, holding what as many `step` calls leave, bit for bit."""
+        length) on; the cache grows by them all, holding what as many `step` calls leave, bit for bit.
+        every: the logits [S, V] of each token, each its own step's (not for an exact model)."""
         count = int(tokens.numel())
         if position != self.cache.length:
             raise ValueError(f"position {position} is not the cache's length {self.cache.length}")
-        if count == 1:  # one token (a prompt continuing a kept cache): a step, the same bits
+        if count == 1 and not every:  # one token (a prompt continuing a kept cache): a step, the same bits
             return self.step(int(tokens.reshape(-1)[0]), position)
         if self.spec.exact:  # torch's own prompt, whose cache and logits the steps continue exactly
             ids = tokens.reshape(1, -1).to(torch.int64)
@@ -359,9 +359,9 @@ class FusedStep:
         self._fit(position + count)
         ids = tokens.reshape(-1).to(torch.int64).contiguous()
         work = torch.empty(int(self._floats(ctypes.byref(self.spec))), dtype=torch.float32)
-        logits = torch.empty(self.spec.vocab, dtype=torch.float32)
-        if self._prefill(ctypes.byref(self.spec), ids.data_ptr(), count, position, logits.data_ptr(),
-                         work.data_ptr()) != 0:
+        logits = torch.empty((count, self.spec.vocab) if every else self.spec.vocab, dtype=torch.float32)
+        if (self._every if every else self._prefill)(ctypes.byref(self.spec), ids.data_ptr(), count, position,
+                                                     logits.data_ptr(), work.data_ptr()) != 0:
             raise ValueError(f"a token of {ids.tolist()} is out of range, or position {position}")
         self.cache.length = position + count
         return logits

@@ -88,6 +88,8 @@ def open_library(path: Path) -> Any:
     lib.hs_step.argtypes = [ctypes.POINTER(Spec), I64, I64, P]
     lib.hs_prefill.restype = ctypes.c_int
     lib.hs_prefill.argtypes = [ctypes.POINTER(Spec), P, I64, I64, P, P]
+    lib.hs_prefill_every.restype = ctypes.c_int
+    lib.hs_prefill_every.argtypes = [ctypes.POINTER(Spec), P, I64, I64, P, P]
     lib.hs_prefill_floats.restype = I64
     lib.hs_prefill_floats.argtypes = [ctypes.POINTER(Spec)]
     lib.hs_exact_begin.restype = ctypes.c_int
