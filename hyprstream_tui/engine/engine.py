@@ -331,7 +331,9 @@ class Engine:
             self._attach_draft(lm)
         with lm.lock:
             lm.use_adapter(None)
-            seq = SequenceState(list(ids), SamplingParams(temperature=0, max_tokens=1), eos_ids=frozenset(),
+            # two tokens: the second runs a decode step, whose first run in a process (the exact
+            # step's tables, torch's kernels through it) would otherwise fall on a request (11 ms)
+            seq = SequenceState(list(ids), SamplingParams(temperature=0, max_tokens=2), eos_ids=frozenset(),
                                 generator=seeded(0))
             for _ in self._texts(lm, seq, threading.Event()):
                 pass

@@ -146,7 +146,7 @@ def test_the_keep_alive_warm_up_readies_the_draft_and_its_cache(smollm2_home, mo
     taken = engine.prefix.take(lm, ids + [30])
     assert taken.reused == len(ids)
     state = taken.cache.draft
-    assert isinstance(state, speculate.DraftState) and state.ids == ids  # the draft read the prompt too
+    assert isinstance(state, speculate.DraftState) and state.ids[: len(ids)] == ids  # the draft read the prompt too
     assert lm.tokenizer._compiled is not None  # the chat template is compiled before any request
     engine.close()
 
