@@ -353,7 +353,7 @@ class Engine:
                 and lm.options.quantize is None and getattr(lm.model, "native", False)):
             return
         try:
-            draft = load_model(lm.source, dataclasses.replace(lm.options, quantize="int8"))
+            draft = load_model(lm.source, dataclasses.replace(lm.options, quantize="int8"), images=False)
         except (HyprError, OSError):  # no draft: the model's own steps run, as before
             return
         lm.draft = draft.model

@@ -172,8 +172,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
-def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> LoadedModel:
-    """Read the weights, tokenizer and facts of `source` (its adapter is attached later)."""
+def load_model(source: ModelSource, options: LoadOptions = LoadOptions(), *, images: bool = True) -> LoadedModel:
+    """Read the weights, tokenizer and facts of `source` (its adapter is attached later).
+    images: write what a later command without torch reads (a step image; not for a draft)."""
     started = time.perf_counter()
     use_safetensors = check_weights(source.path, allow_pickle=options.allow_pickle)
     device = pick_device(options.device)
@@ -223,7 +224,7 @@ def load_model(source: ModelSource, options: LoadOptions = LoadOptions()) -> Loa
         load_s=time.perf_counter() - started,
         quant_cache=quant_cache,
     )
-    if options.tuned and device == "cpu" and (cache_key is not None or dtype == "float32"):
+    if images and options.tuned and device == "cpu" and (cache_key is not None or dtype == "float32"):
         _save_image(lm, cache_key)
     if options.tuned and device == "cpu" and dtype == "bfloat16":
         _name_pack_cache(lm)

@@ -9,6 +9,7 @@ do miss).
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -20,7 +21,7 @@ from hyprstream_tui.engine.generate import decode, new_cache
 from hyprstream_tui.engine.loader import LoadOptions, ModelSource, load_model
 from hyprstream_tui.engine.params import SamplingParams
 from hyprstream_tui.engine.sequence import SequenceState, seeded
-from hyprstream_tui.engine.tuned import step
+from hyprstream_tui.engine.tuned import quant_cache, step
 
 pytestmark = pytest.mark.skipif(step.library() is None,
                                 reason=f"the fused step cannot run on this machine: {step.status()}")
@@ -113,8 +114,7 @@ def test_wrong_guesses_are_dropped_and_the_cache_continues_alike(tiny_models, mo
     assert again[:2] == reply(lm, follow, params, 0)[:2]
 
 
-def test_the_real_models_greedy_and_seeded_replies_are_the_same_and_guesses_are_taken(smollm2_home, monkeypatch):
-    monkeypatch.setenv("HYPRSTREAM_HOME", str(smollm2_home))
+def test_the_real_models_greedy_and_seeded_replies_are_the_same_and_guesses_are_taken(real_home):
     questions = ["What is the capital of France?", "Write a short poem about the sea.", "Name three colours."]
     replies = {}
     for drafts in (False, True):
@@ -136,8 +136,7 @@ def test_the_real_models_greedy_and_seeded_replies_are_the_same_and_guesses_are_
         assert drafted == plain, key
 
 
-def test_the_keep_alive_warm_up_readies_the_draft_and_its_cache(smollm2_home, monkeypatch):
-    monkeypatch.setenv("HYPRSTREAM_HOME", str(smollm2_home))
+def test_the_keep_alive_warm_up_readies_the_draft_and_its_cache(real_home):
     engine = Engine(drafts=True, options=LoadOptions(dtype="float32"))
     ids = [1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47]
     engine.warm("smollm2", LoadOptions(dtype="float32"), ids)
@@ -149,10 +148,15 @@ def test_the_keep_alive_warm_up_readies_the_draft_and_its_cache(smollm2_home, mo
     assert isinstance(state, speculate.DraftState) and state.ids[: len(ids)] == ids  # the draft read the prompt too
     assert lm.tokenizer._compiled is not None  # the chat template is compiled before any request
     engine.close()
+    # the draft's weights are cached (the next engine maps them); no int8 step image is written
+    # for it (a command that asks for int8 itself writes its own)
+    entries = [quant_cache.describe(p) for p in (real_home / "cache" / "quantized").glob("*.safetensors")]
+    assert any(e.get("scheme") == "int8" for e in entries)
+    images = [json.loads(e["facts"]) for e in entries if e.get("image") == "1" and "facts" in e]
+    assert images and not any(f["quantize"] == "int8" for f in images)  # the fp32 model's image only
 
 
-def test_no_draft_when_switched_off_or_not_fp32(smollm2_home, monkeypatch):
-    monkeypatch.setenv("HYPRSTREAM_HOME", str(smollm2_home))
+def test_no_draft_when_switched_off_or_not_fp32(real_home, monkeypatch):
     engine = Engine(drafts=True)
     monkeypatch.setenv(speculate.ENV, "0")
     engine.warm("smollm2", LoadOptions(dtype="float32"), [1, 9690])
@@ -163,8 +167,7 @@ def test_no_draft_when_switched_off_or_not_fp32(smollm2_home, monkeypatch):
     engine.close()
 
 
-def test_a_model_loaded_by_a_request_gets_its_draft_after_the_reply(smollm2_home, monkeypatch):
-    monkeypatch.setenv("HYPRSTREAM_HOME", str(smollm2_home))
+def test_a_model_loaded_by_a_request_gets_its_draft_after_the_reply(real_home):
     engine = Engine(drafts=True, options=LoadOptions(dtype="float32"))
     seen_draft = []
     params = SamplingParams(temperature=0, max_tokens=4)
