@@ -230,11 +230,14 @@ class Engine:
             job.error = exc
             emit_quietly(emit, error_event(request.request_id, exc))
         finally:
+            for work in later:  # after the reply is out, before the job ends: `close` waits for it
+                try:
+                    work()
+                except Exception:  # noqa: BLE001 - best effort (a draft): the reply stands
+                    pass
             with self._jobs_lock:
                 self._jobs.discard(job)
             job.finish()
-        for work in later:  # after the reply, on this thread: nothing waits for it
-            work()
 
     def _use_threads(self, threads: int | None) -> None:
         """Set this worker thread's CPU thread count for the request (None: the default). OpenMP's
