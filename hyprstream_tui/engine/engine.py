@@ -81,7 +81,9 @@ class Engine:
         drafts: bool = False,
     ) -> None:
         self.store = store
-        self.drafts = drafts  # `warm` gives fp32 models an int8 draft (engine/speculate.py)
+        # fp32 models get an int8 draft (engine/speculate.py): in `warm`, or after the reply of a
+        # request that loaded them. The keep-alive engine only: a command pays no draft load
+        self.drafts = drafts
         self.max_models = max(1, max_models)
         self.options = options
         self.threads = threads
