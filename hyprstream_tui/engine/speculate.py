@@ -96,9 +96,10 @@ class Speculator:
         self.ahead: dict[int, tuple[int, torch.Tensor]] = {}  # position -> (token, its logits)
         self.confirmed = main.cache.length  # positions holding tokens the sequence has taken
         self.eos = seq.eos_ids
-        self.greedy = seq.params.temperature == 0
+        self.greedy = seq.params.greedy
         self.acceptance = _acceptance.setdefault(draft.model, Acceptance())
         self.guessed: list[int] = []  # the last pass's guesses, till the sequence takes or leaves them
+        self.start = 0  # the position of the last pass's first guess
 
     @classmethod
     def build(cls, main: FusedStep | None, draft_model: Any, seq: "SequenceState") -> "Speculator | None":

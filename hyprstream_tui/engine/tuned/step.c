@@ -1111,29 +1111,28 @@ static void prefill_chunk(const hs_model *m, const int64_t *tokens, int64_t T, i
  * `pos` positions; pos + count <= capacity); the cache gains them all, as `count` steps would leave
  * it. work: hs_prefill_floats(m) floats. Returns 0, or 1 when an argument is out of range (nothing
  * written). */
-int hs_prefill(const hs_model *m, const int64_t *tokens, int64_t count, int64_t pos, float *logits, float *work) {
+static int prefill_rows(const hs_model *m, const int64_t *tokens, int64_t count, int64_t pos, float *logits,
+                        int every, float *work) {
     if (count < 1 || pos < 0 || pos + count > m->capacity || m->head_dim > 512) return 1;
     for (int64_t i = 0; i < count; i++)
         if (tokens[i] < 0 || tokens[i] >= m->vocab) return 1;
     for (int64_t c = 0; c < count; c += PREFILL_ROWS) {
         const int64_t T = count - c < PREFILL_ROWS ? count - c : PREFILL_ROWS;
-        prefill_chunk(m, tokens + c, T, pos + c, c + T == count ? logits : NULL, 0, work);
+        float *out = every ? logits + c * m->vocab : c + T == count ? logits : NULL;
+        prefill_chunk(m, tokens + c, T, pos + c, out, every, work);
     }
     return 0;
+}
+
+int hs_prefill(const hs_model *m, const int64_t *tokens, int64_t count, int64_t pos, float *logits, float *work) {
+    return prefill_rows(m, tokens, count, pos, logits, 0, work);
 }
 
 /* As hs_prefill, with the logits of every token: logits [count, vocab], row i what the step of
  * tokens[i] at pos + i returns, bit for bit (a draft's tokens checked at once: engine/speculate.py). */
 int hs_prefill_every(const hs_model *m, const int64_t *tokens, int64_t count, int64_t pos, float *logits,
                      float *work) {
-    if (count < 1 || pos < 0 || pos + count > m->capacity || m->head_dim > 512) return 1;
-    for (int64_t i = 0; i < count; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->vocab) return 1;
-    for (int64_t c = 0; c < count; c += PREFILL_ROWS) {
-        const int64_t T = count - c < PREFILL_ROWS ? count - c : PREFILL_ROWS;
-        prefill_chunk(m, tokens + c, T, pos + c, logits + c * m->vocab, 1, work);
-    }
-    return 0;
+    return prefill_rows(m, tokens, count, pos, logits, 1, work);
 }
 
 /* y = lin x for `rows` inputs (x [rows, in], y [rows, out]), one thread: the self-check's entry
